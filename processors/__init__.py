@@ -1,0 +1,1 @@
+"""Decisions and computation, no sockets: validation, scheduling, batching, rendering, publication."""

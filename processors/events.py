@@ -1,0 +1,104 @@
+"""The shape of the events the pipeline publishes: pure functions from inputs to Avro-ready dicts."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from processors.requests import priority_of
+
+Source = tuple[str, int, int]  # topic, partition, offset
+
+
+def request_failed(*, code: str, reason: str, stage: str, source: Source, now_ms: int,
+                   request: Mapping[str, Any] | None = None, retriable: bool = False) -> dict[str, Any]:
+    request = request or {}
+    topic, partition, offset = source
+    return {
+        "request_id": request.get("request_id"),
+        "tenant": request.get("tenant"),
+        "reason_code": code,
+        "reason": reason[:2000],
+        "stage": stage,
+        "retriable": retriable,
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "callback_url": request.get("callback_url"),
+        "failed_at": now_ms,
+    }
+
+
+def dead_letter_headers(*, code: str, reason: str, stage: str, source: Source, now_ms: int) -> list[tuple[str, bytes]]:
+    """Headers of a dead-letter record; its value is the original bytes, untouched."""
+    topic, partition, offset = source
+    return [
+        ("zimage.reason_code", code.encode()),
+        ("zimage.reason", reason[:2000].encode("utf-8", "replace")),
+        ("zimage.stage", stage.encode()),
+        ("zimage.source.topic", topic.encode()),
+        ("zimage.source.partition", str(partition).encode()),
+        ("zimage.source.offset", str(offset).encode()),
+        ("zimage.failed_at", str(now_ms).encode()),
+    ]
+
+
+def image_rendered(*, request: Mapping[str, Any], images: Sequence[Mapping[str, Any]], model_id: str,
+                   model_version: str, timings_ms: Mapping[str, float], batch_id: str, batch_size: int,
+                   worker_id: str, source: Source, now_ms: int) -> dict[str, Any]:
+    topic, partition, offset = source
+    return {
+        "request_id": request["request_id"],
+        "tenant": request["tenant"],
+        "sku_id": request.get("sku_id"),
+        "prompt": request["prompt"],
+        "priority": priority_of(request),
+        "model_id": model_id,
+        "model_version": model_version,
+        "width": request["width"],
+        "height": request["height"],
+        "steps": request["steps"],
+        "guidance": float(request["guidance"]),
+        "images": [dict(i) for i in images],
+        "timings": {k: float(v) for k, v in timings_ms.items()},
+        "batch_id": batch_id,
+        "batch_size": batch_size,
+        "worker_id": worker_id,
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "callback_url": request.get("callback_url"),
+        "submitted_at": request["submitted_at"],
+        "rendered_at": now_ms,
+        "metadata": dict(request.get("metadata") or {}),
+    }
+
+
+def image_ready(rendered: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
+    """ImageRendered -> ImageReady: what subscribers see, with the request's lineage."""
+    images = sorted(rendered["images"], key=lambda i: i["index"])
+    if not images:
+        raise ValueError(f"ImageRendered {rendered['request_id']!r} carries no images")
+    first = images[0]
+    src = rendered["source"]
+    timings = dict(rendered.get("timings") or {})
+    timings["publish"] = float(max(0, now_ms - rendered["rendered_at"]))
+    timings["total"] = float(max(0, now_ms - rendered["submitted_at"]))
+    return {
+        "request_id": rendered["request_id"],
+        "tenant": rendered["tenant"],
+        "sku_id": rendered.get("sku_id"),
+        "image_uri": first["uri"],
+        "sha256": first["sha256"],
+        "seed": first["seed"],
+        "width": rendered["width"],
+        "height": rendered["height"],
+        "images": [{"index": i["index"], "uri": i["uri"], "sha256": i["sha256"], "seed": i["seed"]} for i in images],
+        "model_id": rendered["model_id"],
+        "model_version": rendered["model_version"],
+        "timings": timings,
+        "lineage": {
+            "source_topic": src["topic"],
+            "source_partition": src["partition"],
+            "source_offset": src["offset"],
+            "batch_id": rendered["batch_id"],
+            "worker_id": rendered["worker_id"],
+        },
+        "submitted_at": rendered["submitted_at"],
+        "published_at": now_ms,
+        "metadata": dict(rendered.get("metadata") or {}),
+    }

@@ -1,0 +1,173 @@
+"""The `zimage` command: worker, processors, submit, tail, demo, topics, topology, config."""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from streams.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # noqa: BLE001 - configuration errors end the command with their message
+        raise click.ClickException(f"invalid configuration: {exc}") from exc
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """zimage-stream: a Kafka-native pipeline for the Z-Image diffusion models.
+
+    Every setting comes from ZIMAGE_* environment variables (`zimage config` shows them).
+    """
+
+
+@main.command()
+def config() -> None:
+    """Print the settings in force, secrets masked."""
+    for key, value in _settings().masked().items():
+        click.echo(f"{key} = {value}")
+
+
+@main.command()
+def topology() -> None:
+    """Print every topic with its partitions, payload, writers and readers."""
+    click.echo(_settings().topology.describe())
+
+
+@main.group()
+def topics() -> None:
+    """Create or check the declared topics."""
+
+
+@topics.command("apply")
+@click.option("--check", is_flag=True, help="Report drift only; change nothing (exit 1 on drift).")
+def topics_apply(check: bool) -> None:
+    """Create missing topics and fix partition counts and configs (idempotent)."""
+    from connectors.kafka import TopicWanted, apply_topics, wait_for_broker
+
+    s = _settings()
+    wait_for_broker(s.kafka_config())
+    report = apply_topics(s.kafka_config(), [TopicWanted(t.name, t.partitions, t.config)
+                                             for t in s.topology.topics()], fix=not check)
+    for word, names in (("created", report.created), ("updated", report.updated),
+                        ("unchanged", report.unchanged), ("drift", report.drift)):
+        for name in names:
+            click.echo(f"{word:9} {name}")
+    if check and report.drift:
+        sys.exit(1)
+
+
+@main.command()
+def worker() -> None:
+    """Run a render worker of pool ZIMAGE_POOL until SIGTERM/SIGINT."""
+    from streams.runtime import build_worker
+
+    s = _settings()
+    _logging(s.log_level)
+    logging.getLogger(__name__).info("settings: %s", json.dumps(s.masked(), default=str))
+    w = build_worker(s)
+    signal.signal(signal.SIGTERM, lambda *_: w.stop())
+    signal.signal(signal.SIGINT, lambda *_: w.stop())
+    w.run()
+
+
+@main.command()
+def processors() -> None:
+    """Run the faust stream processors (publication) until SIGTERM/SIGINT."""
+    import faust
+
+    from streams.publication_app import create_app
+
+    s = _settings()
+    app = create_app(s)
+    faust.Worker(app, loglevel=s.log_level.lower()).execute_from_commandline()
+
+
+@main.command()
+@click.argument("prompts", nargs=-1)
+@click.option("--file", "jsonl", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSON lines, one request per line (fields of GenerationRequest; missing ones take defaults).")
+@click.option("--priority", type=click.Choice(["high", "normal", "low"]), default=None,
+              help="Priority of every request (overrides the file).")
+@click.option("--model", default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--height", type=int, default=None)
+@click.option("--steps", type=int, default=None)
+@click.option("--guidance", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--tenant", default=None)
+def submit(prompts: tuple[str, ...], jsonl: Path | None, priority: str | None, **fields) -> None:
+    """Submit requests: PROMPTS as arguments, or a JSONL file. Prints one request id per line."""
+    from schemas.serde import AvroSerde
+    from streams.submit import Submitter, build_request, read_jsonl
+
+    if not prompts and jsonl is None:
+        raise click.UsageError("give prompts or --file")
+    s = _settings()
+    rows = [{"prompt": p} for p in prompts] + (list(read_jsonl(jsonl)) if jsonl else [])
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    if priority:
+        overrides["priority"] = priority
+    try:
+        requests = [build_request({**row, **overrides}) for row in rows]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    sub = Submitter(s.kafka_config(), s.topology, AvroSerde(registry_url=s.schema_registry_url))
+    for req in sub.submit(requests):
+        click.echo(f"{req['request_id']}\t{req['priority'].lower()}")
+    sub.flush()
+
+
+@main.command()
+@click.option("--from-beginning", is_flag=True, help="Start with the oldest retained event.")
+@click.option("--failed/--no-failed", default=True, help="Also show RequestFailed events.")
+@click.option("--timeout", type=float, default=None, help="Stop after this many seconds without an event.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def tail(from_beginning: bool, failed: bool, timeout: float | None, as_json: bool) -> None:
+    """Follow image-ready (and failed) events."""
+    from schemas.serde import AvroSerde
+    from streams.tail import EventFollower
+
+    s = _settings()
+    topics = {s.topology.images_ready: "ImageReady"}
+    if failed:
+        topics[s.topology.failed] = "RequestFailed"
+    follower = EventFollower(s.kafka_config(), topics, AvroSerde(registry_url=s.schema_registry_url),
+                             from_beginning=from_beginning)
+    for name, value, raw in follower.events(timeout):
+        if as_json:
+            click.echo(json.dumps({"type": name, "value": value}, default=str))
+        elif value is None:
+            click.echo(f"{name:13} <undecodable {len(raw)} bytes>")
+        elif name == "ImageReady":
+            click.echo(f"ready   {value['request_id']}  {value['image_uri']}  {value['width']}x{value['height']}"
+                       f"  seed={value['seed']}  total={value['timings'].get('total', 0):.0f}ms")
+        else:
+            click.echo(f"failed  {value['request_id']}  {value['reason_code']}: {value['reason']}")
+
+
+@main.command()
+@click.option("--examples", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("examples/requests.jsonl"), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
+              show_default=True)
+@click.option("--timeout", type=float, default=300.0, show_default=True)
+def demo(examples: Path, out_dir: Path, timeout: float) -> None:
+    """Start a worker and the processors, submit the example requests, wait, summarise, save the PNGs."""
+    from streams.demo import run_demo
+
+    sys.exit(run_demo(_settings(), examples, out_dir, timeout))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Runs pipeline processes against the local stack for end-to-end tests: each test gets its own topic prefix."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from confluent_kafka import Producer
+
+from connectors.kafka import TopicWanted, apply_topics
+from schemas.serde import AvroSerde
+from streams.settings import Settings
+from streams.tail import EventFollower
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bootstrap() -> str:
+    return os.environ.get("ZIMAGE_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+
+
+class Pipeline:
+    """A private set of topics plus the worker and processor processes that serve them."""
+
+    def __init__(self, tmp: Path, **env: str):
+        self.prefix = f"t{uuid.uuid4().hex[:10]}"
+        self.tmp = tmp
+        self.env = {**os.environ, "ZIMAGE_BOOTSTRAP_SERVERS": bootstrap(), "ZIMAGE_TOPIC_PREFIX": self.prefix,
+                    "ZIMAGE_STORAGE_URL": str(tmp / "objects"), "ZIMAGE_REQUEST_PARTITIONS": "3",
+                    "ZIMAGE_OUTPUT_PARTITIONS": "3", "ZIMAGE_TINY_CACHE_DIR": str(ROOT / ".stack/models/tiny"),
+                    "ZIMAGE_MAX_WAIT_MS": "20", "PYTHONUNBUFFERED": "1", **env}
+        self.settings = Settings(_env_file=None, **{k[7:].lower(): v for k, v in self.env.items()
+                                                    if k.startswith("ZIMAGE_") and k[7:].lower()
+                                                    in Settings.model_fields})
+        self.topology = self.settings.topology
+        self.serde = AvroSerde()
+        self.procs: dict[str, subprocess.Popen] = {}
+        apply_topics({"bootstrap.servers": bootstrap()},
+                     [TopicWanted(t.name, t.partitions, t.config) for t in self.topology.topics()])
+
+    def start(self, name: str, command: str, wait_ready: bool = True, **env: str) -> subprocess.Popen:
+        log = (self.tmp / f"{name}.log").open("ab")
+        ready = self.tmp / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", command], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT,
+                                env={**self.env, "ZIMAGE_HEALTH_FILE": str(ready),
+                                     "ZIMAGE_WORKER_ID": name, **env})
+        self.procs[name] = proc
+        if wait_ready and command == "worker":
+            deadline = time.monotonic() + 120
+            while not ready.exists():
+                assert proc.poll() is None, f"{name} exited: {self.log(name)[-3000:]}"
+                assert time.monotonic() < deadline, f"{name} not ready: {self.log(name)[-3000:]}"
+                time.sleep(0.1)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        proc.send_signal(sig)
+        proc.wait(30)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def producer(self, **conf) -> Producer:
+        return Producer({"bootstrap.servers": bootstrap(), "enable.idempotence": True, **conf})
+
+    def follower(self, from_beginning: bool = True) -> EventFollower:
+        return EventFollower({"bootstrap.servers": bootstrap()},
+                             {self.topology.images_ready: "ImageReady", self.topology.failed: "RequestFailed"},
+                             self.serde, from_beginning=from_beginning)
+
+    def collect(self, request_ids: Iterable[str], timeout_s: float = 120, settle_s: float = 0.0,
+                follower: EventFollower | None = None) -> dict[str, list[tuple[str, dict]]]:
+        """Every ImageReady/RequestFailed of these requests, until each has one (then `settle_s` more)."""
+        wanted = set(request_ids)
+        seen: dict[str, list[tuple[str, dict]]] = {}
+        own = follower is None
+        follower = follower or self.follower()
+        deadline = time.monotonic() + timeout_s
+        settle_until = None
+        try:
+            for name, value, _raw in follower.events(idle_timeout_s=1.0):
+                if value is not None and value.get("request_id") in wanted:
+                    seen.setdefault(value["request_id"], []).append((name, value))
+                if settle_until is None and wanted <= seen.keys():
+                    settle_until = time.monotonic() + settle_s
+                if (settle_until is not None and time.monotonic() >= settle_until) or time.monotonic() > deadline:
+                    break
+            # an idle second ends events(): keep going until done or out of time
+            while (settle_until is None or time.monotonic() < settle_until) and time.monotonic() < deadline:
+                for name, value, _raw in follower.events(idle_timeout_s=1.0):
+                    if value is not None and value.get("request_id") in wanted:
+                        seen.setdefault(value["request_id"], []).append((name, value))
+                    if settle_until is None and wanted <= seen.keys():
+                        settle_until = time.monotonic() + settle_s
+                    if settle_until is not None and time.monotonic() >= settle_until:
+                        break
+                if settle_until is not None and time.monotonic() >= settle_until:
+                    break
+        finally:
+            if own:
+                follower.close()
+        return seen
