@@ -1,0 +1,196 @@
+"""Object storage for rendered images: a local directory, or an S3 bucket (AWS, MinIO, moto, ...).
+
+Keys are relative, '/'-separated paths without empty, '.' or '..' segments; the same key always maps to
+the same object, so a retried put overwrites rather than duplicates. Both stores are safe to call from a
+thread pool: the local one writes through unique temporary files, and boto3 clients are thread-safe.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+LOCAL_FILE_MODE = 0o644
+
+
+class ObjectNotFound(LookupError):
+    """No object under that key or URI."""
+
+
+class UnsafeKey(ValueError):
+    """A key (or URI) that is malformed or points outside the store."""
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        """Store `data` under `key` (replacing any previous object) and return its URI."""
+        ...
+
+    def get(self, uri_or_key: str) -> bytes:
+        """The bytes of an object, by the URI `put` returned or by key; raises ObjectNotFound."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        ...
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it is a clean relative object key, else raise UnsafeKey."""
+    if not isinstance(key, str) or not key:
+        raise UnsafeKey(f"object key must be a non-empty string, got {key!r}")
+    if key.startswith("/") or "\\" in key or "\x00" in key:
+        raise UnsafeKey(f"object key {key!r} must be relative and use '/' separators")
+    if any(segment in ("", ".", "..") for segment in key.split("/")):
+        raise UnsafeKey(f"object key {key!r} has an empty, '.' or '..' segment")
+    return key
+
+
+class LocalObjectStore:
+    """Objects as files under `root`, written atomically (temporary file, fsync, rename); `file://` URIs."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A reader sees the old object or the new one, never a partial file; the rename is atomic.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, LOCAL_FILE_MODE)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)  # the rename itself must survive a crash before offsets are committed
+        return path.as_uri()
+
+    def get(self, uri_or_key: str) -> bytes:
+        path = self._locate(uri_or_key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object at {path.as_uri()}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._locate(key).is_file()
+
+    def _locate(self, uri_or_key: str) -> Path:
+        if uri_or_key.startswith("file:"):
+            return self._inside(Path(unquote(urlparse(uri_or_key).path)), uri_or_key)
+        return self._path(uri_or_key)
+
+    def _path(self, key: str) -> Path:
+        return self._inside(self.root / check_key(key), key)
+
+    def _inside(self, path: Path, asked: str) -> Path:
+        resolved = path.resolve()  # follows symlinks, so a link cannot lead outside either
+        if resolved == self.root or not resolved.is_relative_to(self.root):
+            raise UnsafeKey(f"{asked!r} is outside the object store root {self.root}")
+        return resolved
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class S3ObjectStore:
+    """Objects in an S3 bucket under an optional prefix; `s3://bucket/key` URIs.
+
+    `endpoint_url` points at an S3-compatible server (MinIO, moto); credentials come from boto3's usual
+    chain (environment, profile, instance role)."""
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
+                 client: Any = None) -> None:
+        if not bucket:
+            raise ValueError("S3ObjectStore needs a bucket name")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if self.prefix:
+            check_key(self.prefix)
+        self._client = client if client is not None else _s3_client(endpoint_url, region)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        full_key = self._key(key)
+        self._client.put_object(Bucket=self.bucket, Key=full_key, Body=data, ContentType=content_type)
+        return f"s3://{self.bucket}/{full_key}"
+
+    def get(self, uri_or_key: str) -> bytes:
+        bucket, key = self._locate(uri_or_key)
+        try:
+            response = self._client.get_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if _is_not_found(exc):
+                raise ObjectNotFound(f"no object at s3://{bucket}/{key}") from None
+            raise
+        return response["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        bucket, full_key = self._locate(key)
+        try:
+            self._client.head_object(Bucket=bucket, Key=full_key)
+        except Exception as exc:
+            if _is_not_found(exc):
+                return False
+            raise
+        return True
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _locate(self, uri_or_key: str) -> tuple[str, str]:
+        if uri_or_key.startswith("s3://"):
+            parsed = urlparse(uri_or_key)
+            key = parsed.path.lstrip("/")
+            if not parsed.netloc or not key:
+                raise UnsafeKey(f"{uri_or_key!r} is not an s3://bucket/key URI")
+            return parsed.netloc, key
+        return self.bucket, self._key(uri_or_key)
+
+
+def _s3_client(endpoint_url: str | None, region: str | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    options: dict[str, Any] = {
+        "max_pool_connections": 32,  # the store is called from a thread pool
+        "retries": {"max_attempts": 5, "mode": "standard"},
+    }
+    if endpoint_url:
+        options["s3"] = {"addressing_style": "path"}  # MinIO and moto serve buckets as paths
+    # A session per store: boto3's default session is not safe to create clients from in parallel.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
+                                          config=Config(**options))
+
+
+def _is_not_found(exc: Exception) -> bool:
+    error = getattr(exc, "response", {}).get("Error", {})
+    return str(error.get("Code")) in {"404", "NoSuchKey", "NotFound"}
+
+
+def open_object_store(url: str, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
+    """A store from a URL: `s3://bucket/prefix`, `file:///abs/path`, or a plain directory path."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"object store URL {url!r} names no bucket (s3://bucket/prefix)")
+        return S3ObjectStore(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"object store URL {url!r} names a remote host; use file:///absolute/path")
+        return LocalObjectStore(Path(unquote(parsed.path)))
+    if parsed.scheme == "":
+        return LocalObjectStore(Path(url))
+    raise ValueError(f"unsupported object store URL {url!r}: use s3://bucket/prefix, file:///path or a path")

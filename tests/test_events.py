@@ -1,0 +1,48 @@
+"""The shape of published events, checked against the Avro contracts: pure, no broker."""
+from __future__ import annotations
+
+import fastavro
+
+from processors.events import dead_letter_headers, image_ready, image_rendered, request_failed
+from schemas.serde import load_schema
+from streams.submit import build_request
+
+
+def rendered_event(images=2):
+    req = build_request({"request_id": "r-9", "prompt": "a vase", "width": 64, "height": 64, "steps": 2,
+                         "seed": 5, "num_images": images, "metadata": {"shop": "eu"}})
+    stored = [{"index": i, "uri": f"file:///x/{i}.png", "sha256": f"{i:064x}", "seed": 5 + i, "size_bytes": 10}
+              for i in reversed(range(images))]
+    return image_rendered(request=req, images=stored, model_id="tiny", model_version="v1",
+                          timings_ms={"render": 12.5}, batch_id="b-1", batch_size=3, worker_id="w-1",
+                          source=("zimage.requests.normal", 2, 41), now_ms=req["submitted_at"] + 100)
+
+
+def test_rendered_and_ready_events_match_their_schemas():
+    rendered = rendered_event()
+    assert fastavro.validate(rendered, fastavro.parse_schema(load_schema("ImageRendered")))
+    ready = image_ready(rendered, now_ms=rendered["rendered_at"] + 40)
+    assert fastavro.validate(ready, fastavro.parse_schema(load_schema("ImageReady")))
+
+
+def test_ready_carries_lineage_and_the_first_image():
+    rendered = rendered_event()
+    ready = image_ready(rendered, now_ms=rendered["rendered_at"] + 40)
+    assert ready["lineage"] == {"source_topic": "zimage.requests.normal", "source_partition": 2,
+                                "source_offset": 41, "batch_id": "b-1", "worker_id": "w-1"}
+    assert ready["image_uri"] == "file:///x/0.png" and ready["seed"] == 5
+    assert [i["index"] for i in ready["images"]] == [0, 1]
+    assert ready["timings"]["publish"] == 40 and ready["timings"]["total"] == 140
+    assert ready["metadata"] == {"shop": "eu"} and ready["model_version"] == "v1"
+
+
+def test_failed_event_and_dead_letter_headers():
+    failed = request_failed(code="invalid_request", reason="width=0", stage="worker:turbo",
+                            source=("t", 1, 7), now_ms=1, request={"request_id": "r", "tenant": "a"})
+    assert fastavro.validate(failed, fastavro.parse_schema(load_schema("RequestFailed")))
+    undecodable = request_failed(code="undecodable", reason="bad", stage="worker", source=("t", 0, 3), now_ms=1)
+    assert undecodable["request_id"] is None
+    assert fastavro.validate(undecodable, fastavro.parse_schema(load_schema("RequestFailed")))
+    headers = dict(dead_letter_headers(code="undecodable", reason="bad", stage="worker", source=("t", 0, 3),
+                                       now_ms=1))
+    assert headers["zimage.source.offset"] == b"3" and headers["zimage.reason_code"] == b"undecodable"
