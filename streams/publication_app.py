@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
     failed = app.topic(topo.failed, value_type=bytes, key_type=bytes, value_serializer="raw", key_serializer="raw")
     dlq = app.topic(topo.dlq, value_type=bytes, key_type=bytes, value_serializer="raw", key_serializer="raw")
     published = app.Table("published-requests", default=None, partitions=s.output_partitions,
-                          key_type=bytes, value_type=int, key_serializer="raw", value_serializer="json")
+                          key_type=bytes, value_type=int)
 
     @app.agent(rendered)
     async def publish(stream):  # noqa: ANN001 - faust's stream type
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
             try:
                 value = serde.decode("ImageRendered", event.value, topic=topo.rendered)
                 key = value["request_id"].encode()
-                if published[key] is not None:
+                if published.get(key) is not None:
                     log.info("request %s already published; skipping duplicate", value["request_id"])
                     continue
                 out = image_ready(value, int(time.time() * 1000))

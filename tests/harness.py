@@ -60,11 +60,17 @@ class Pipeline:
                 time.sleep(0.1)
         return proc
 
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.returncode is None and proc.poll() is not None and not getattr(proc, "expected_exit", False):
+                raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-4000:]}")
+
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
+        proc.expected_exit = True
         proc.send_signal(sig)
         proc.wait(30)
 
@@ -97,6 +103,7 @@ class Pipeline:
         settle_until = None
         try:
             for name, value, _raw in follower.events(idle_timeout_s=1.0):
+                self.check_alive()
                 if value is not None and value.get("request_id") in wanted:
                     seen.setdefault(value["request_id"], []).append((name, value))
                 if settle_until is None and wanted <= seen.keys():
@@ -105,6 +112,7 @@ class Pipeline:
                     break
             # an idle second ends events(): keep going until done or out of time
             while (settle_until is None or time.monotonic() < settle_until) and time.monotonic() < deadline:
+                self.check_alive()
                 for name, value, _raw in follower.events(idle_timeout_s=1.0):
                     if value is not None and value.get("request_id") in wanted:
                         seen.setdefault(value["request_id"], []).append((name, value))

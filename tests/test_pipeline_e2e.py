@@ -103,7 +103,7 @@ def test_bad_input_fails_cleanly_and_good_requests_around_it_render(pipeline):
         "unknown-model": plain_request(model="no-such-model"),
     }
     unknown_schema = b"\xc3\x01" + struct.pack("<Q", 0x1234_5678_9ABC_DEF0) + b"\x02\x04ab"
-    garbage = b"\x00\xffnot avro at all\x13\x37"
+    garbage = b"\xffnot avro at all\x13\x37"
     follower = pipeline.follower(from_beginning=True)
     dlq = _dlq_reader(pipeline)
     prod = pipeline.producer(**{"message.max.bytes": 2_000_000})

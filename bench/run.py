@@ -1,0 +1,202 @@
+"""`make bench`: the render worker against the real local broker, with a simulated renderer (cost a + b*n s).
+
+Each figure is measured in one run of this script; ratios compare runs made here, one after the other.
+Prints a table and writes bench/results/latest.json ([{name, value, goal, unit, ok}]).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from bench.simulated import MemoryStore, SimulatedRenderer
+from connectors.kafka import TopicWanted, apply_topics, group_lag
+from schemas.serde import AvroSerde
+from streams.settings import Settings
+from streams.submit import Submitter, build_request
+from streams.worker import RenderWorker
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+class Scenario:
+    """Private topics, a producer, and one in-process worker with a simulated renderer."""
+
+    def __init__(self, a: float, b: float, max_batch: int, **settings: object):
+        self.a, self.b = a, b
+        self.settings = Settings(_env_file=None, topic_prefix=f"bench{uuid.uuid4().hex[:8]}",
+                                 bootstrap_servers=os.environ.get("ZIMAGE_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+                                 max_batch_size=max_batch, worker_id="bench", **settings)
+        self.conf = self.settings.kafka_config()
+        apply_topics(self.conf, [TopicWanted(t.name, t.partitions, t.config) for t in self.settings.topology.topics()])
+        self.batches: list[tuple[float, list[str]]] = []  # (start, prompts)
+        self.renderer = SimulatedRenderer(a, b, on_batch=lambda t, items: self.batches.append(
+            (t, [i.prompt for i in items])))
+        self.submitter = Submitter(self.conf, self.settings.topology, AvroSerde())
+        self.worker: RenderWorker | None = None
+        self.thread: threading.Thread | None = None
+
+    def submit(self, n: int, priority: str, tag: str) -> dict[str, float]:
+        """Produces n requests; returns request tag -> submit time (monotonic)."""
+        sent: dict[str, float] = {}
+        for i in range(n):
+            prompt = f"{tag}-{i}"
+            req = build_request({"prompt": prompt, "priority": priority, "width": 64, "height": 64, "steps": 2,
+                                 "seed": i})
+            self.submitter.submit([req])
+            sent[prompt] = time.monotonic()
+        return sent
+
+    def start(self) -> None:
+        self.worker = RenderWorker(self.settings, self.renderer, MemoryStore(), AvroSerde())
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.worker:
+            self.worker.stop()
+            self.thread.join(60)
+
+    def wait_drained(self, timeout_s: float = 300) -> float:
+        """Waits until the group has committed everything; returns the time it saw that."""
+        topics = list(self.settings.topology.request_topics)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            lag = group_lag(self.conf, self.worker.group_id, topics)
+            if sum(lag.values()) == 0:
+                return time.monotonic()
+            time.sleep(0.05)
+        raise TimeoutError(f"not drained in {timeout_s}s")
+
+    def batch_cost(self, n: int) -> float:
+        return self.a + self.b * n
+
+
+def saturated(a: float, b: float, max_batch: int, n: int) -> dict[str, float]:
+    """Backlog of n requests, then render it all: busy fraction and throughput while the backlog lasts."""
+    sc = Scenario(a, b, max_batch)
+    sc.submit(n, "normal", "sat")
+    sc.submitter.flush()
+    sc.start()
+    sc.wait_drained()
+    sc.stop()
+    starts = [t for t, _ in sc.batches]
+    ends = [t + sc.batch_cost(len(p)) for t, p in sc.batches]
+    span = max(ends) - min(starts)
+    busy = sum(e - s for s, e in zip(starts, ends))
+    items = sum(len(p) for _, p in sc.batches)
+    return {"busy_fraction": busy / span, "throughput": items / span, "items": items}
+
+
+def high_behind_low(a: float, b: float, max_batch: int, backlog: int, highs: int) -> list[float]:
+    sc = Scenario(a, b, max_batch)
+    sc.submit(backlog, "low", "low")
+    sc.submitter.flush()
+    sc.start()
+    while len(sc.batches) < 20:  # rendering of the low backlog is under way
+        time.sleep(0.01)
+    sent: dict[str, float] = {}
+    for i in range(highs):
+        sent.update(sc.submit(1, "high", f"high{i}"))
+        sc.submitter._producer.flush(5)  # each high request leaves at once, as an interactive caller's would
+        time.sleep(0.05)
+    time.sleep(2 * sc.batch_cost(max_batch) + 0.5)
+    sc.stop()
+    started = {p: t for t, ps in sc.batches for p in ps if p.startswith("high")}
+    missing = [p for p in sent if p not in started]
+    if missing:
+        raise RuntimeError(f"{len(missing)} high requests never rendered")
+    return [started[p] - sent[p] for p in sent]
+
+
+def low_share_under_high_load(a: float, b: float, max_batch: int, seconds: float, min_low: float) -> float:
+    sc = Scenario(a, b, max_batch, min_share_low=min_low, min_share_normal=0.0)
+    sc.submit(3000, "low", "low")
+    sc.submitter.flush()
+    capacity = max_batch / sc.batch_cost(max_batch)
+    stop = threading.Event()
+
+    def steady_high() -> None:  # 1.5x what the renderer can take: high alone would saturate it
+        i, t0 = 0, time.monotonic()
+        while not stop.is_set():
+            sc.submit(1, "high", f"high{i}")
+            i += 1
+            time.sleep(max(0.0, t0 + i / (1.5 * capacity) - time.monotonic()))
+
+    producer = threading.Thread(target=steady_high, daemon=True)
+    producer.start()
+    time.sleep(1.0)  # a high backlog builds up first
+    sc.start()
+    time.sleep(seconds)
+    stop.set()
+    producer.join()
+    sc.stop()
+    # steady state: skip the first second of rendering
+    t0 = sc.batches[0][0] + 1.0
+    counted = [p for t, ps in sc.batches if t >= t0 for p in ps]
+    return sum(1 for p in counted if p.startswith("low")) / max(1, len(counted))
+
+
+def null_throughput(n: int) -> float:
+    sc = Scenario(0.0, 0.0, 16, max_wait_ms=5, buffer_per_priority=2048)
+    sc.submit(n, "normal", "null")
+    sc.submitter.flush()
+    t0 = time.monotonic()
+    sc.start()
+    done = sc.wait_drained()
+    sc.stop()
+    return n / (done - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--a", type=float, default=0.02, help="fixed seconds per batch")
+    ap.add_argument("--b", type=float, default=0.002, help="seconds per image in a batch")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke run)")
+    args = ap.parse_args()
+    a, b, batch = args.a, args.b, args.batch
+    scale = 0.25 if args.quick else 1.0
+    figures = []
+
+    def figure(name: str, value: float, goal: str, unit: str, ok: bool) -> None:
+        figures.append({"name": name, "value": round(value, 4), "goal": goal, "unit": unit, "ok": ok})
+        print(f"  {name:32} {value:12.3f} {unit:10} goal {goal:14} {'ok' if ok else 'MISSED'}", flush=True)
+
+    print(f"cost model: a={a * 1000:.1f} ms + b={b * 1000:.1f} ms per image; max batch {batch}")
+    big = saturated(a, b, batch, int(2400 * scale))
+    figure("renderer_busy_fraction", big["busy_fraction"], ">= 0.98", "fraction", big["busy_fraction"] >= 0.98)
+    single = saturated(a, b, 1, int(400 * scale))
+    theory = batch * (a + b) / (a + b * batch)
+    gain = big["throughput"] / single["throughput"]
+    figure("batching_gain_fraction", gain / theory, ">= 0.95", "fraction", gain / theory >= 0.95)
+    figure("batching_gain", gain, f"theory {theory:.2f}", "x", True)
+
+    waits = high_behind_low(a, b, batch, 10_000, int(100 * scale) or 10)
+    limit_ms = (a + b * batch) * 1000 + 100
+    p50 = statistics.median(waits) * 1000
+    p99 = sorted(waits)[max(0, int(len(waits) * 0.99) - 1)] * 1000
+    figure("high_priority_wait_p50_ms", p50, f"<= {limit_ms:.0f}", "ms", p50 <= limit_ms)
+    figure("high_priority_wait_p99_ms", p99, f"<= {limit_ms:.0f}", "ms", p99 <= limit_ms)
+
+    min_low = 0.1
+    share = low_share_under_high_load(a, b, batch, 10 * scale + 2, min_low)
+    figure("low_priority_share", share, f">= {min_low}", "fraction", share >= min_low)
+
+    rps = null_throughput(int(20_000 * scale))
+    figure("null_renderer_throughput_rps", rps, ">= 2000", "req/s", rps >= 2000)
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   "cost_model": {"a_s": a, "b_s": b, "max_batch_size": batch},
+                                   "cpu_count": os.cpu_count(), "figures": figures}, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Stand-ins for the GPU in benchmarks: a renderer whose batch costs a + b*n seconds, and an in-memory store.
+
+They exercise everything around the model (Kafka, scheduling, batching, encoding, transactions) at known cost.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+
+from processors.renderer import RenderItem, RenderSettings
+
+
+class SimulatedRenderer:
+    model_id = "simulated"
+    model_version = "sim-1"
+
+    def __init__(self, a_s: float, b_s: float, on_batch=None):
+        self.a, self.b = a_s, b_s
+        self.on_batch = on_batch  # called with (start time, items) for measurements
+        self._pixel = np.zeros((16, 16, 3), dtype=np.uint8)
+
+    def render(self, items: Sequence[RenderItem], settings: RenderSettings) -> list[np.ndarray]:
+        start = time.monotonic()
+        if self.on_batch is not None:
+            self.on_batch(start, items)
+        cost = self.a + self.b * len(items)
+        if cost > 0:
+            # sleep most of it, spin the last millisecond: time.sleep alone overshoots by ~0.1 ms per call
+            end = start + cost
+            if cost > 0.002:
+                time.sleep(cost - 0.001)
+            while time.monotonic() < end:
+                pass
+        return [self._pixel for _ in items]
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        with self._lock:
+            self._data[key] = data
+        return f"mem://{key}"
+
+    def get(self, uri_or_key: str) -> bytes:
+        return self._data[uri_or_key.removeprefix("mem://")]
+
+    def exists(self, key: str) -> bool:
+        return key in self._data
