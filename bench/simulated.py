@@ -22,6 +22,9 @@ class SimulatedRenderer:
         self.on_batch = on_batch  # called with (start time, items) for measurements
         self._pixel = np.zeros((16, 16, 3), dtype=np.uint8)
 
+    def check_settings(self, settings: RenderSettings) -> None:
+        """Any size goes: nothing is drawn."""
+
     def render(self, items: Sequence[RenderItem], settings: RenderSettings) -> list[np.ndarray]:
         start = time.monotonic()
         if self.on_batch is not None:

@@ -33,7 +33,7 @@ from processors.tiny_model import build_tiny_pipeline_dir, folder_fingerprint
 log = logging.getLogger(__name__)
 
 TINY_SOURCE = "tiny"
-TINY_FOLDER_NAME = "z-image-tiny-v1"
+TINY_FOLDER_NAME = "z-image-tiny-v2"  # bump with any change to the tiny model's build
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -42,6 +42,10 @@ MAX_SEQUENCE_LENGTH_LIMIT = 4096
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CUDA_INDEXED = re.compile(r"^cuda:(\d+)$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class UnsupportedSettings(ValueError):
+    """Settings that this model cannot render at all (size beyond its position table, wrong multiple)."""
 
 
 class InvalidModelOptions(ValueError):
@@ -344,10 +348,20 @@ class Renderer:
         """Width and height must be multiples of this (VAE downsampling times the 2x2 patches)."""
         return self._pipe.vae_scale_factor * 2
 
+    @property
+    def max_side(self) -> int:
+        """Largest width or height the transformer's position table covers."""
+        transformer = self._pipe.transformer
+        patch = transformer.config.all_patch_size[0]
+        return min(transformer.config.axes_lens[1:]) * patch * self._pipe.vae_scale_factor
+
     def check_settings(self, settings: RenderSettings) -> None:
+        """Raises UnsupportedSettings for what this model can never render (a permanent, not a transient error)."""
+        size = f"{settings.width}x{settings.height}"
         if settings.width % self.size_multiple or settings.height % self.size_multiple:
-            size = f"{settings.width}x{settings.height}"
-            raise ValueError(f"width and height must be multiples of {self.size_multiple}, got {size}")
+            raise UnsupportedSettings(f"width and height must be multiples of {self.size_multiple}, got {size}")
+        if max(settings.width, settings.height) > self.max_side:
+            raise UnsupportedSettings(f"{size} is larger than this model renders ({self.max_side} a side at most)")
 
     def warmup(self, settings: RenderSettings | None = None) -> None:
         """Render one small image so lazy initialisation (kernels, caches, compilation) happens before traffic."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from processors.renderer import RenderSettings
+
 PRIORITY_NAMES = {"HIGH": "high", "NORMAL": "normal", "LOW": "low"}
 MAX_SEED = 2**63 - 1
 
@@ -46,6 +48,12 @@ def image_seeds(request: Mapping[str, Any]) -> list[int]:
     """One seed per image of the request: image i of a request with seed s uses s + i."""
     s = base_seed(request)
     return [(s + i) & MAX_SEED for i in range(int(request.get("num_images", 1)))]
+
+
+def settings_of(request: Mapping[str, Any]) -> RenderSettings:
+    """What a batch must share with this request (besides the model)."""
+    return RenderSettings(width=request["width"], height=request["height"], steps=request["steps"],
+                          guidance=float(request["guidance"]))
 
 
 def priority_of(request: Mapping[str, Any]) -> str:

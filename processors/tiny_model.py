@@ -84,7 +84,7 @@ def _transformer() -> ZImageTransformer2DModel:
         rope_theta=256.0,
         t_scale=1000.0,
         axes_dims=[8, 4, 4],
-        axes_lens=[256, 32, 32],
+        axes_lens=[256, 64, 64],  # up to 64 patches a side: 256x256 images
     )
     # The pad tokens are left uninitialised by the constructor; fix them so the weights are a function of the seed.
     with torch.no_grad():

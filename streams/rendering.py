@@ -19,8 +19,9 @@ from connectors.storage import ObjectStore
 from processors.batching import Batch, Pending
 from processors.events import image_rendered
 from processors.imaging import encode_png, object_key, sha256_hex
-from processors.renderer import RenderItem, RenderSettings, is_out_of_memory, render_splitting_on_oom
-from processors.requests import image_seeds
+from processors.renderer import (RenderItem, RenderSettings, UnsupportedSettings, is_out_of_memory,
+                                 render_splitting_on_oom)
+from processors.requests import image_seeds, settings_of
 from streams import metrics
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class BatchRenderer(Protocol):
     model_version: str
 
     def render(self, items: Sequence[RenderItem], settings: RenderSettings) -> list[np.ndarray]: ...
+
+    def check_settings(self, settings: RenderSettings) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,7 @@ class RenderStage:
         requests = [p.payload.request for p in batch.items]
         seeds = [image_seeds(r) for r in requests]
         items = [RenderItem(r["prompt"], r.get("negative_prompt"), s) for r, ss in zip(requests, seeds) for s in ss]
-        first = requests[0]
-        settings = RenderSettings(width=first["width"], height=first["height"], steps=first["steps"],
-                                  guidance=float(first["guidance"]))
+        settings = settings_of(requests[0])  # the batch's compatibility key makes them all equal
         rendered = self._render_with_retries(batch, items, settings)
         if rendered is None:
             return
@@ -120,7 +121,8 @@ class RenderStage:
                 kind = "oom" if is_out_of_memory(exc) else "render"
                 metrics.ERRORS.labels(kind).inc()
                 log.warning("batch %s (%d images) failed, attempt %d: %r", batch.id, len(items), attempt + 1, exc)
-                if kind == "oom" or attempt == self._render_retries:
+                permanent = kind == "oom" or isinstance(exc, UnsupportedSettings)
+                if permanent or attempt == self._render_retries:
                     for p in batch.items:
                         self._on_fail(p, "render_error", f"{type(exc).__name__}: {exc}", False)
                     return None

@@ -21,7 +21,8 @@ from connectors.storage import ObjectStore
 from processors.batching import Batch, CompatKey, Pending
 from processors.events import dead_letter_headers, request_failed
 from processors.offsets import OffsetTracker
-from processors.requests import InvalidRequest, Limits, validate
+from processors.renderer import UnsupportedSettings
+from processors.requests import InvalidRequest, Limits, settings_of, validate
 from processors.scheduler import Scheduler, SchedulerConfig
 from schemas.serde import AvroSerde, SerdeError, UnknownSchema
 from streams import metrics
@@ -149,9 +150,12 @@ class RenderWorker:
         try:
             request = self._serde.decode("GenerationRequest", raw, topic=topic)
             validate(request, self._limits, self._all_models)
-        except (SerdeError, InvalidRequest) as exc:
-            code = exc.code if isinstance(exc, InvalidRequest) else (
-                "unknown_schema" if isinstance(exc, UnknownSchema) else "undecodable")
+            if request["model"] in self._my_models:
+                self._renderer.check_settings(settings_of(request))
+        except (SerdeError, InvalidRequest, UnsupportedSettings) as exc:
+            code = "invalid_request" if isinstance(exc, UnsupportedSettings) else (
+                exc.code if isinstance(exc, InvalidRequest) else (
+                    "unknown_schema" if isinstance(exc, UnknownSchema) else "undecodable"))
             if self.s.reports_unroutable:
                 records = self._failure_records(code, str(exc), source, raw, request)
                 metrics.REQUESTS.labels(priority, code).inc()
