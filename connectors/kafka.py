@@ -60,7 +60,8 @@ class TransactionalOutbox:
     def __init__(self, base: dict[str, str], transactional_id: str, timeout_s: float = 30.0, **overrides: object):
         self._timeout = timeout_s
         self._producer = producer(base, **{"transactional.id": transactional_id,
-                                           "transaction.timeout.ms": 60000,
+                                           # short: a killed worker's open transaction blocks read-committed readers until it times out
+                                           "transaction.timeout.ms": 10000,
                                            # a dead letter carries a whole request plus its reason
                                            "message.max.bytes": 5 * 1024 * 1024, **overrides})
         self._producer.init_transactions(timeout_s)

@@ -70,12 +70,16 @@ def topics_apply(check: bool) -> None:
 @main.command()
 def worker() -> None:
     """Run a render worker of pool ZIMAGE_POOL until SIGTERM/SIGINT."""
+    from processors.renderer import InvalidModelOptions
     from streams.runtime import build_worker
 
     s = _settings()
     _logging(s.log_level)
     logging.getLogger(__name__).info("settings: %s", json.dumps(s.masked(), default=str))
-    w = build_worker(s)
+    try:
+        w = build_worker(s)
+    except InvalidModelOptions as exc:
+        raise click.ClickException(str(exc)) from exc
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     signal.signal(signal.SIGINT, lambda *_: w.stop())
     w.run()

@@ -1,6 +1,6 @@
 """One settings object, read from ZIMAGE_* environment variables (and a .env file when present).
 
-`zimage config` prints it with secrets masked; every process logs the same view at start-up.
+`zimage config` prints it with secrets masked; the render worker logs the same view at start-up.
 """
 from __future__ import annotations
 
@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     health_file: str | None = None
     output_dir: str = "out"
     log_level: str = "INFO"
+
+    @field_validator("aging_s", mode="before")
+    @classmethod
+    def _aging_off(cls, v: object) -> object:
+        return None if isinstance(v, str) and v.strip().lower() in ("", "none", "off", "0") else v
 
     @field_validator("pools")
     @classmethod

@@ -24,7 +24,7 @@ from processors.offsets import OffsetTracker
 from processors.renderer import UnsupportedSettings
 from processors.requests import InvalidRequest, Limits, settings_of, validate
 from processors.scheduler import Scheduler, SchedulerConfig
-from schemas.serde import AvroSerde, SerdeError, UnknownSchema
+from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams import metrics
 from streams.rendering import Admitted, BatchRenderer, RenderStage
 from streams.settings import Settings
@@ -148,7 +148,7 @@ class RenderWorker:
             epoch = self._epoch.get(tp, 0)
         request: dict[str, Any] | None = None
         try:
-            request = self._serde.decode("GenerationRequest", raw, topic=topic)
+            request = self._decode(raw, topic)
             validate(request, self._limits, self._all_models)
             if request["model"] in self._my_models:
                 self._renderer.check_settings(settings_of(request))
@@ -156,11 +156,13 @@ class RenderWorker:
             code = "invalid_request" if isinstance(exc, UnsupportedSettings) else (
                 exc.code if isinstance(exc, InvalidRequest) else (
                     "unknown_schema" if isinstance(exc, UnknownSchema) else "undecodable"))
-            if self.s.reports_unroutable:
+            # Exactly one pool reports: the pool of the request's model, else the first pool.
+            mine = request is not None and request.get("model") in self._my_models
+            unowned = request is None or request.get("model") not in self._all_models
+            records = []
+            if mine or (unowned and self.s.reports_unroutable):
                 records = self._failure_records(code, str(exc), source, raw, request)
                 metrics.REQUESTS.labels(priority, code).inc()
-            else:
-                records = []
             self._complete(tp, offset, epoch, records)
             return
         if request["model"] not in self._my_models:
@@ -189,6 +191,19 @@ class RenderWorker:
                 self._pause(priority)
             else:
                 self._lock.notify()
+
+    def _decode(self, raw: bytes, topic: str) -> dict[str, Any]:
+        """Decodes a request; a Schema Registry outage is waited out (bounded), then stops the worker loudly."""
+        for attempt in range(6):
+            try:
+                return self._serde.decode("GenerationRequest", raw, topic=topic)
+            except RegistryUnavailable as exc:
+                metrics.ERRORS.labels("schema_registry").inc()
+                if attempt == 5:
+                    raise
+                log.warning("schema registry unavailable (%s); retrying", exc)
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _failure_records(self, code: str, reason: str, source: tuple[str, int, int], raw: bytes,
                          request: dict[str, Any] | None, retriable: bool = False) -> list[OutRecord]:
