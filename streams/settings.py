@@ -8,7 +8,7 @@ import os
 import socket
 from functools import cached_property
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.topology import Topology
@@ -94,6 +94,13 @@ class Settings(BaseSettings):
         parse_pools(v)
         return v
 
+    @model_validator(mode="after")
+    def _pool_is_known(self) -> "Settings":
+        table = parse_pools(self.pools)
+        if self.pool not in table:
+            raise ValueError(f"ZIMAGE_POOL={self.pool!r} is not in ZIMAGE_POOLS ({', '.join(table)})")
+        return self
+
     @cached_property
     def topology(self) -> Topology:
         return Topology(self.topic_prefix, self.request_partitions, self.output_partitions)
@@ -104,10 +111,7 @@ class Settings(BaseSettings):
 
     @property
     def pool_models(self) -> tuple[str, ...]:
-        table = self.pool_table
-        if self.pool not in table:
-            raise ValueError(f"ZIMAGE_POOL={self.pool!r} is not in ZIMAGE_POOLS ({', '.join(table)})")
-        return table[self.pool]
+        return self.pool_table[self.pool]
 
     @property
     def reports_unroutable(self) -> bool:
