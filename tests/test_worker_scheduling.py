@@ -32,7 +32,8 @@ def make(priority: str, tag: str, i: int, **extra) -> dict:
 def test_high_priority_overtakes_a_low_backlog(fresh_pipeline):
     p = fresh_pipeline
     p.start("processors", "processors", wait_ready=False)
-    p.start("worker", "worker", ZIMAGE_MAX_BATCH_SIZE="4")
+    # A buffer far smaller than the backlog: the low partitions are paused and resumed all along.
+    p.start("worker", "worker", ZIMAGE_MAX_BATCH_SIZE="4", ZIMAGE_BUFFER_PER_PRIORITY="8")
     sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
     lows = [make("low", "low", i) for i in range(120)]
     sub.submit(lows)
