@@ -51,6 +51,10 @@ def producer(base: dict[str, str], **overrides: object) -> Producer:
     return Producer(conf)
 
 
+class TransactionStuck(RuntimeError):
+    """The producer could neither commit nor abort: only a new process (a new producer) can go on."""
+
+
 class TransactionalOutbox:
     """Produces a set of records and commits consumed offsets in one Kafka transaction.
 
@@ -67,7 +71,8 @@ class TransactionalOutbox:
         self._producer.init_transactions(timeout_s)
 
     def commit(self, records: Sequence[OutRecord], offsets: dict[tuple[str, int], int], consumer: Consumer) -> None:
-        """Raises KafkaException when the transaction fails; it has then been aborted when abortable."""
+        """Raises KafkaException when the transaction did not commit; it has then been aborted, and the caller
+        must rewind to the committed offsets. Raises TransactionStuck when it could not even be aborted."""
         if not records and not offsets:
             return
         p = self._producer
@@ -77,13 +82,32 @@ class TransactionalOutbox:
                 self._produce(r)
             if offsets:
                 tps = [TopicPartition(t, part, off) for (t, part), off in offsets.items()]
-                p.send_offsets_to_transaction(tps, consumer.consumer_group_metadata(), self._timeout)
-            p.commit_transaction(self._timeout)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if isinstance(err, KafkaError) and err.txn_requires_abort():
-                p.abort_transaction(self._timeout)
+                self._retrying(lambda: p.send_offsets_to_transaction(tps, consumer.consumer_group_metadata(),
+                                                                     self._timeout))
+            self._retrying(lambda: p.commit_transaction(self._timeout))
+        except KafkaException:
+            self._abort()
             raise
+
+    def _retrying(self, call: Callable[[], None]) -> None:
+        """Repeats a transactional call while librdkafka calls its error retriable (a coordinator moving)."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                call()
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not (isinstance(err, KafkaError) and err.retriable()) or time.monotonic() > deadline:
+                    raise
+                log.warning("transactional call failed (%s); retrying", err)
+                time.sleep(0.5)
+
+    def _abort(self) -> None:
+        try:
+            self._retrying(lambda: self._producer.abort_transaction(self._timeout))
+        except KafkaException as exc:
+            raise TransactionStuck(f"could not abort the transaction: {exc}") from exc
 
     def _produce(self, r: OutRecord) -> None:
         while True:

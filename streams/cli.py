@@ -1,6 +1,7 @@
 """The `zimage` command: worker, processors, submit, tail, demo, topics, topology, config."""
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import signal
@@ -10,16 +11,33 @@ from pathlib import Path
 import click
 
 from streams.settings import Settings
+from streams.supervise import CONFIG_ERROR, supervise
+
+RESTART = click.option("--restart/--no-restart", default=True, show_default=True,
+                       help="Start a new process when this one crashes (configuration errors are not retried).")
+
+
+class ConfigError(click.ClickException):
+    """A configuration the process can never start with: exits with EX_CONFIG, which is not restarted."""
+
+    exit_code = CONFIG_ERROR
 
 
 def _settings() -> Settings:
     try:
         return Settings()
     except Exception as exc:  # noqa: BLE001 - configuration errors end the command with their message
-        raise click.ClickException(f"invalid configuration: {exc}") from exc
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+
+
+def _supervised(command: str, restart: bool) -> None:
+    """Runs `zimage <command>` in a child process that is restarted when it crashes."""
+    if restart:
+        sys.exit(supervise([sys.executable, "-m", "streams.cli", command, "--no-restart"], command))
 
 
 def _logging(level: str) -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack: a hang explains itself
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -68,31 +86,35 @@ def topics_apply(check: bool) -> None:
 
 
 @main.command()
-def worker() -> None:
+@RESTART
+def worker(restart: bool) -> None:
     """Run a render worker of pool ZIMAGE_POOL until SIGTERM/SIGINT."""
     from processors.renderer import InvalidModelOptions
     from streams.runtime import build_worker
 
     s = _settings()
+    _supervised("worker", restart)
     _logging(s.log_level)
     logging.getLogger(__name__).info("settings: %s", json.dumps(s.masked(), default=str))
     try:
         w = build_worker(s)
     except InvalidModelOptions as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise ConfigError(str(exc)) from exc
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     signal.signal(signal.SIGINT, lambda *_: w.stop())
     w.run()
 
 
 @main.command()
-def processors() -> None:
+@RESTART
+def processors(restart: bool) -> None:
     """Run the faust stream processors (publication) until SIGTERM/SIGINT."""
+    s = _settings()
+    _supervised("processors", restart)
     import faust
 
     from streams.publication_app import create_app
 
-    s = _settings()
     app = create_app(s)
     faust.Worker(app, loglevel=s.log_level.lower()).execute_from_commandline()
 
@@ -125,7 +147,7 @@ def submit(prompts: tuple[str, ...], jsonl: Path | None, priority: str | None, *
     try:
         requests = [build_request({**row, **overrides}) for row in rows]
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise ConfigError(str(exc)) from exc
     sub = Submitter(s.kafka_config(), s.topology, AvroSerde(registry_url=s.schema_registry_url))
     for req in sub.submit(requests):
         click.echo(f"{req['request_id']}\t{req['priority'].lower()}")

@@ -28,6 +28,7 @@ from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSch
 from streams import metrics
 from streams.rendering import Admitted, BatchRenderer, RenderStage
 from streams.settings import Settings
+from streams.supervise import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ class RenderWorker:
         conf = self.s.kafka_config()
         self._consumer = kafka.consumer(conf, self.group_id)
         self._outbox = kafka.TransactionalOutbox(
-            conf, transactional_id=f"{self.group_id}-{self.s.worker_id}")
+            conf, transactional_id=f"{self.group_id}-{self.s.worker_id}", timeout_s=10.0)
+        self._commit_watchdog = Watchdog(limit_s=60.0, what="a Kafka transaction commit")
         self._consumer.subscribe(list(self._priority_of_topic), on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
         self._stage.start()
@@ -289,7 +291,8 @@ class RenderWorker:
             return
         records = [r for rs in results for r in rs]
         try:
-            self._outbox.commit(records, offsets, self._consumer)
+            with self._commit_watchdog:
+                self._outbox.commit(records, offsets, self._consumer)
         except KafkaException as exc:
             metrics.ERRORS.labels("transaction").inc()
             if kafka.is_fatal(exc):
@@ -305,9 +308,21 @@ class RenderWorker:
             parts = list(self._assigned)
             self._forget(parts)
         tps = [TopicPartition(t, p) for t, p in parts]
-        for tp in self._consumer.committed(tps, timeout=30):
+        for tp in self._committed_offsets(tps):
             self._consumer.seek(TopicPartition(tp.topic, tp.partition,
                                                tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+
+    def _committed_offsets(self, tps: list[TopicPartition], timeout_s: float = 120.0) -> list[TopicPartition]:
+        """The group's committed offsets, asked again while the coordinator moves (a broker restart)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self._consumer.committed(tps, timeout=10) if tps else []
+            except KafkaException as exc:
+                if kafka.is_fatal(exc) or time.monotonic() > deadline:
+                    raise
+                log.warning("committed offsets not available yet (%s); asking again", exc)
+                time.sleep(1.0)
 
     def _forget(self, parts: list[TP]) -> None:
         """Drops buffered and finished-but-uncommitted work of these partitions (lock held)."""

@@ -1,0 +1,55 @@
+"""A broker restart in the middle of the flow: the worker and the processors ride it out, nothing lost or doubled."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from streams.submit import Submitter, build_request
+from tests.harness import ROOT
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+PID_FILE = Path(os.environ.get("ZIMAGE_STACK_DIR", ROOT / ".stack")) / "pids" / "kafka.pid"
+
+
+def restart_broker() -> None:
+    pid = int(PID_FILE.read_text().split()[0])
+    os.kill(pid, signal.SIGTERM)  # a clean broker shutdown, as in a rolling restart
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    up = subprocess.run([str(ROOT / "ops" / "stack"), "up"], capture_output=True, text=True, timeout=180)
+    assert up.returncode == 0, up.stdout + up.stderr
+
+
+@pytest.mark.skipif(not PID_FILE.exists(), reason="the broker was not started by ops/stack")
+def test_requests_survive_a_broker_restart(fresh_pipeline):
+    p = fresh_pipeline
+    p.start("processors", "processors", wait_ready=False)
+    p.start("worker", "worker")
+    sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
+    make = lambda i: build_request({"prompt": f"lamp {i}", "priority": ("high", "normal", "low")[i % 3],  # noqa: E731
+                                    "seed": i, "width": 32, "height": 32, "steps": 2})
+    first, second = [make(i) for i in range(60)], [make(i) for i in range(60, 120)]
+    sub.submit(first)
+    sub.flush()
+    watch = p.follower(from_beginning=True)
+    for n, _ in enumerate(watch.events(idle_timeout_s=60), 1):
+        if n >= 10:
+            break
+    watch.close()
+    restart_broker()
+    sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
+    sub.submit(second)
+    sub.flush(60)
+    ids = [r["request_id"] for r in first + second]
+    events = p.collect(ids, timeout_s=240, settle_s=5)
+    missing = [i for i in ids if i not in events]
+    assert not missing, f"{len(missing)} lost; worker log:\n{p.log('worker')[-3000:]}"
+    doubled = {i: [n for n, _ in e] for i, e in events.items() if len(e) != 1 or e[0][0] != "ImageReady"}
+    assert not doubled, doubled
