@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -28,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from processors.tiny_model import build_tiny_pipeline_dir, folder_fingerprint
+from processors.model_identity import config_fingerprint, folder_fingerprint, hub_commit
+from processors.tiny_model import build_tiny_pipeline_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ OFFLOAD_CHOICES = ("none", "model", "sequential")
 MAX_SEQUENCE_LENGTH_LIMIT = 4096
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CUDA_INDEXED = re.compile(r"^cuda:(\d+)$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class UnsupportedSettings(ValueError):
@@ -255,26 +253,6 @@ def caption_token_limit(transformer: torch.nn.Module) -> int:
     return (transformer.config.axes_lens[0] - 2) // SEQ_MULTI_OF * SEQ_MULTI_OF
 
 
-def _hub_commit(repo_id: str, revision: str | None) -> str | None:
-    if revision and _COMMIT.match(revision):
-        return revision
-    from huggingface_hub import try_to_load_from_cache  # reads the local cache only
-
-    cached = try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
-    parts = Path(cached).parts if isinstance(cached, str) else ()  # .../snapshots/<commit>/model_index.json
-    commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else ""
-    return commit if _COMMIT.match(commit) else None
-
-
-def _config_fingerprint(pipe: Any) -> str:
-    configs = {"pipeline": dict(pipe.config)}
-    for name, component in pipe.components.items():
-        config = getattr(component, "config", None)
-        if config is not None:
-            configs[name] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
-
-
 class Renderer:
     """One loaded Z-Image pipeline; renders batches of items with one pipeline call per batch."""
 
@@ -325,8 +303,8 @@ class Renderer:
             return f"tiny-{folder_fingerprint(folder)[:16]}"
         if folder is not None:
             return f"local-{folder_fingerprint(folder)[:16]}"
-        commit = _hub_commit(self.options.source, self.options.revision)
-        return f"{self.options.source}@{commit or 'config-' + _config_fingerprint(self._pipe)[:16]}"
+        commit = hub_commit(self.options.source, self.options.revision)
+        return f"{self.options.source}@{commit or 'config-' + config_fingerprint(self._pipe)[:16]}"
 
     @property
     def model_id(self) -> str:

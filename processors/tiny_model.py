@@ -7,7 +7,6 @@ needs no network: the tokenizer is a byte-level vocabulary built here, not downl
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,9 +17,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
 TINY_SEED = 0
-# Files up to this size are fingerprinted whole; larger weight shards by size, first and last MiB.
-FULL_HASH_LIMIT = 64 * 1024 * 1024
-PARTIAL_HASH_CHUNK = 1024 * 1024
 # Written last: a folder without it is a half-written build and is rebuilt.
 COMPLETE_MARKER = ".complete"
 
@@ -165,22 +161,3 @@ def build_tiny_pipeline_dir(path: Path) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return path
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """sha256 over a model folder's files: small ones whole, large shards by size plus first and last MiB."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        if any(part.startswith(".") for part in Path(relative).parts):  # build markers, download caches
-            continue
-        size = path.stat().st_size
-        digest.update(f"{relative}\0{size}\0".encode())
-        with path.open("rb") as handle:
-            if size <= FULL_HASH_LIMIT:
-                digest.update(handle.read())
-            else:
-                digest.update(handle.read(PARTIAL_HASH_CHUNK))
-                handle.seek(size - PARTIAL_HASH_CHUNK)
-                digest.update(handle.read(PARTIAL_HASH_CHUNK))
-    return digest.hexdigest()

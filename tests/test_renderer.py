@@ -24,7 +24,8 @@ from processors.renderer import (
     is_out_of_memory,
     render_splitting_on_oom,
 )
-from processors.tiny_model import COMPLETE_MARKER, build_tiny_pipeline_dir, build_tokenizer, folder_fingerprint
+from processors.model_identity import folder_fingerprint
+from processors.tiny_model import COMPLETE_MARKER, build_tiny_pipeline_dir, build_tokenizer
 
 SMALL = RenderSettings(width=32, height=32, steps=2, guidance=0.0)
 PROMPTS = [
