@@ -77,6 +77,10 @@ class ModelOptions:
     attention_backend: str = "default"  # or a diffusers AttentionBackendName value, e.g. "flash", "_flash_3"
     tiny_cache_dir: Path | None = None  # where the tiny model is built; default: a folder in the temp dir
     max_sequence_length: int = 512  # prompt tokens kept (chat template included)
+    # True: the model runs once per image inside a batch call, so a batched image is byte-identical to the
+    # image alone. False: one fused transformer pass per batch, faster on a GPU, but an image then depends
+    # (in its low bits) on what it was batched with; model_version says "fused" so no one mistakes the two.
+    batch_invariant: bool = True
 
     @property
     def source_kind(self) -> str:
@@ -273,7 +277,8 @@ class Renderer:
             low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
         )
         pipe.set_progress_bar_config(disable=True)
-        _run_transformer_per_item(pipe.transformer)
+        if options.batch_invariant:
+            _run_transformer_per_item(pipe.transformer)
         if options.attention_backend != "default":
             pipe.transformer.set_attention_backend(options.attention_backend)
         if options.compile:
@@ -319,6 +324,8 @@ class Renderer:
             numerics += "-compiled"
         if self.options.attention_backend != "default":
             numerics += f"-{self.options.attention_backend}"
+        if not self.options.batch_invariant:
+            numerics += "-fused"
         return f"{self._weights_version}+{numerics}"
 
     @property

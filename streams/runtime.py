@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def model_options(s: Settings) -> ModelOptions:
     return ModelOptions(source=s.model_source, revision=s.model_revision, dtype=s.dtype, device=s.device,
                         compile=s.compile, cpu_offload=s.cpu_offload, attention_backend=s.attention_backend,
-                        tiny_cache_dir=s.tiny_cache_dir)
+                        tiny_cache_dir=s.tiny_cache_dir, batch_invariant=s.batch_invariant)
 
 
 def build_worker(s: Settings) -> RenderWorker:

@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     cpu_offload: str = "none"
     attention_backend: str = "default"
     tiny_cache_dir: str = ".stack/models/tiny"
+    batch_invariant: bool = True  # False: fused batches, faster on a GPU, not byte-identical to single renders
 
     # --- request limits (bad input is refused, never rendered) ---
     max_prompt_chars: int = Field(4000, ge=1)

@@ -112,6 +112,16 @@ def test_a_batch_gives_the_same_bytes_as_its_items_alone(renderer, settings):
         assert together == [alone[index] for index in composition], f"batch {composition} differs from singles"
 
 
+def test_fused_batches_render_and_say_so_in_the_model_version(renderer, tiny_cache):
+    fused = Renderer(ModelOptions(source="tiny", device="cpu", tiny_cache_dir=tiny_cache, batch_invariant=False))
+    assert fused.model_version == renderer.model_version + "-fused"
+    batch = items()[:3]
+    images = fused.render(batch, SMALL)
+    assert [i.shape for i in images] == [(32, 32, 3)] * 3
+    # Alone, a fused pass is the same computation as the per-item one: only batching may differ.
+    assert png_of(fused, batch[:1], SMALL) == png_of(renderer, batch[:1], SMALL)
+
+
 def test_prompts_longer_than_the_caption_limit_are_cut_not_fatal(renderer):
     head = "a tall stack of pancakes with syrup " * 20
     assert renderer.max_sequence_length < len(head.encode())
