@@ -9,12 +9,13 @@ Publication: ImageRendered (zimage.rendered) -> ImageReady (zimage.images.ready)
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import faust
 
 from processors.events import dead_letter_headers, image_ready, request_failed
-from schemas.serde import AvroSerde, SerdeError
+from schemas.serde import AvroSerde, InvalidRecord, UndecodableRecord, UnknownSchema
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,31 +50,43 @@ def create_app(settings: Settings | None = None) -> faust.App:
     @app.agent(rendered)
     async def publish(stream):  # noqa: ANN001 - faust's stream type
         async for event in stream.events():
-            source = (event.message.topic, event.message.partition, event.message.offset)
             try:
-                value = serde.decode("ImageRendered", event.value, topic=topo.rendered)
-                key = value["request_id"].encode()
-                if published.get(key) is not None:
-                    log.info("request %s already published; skipping duplicate", value["request_id"])
-                    continue
-                out = image_ready(value, int(time.time() * 1000))
-            except (SerdeError, ValueError, KeyError) as exc:
-                # A broken record must not stop publication of the others: park it with its reason.
-                log.error("unpublishable record at %s: %s", source, exc)
-                ts = int(time.time() * 1000)
-                reason = f"{type(exc).__name__}: {exc}"
-                await failed.send(value=serde.encode("RequestFailed", request_failed(
-                    code="unpublishable", reason=reason, stage="processors:publication", source=source,
-                    now_ms=ts), topic=topo.failed))
-                await dlq.send(key=event.key, value=event.value, headers=dead_letter_headers(
-                    code="unpublishable", reason=reason, stage="processors:publication", source=source, now_ms=ts))
-                continue
-            await ready.send(key=key, value=serde.encode("ImageReady", out, topic=topo.images_ready))
-            published[key] = out["published_at"]
+                await _publish_one(event)
+            except Exception:  # noqa: BLE001 - see _crash; cancellation (shutdown) passes through
+                _crash(event)
+
+    async def _publish_one(event) -> None:  # noqa: ANN001 - faust's event type
+        source = (event.message.topic, event.message.partition, event.message.offset)
+        try:
+            value = serde.decode("ImageRendered", event.value, topic=topo.rendered)
+            key = value["request_id"].encode()
+            if published.get(key) is not None:
+                log.info("request %s already published; skipping duplicate", value["request_id"])
+                return
+            ready_event = image_ready(value, int(time.time() * 1000))
+            out = serde.encode("ImageReady", ready_event, topic=topo.images_ready)
+        except (InvalidRecord, UndecodableRecord, UnknownSchema, ValueError, KeyError) as exc:
+            # A broken record must not stop publication of the others: park it with its reason.
+            log.error("unpublishable record at %s: %s", source, exc)
+            ts = int(time.time() * 1000)
+            reason = f"{type(exc).__name__}: {exc}"
+            await failed.send(value=serde.encode("RequestFailed", request_failed(
+                code="unpublishable", reason=reason, stage="processors:publication", source=source,
+                now_ms=ts), topic=topo.failed))
+            await dlq.send(key=event.key, value=event.value, headers=dead_letter_headers(
+                code="unpublishable", reason=reason, stage="processors:publication", source=source, now_ms=ts))
+            return
+        await ready.send(key=key, value=out)
+        published[key] = ready_event["published_at"]
 
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    app = create_app()
-    app.main() if argv is None else app.main()
+def _crash(event) -> None:  # noqa: ANN001 - faust's event type
+    """Anything but a bad record (a registry outage, a failed send) ends the process before faust acks the
+    event: faust acks even when the agent raises, which would drop the request. The open transaction is
+    aborted, the supervisor starts a new process, and the event is read again."""
+    log.critical("publication failed at %s[%s]@%s; exiting so that it is retried",
+                 event.message.topic, event.message.partition, event.message.offset, exc_info=True)
+    logging.shutdown()
+    os._exit(70)

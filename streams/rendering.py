@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -109,7 +109,14 @@ class RenderStage:
         images, render_s = rendered
         self._inflight.acquire()  # bounded hand-off: back-pressure only if storage falls far behind
         fut = self._pool.submit(self._store_batch, batch, seeds, images, render_s * 1000)
-        fut.add_done_callback(lambda _f: self._inflight.release())
+        fut.add_done_callback(self._stored)
+
+    def _stored(self, fut: Future) -> None:
+        self._inflight.release()
+        exc = fut.exception()
+        if exc is not None:  # a request of that batch has no outcome: stop loudly rather than stall its partition
+            log.error("storing a batch failed: %r", exc)
+            self.failure = exc
 
     def _render_with_retries(self, batch: Batch, items: list[RenderItem],
                              settings: RenderSettings) -> tuple[list[np.ndarray], float] | None:

@@ -33,6 +33,9 @@ from streams.supervise import Watchdog
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
+# Aborts that follow each other without a commit between: past this, something is wrong that a rewind
+# does not cure (a record the broker always refuses), and the worker stops loudly instead of looping.
+MAX_ABORTS_IN_A_ROW = 5
 
 
 def now_ms() -> int:
@@ -68,6 +71,8 @@ class RenderWorker:
         self._assigned: set[TP] = set()
         self._committed: dict[TP, int] = {}
         self._stop = threading.Event()
+        self._needs_rewind = False
+        self._aborts_in_a_row = 0
         self.group_id = f"{settings.topic_prefix}-render-{settings.pool}"
         self._stage = RenderStage(
             renderer=renderer, store=store, encode_rendered=lambda v: serde.encode("ImageRendered", v,
@@ -96,8 +101,12 @@ class RenderWorker:
         try:
             while not self._stop.is_set():
                 if self._stage.failure is not None:
-                    raise RuntimeError("render thread died") from self._stage.failure
-                for msg in self._consumer.consume(self._consume_batch, timeout=0.02):
+                    raise RuntimeError("the render stage failed") from self._stage.failure
+                msgs = self._consumer.consume(self._consume_batch, timeout=0.02)
+                if self._needs_rewind:  # a commit failed inside a rebalance callback during consume()
+                    self._rewind()  # what this batch held is read again after the seek
+                    msgs = []
+                for msg in msgs:
                     self._ingest(msg)
                 now = time.monotonic()
                 self._housekeeping(now)
@@ -236,6 +245,11 @@ class RenderWorker:
     def _housekeeping(self, now: float) -> None:
         with self._lock:
             expired = self._scheduler.expire(now)
+            for waiting in self._overflow.values():  # paused intake: these wait outside the scheduler
+                late = [p for p in waiting if p.deadline is not None and p.deadline < now]
+                for pending in late:
+                    waiting.remove(pending)
+                    expired.append(pending)
             for pending in expired:
                 tp = pending.source[:2]
                 records = self._failure_records("deadline_exceeded", "deadline passed while queued",
@@ -295,22 +309,35 @@ class RenderWorker:
                 self._outbox.commit(records, offsets, self._consumer)
         except KafkaException as exc:
             metrics.ERRORS.labels("transaction").inc()
-            if kafka.is_fatal(exc):
+            self._aborts_in_a_row += 1
+            if kafka.is_fatal(exc) or self._aborts_in_a_row >= MAX_ABORTS_IN_A_ROW:
                 raise
             log.warning("transaction aborted (%s); rewinding to the committed offsets", exc)
-            self._rewind()
+            # Rewound by the main loop, never inside a rebalance callback (consume() may still hand out
+            # records fetched before the seek).
+            self._needs_rewind = True
             return
+        self._aborts_in_a_row = 0
         self._committed.update(offsets)
 
     def _rewind(self) -> None:
-        """After an aborted transaction: forget all local state and read again from the committed offsets."""
+        """After an aborted transaction: read again from the committed offsets and forget all local state.
+
+        A seek that fails for any reason but a partition whose fetch has not started (it starts from the committed
+        offset anyway) raises: the worker stops rather than commit past work it has forgotten.
+        """
         with self._lock:
             parts = list(self._assigned)
+        for tp in self._committed_offsets([TopicPartition(t, p) for t, p in parts]):
+            try:
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition,
+                                                   tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError._STATE:
+                    raise
+        with self._lock:
             self._forget(parts)
-        tps = [TopicPartition(t, p) for t, p in parts]
-        for tp in self._committed_offsets(tps):
-            self._consumer.seek(TopicPartition(tp.topic, tp.partition,
-                                               tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+        self._needs_rewind = False
 
     def _committed_offsets(self, tps: list[TopicPartition], timeout_s: float = 120.0) -> list[TopicPartition]:
         """The group's committed offsets, asked again while the coordinator moves (a broker restart)."""
@@ -340,9 +367,13 @@ class RenderWorker:
         with self._lock:
             for tp in partitions:
                 self._assigned.add((tp.topic, tp.partition))
+        # librdkafka keeps an application pause across revoke and re-assign: set every new partition explicitly.
         paused = [tp for tp in partitions if self._priority_of_topic[tp.topic] in self._paused]
+        running = [tp for tp in partitions if self._priority_of_topic[tp.topic] not in self._paused]
         if paused:
             consumer.pause(paused)
+        if running:
+            consumer.resume(running)
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -361,6 +392,8 @@ class RenderWorker:
         with self._lock:
             self._forget(parts)
             self._assigned.difference_update(parts)
+            for tp in parts:
+                self._committed.pop(tp, None)
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in parts))
 
     # ------------------------------------------------------------------ gauges
