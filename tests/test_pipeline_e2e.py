@@ -14,25 +14,11 @@ import pytest
 from PIL import Image
 
 from connectors.storage import open_object_store
+from tests.avro_spec import crc64_avro
 
 pytestmark = pytest.mark.stack
 
 AVSC = Path(__file__).resolve().parent.parent / "schemas" / "avro" / "GenerationRequest.avsc"
-
-
-def _crc64_avro(data: bytes) -> int:
-    """CRC-64-AVRO as the Avro specification writes it (for single-object encoding)."""
-    empty = 0xC15D213AA4D7A795
-    table = []
-    for i in range(256):
-        fp = i
-        for _ in range(8):
-            fp = (fp >> 1) ^ (empty & -(fp & 1))
-        table.append(fp)
-    fp = empty
-    for b in data:
-        fp = (fp >> 8) ^ table[(fp ^ b) & 0xFF]
-    return fp
 
 
 def plain_request(**fields) -> dict:
@@ -51,7 +37,7 @@ def single_object(schema_json: dict, record: dict) -> bytes:
     canonical = fastavro.schema.to_parsing_canonical_form(parsed)
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, parsed, record)
-    return b"\xc3\x01" + struct.pack("<Q", _crc64_avro(canonical.encode())) + buf.getvalue()
+    return b"\xc3\x01" + struct.pack("<Q", crc64_avro(canonical.encode())) + buf.getvalue()
 
 
 def test_plain_fastavro_request_is_rendered_and_published(pipeline):

@@ -26,24 +26,9 @@ from schemas.serde import (
     load_schema,
     schema_names,
 )
+from tests.avro_spec import crc64_avro
 
 # ---- the spec, written out independently of fastavro ---------------------------------------------
-
-CRC64_EMPTY = 0xC15D213AA4D7A795
-CRC64_TABLE = []
-for _i in range(256):
-    _fp = _i
-    for _ in range(8):
-        _fp = (_fp >> 1) ^ (CRC64_EMPTY & -(_fp & 1))
-    CRC64_TABLE.append(_fp)
-
-
-def crc64_avro(data: bytes) -> int:
-    fp = CRC64_EMPTY
-    for byte in data:
-        fp = (fp >> 8) ^ CRC64_TABLE[(fp ^ byte) & 0xFF]
-    return fp
-
 
 PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 
