@@ -19,7 +19,6 @@ from connectors import kafka
 from connectors.kafka import OutRecord
 from connectors.storage import ObjectStore
 from processors.batching import Batch, CompatKey, Pending
-from processors.events import dead_letter_headers, request_failed
 from processors.offsets import OffsetTracker
 from processors.renderer import UnsupportedSettings
 from processors.requests import InvalidRequest, Limits, settings_of, validate
@@ -27,6 +26,7 @@ from processors.scheduler import Scheduler, SchedulerConfig
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams import metrics
 from streams.rendering import Admitted, BatchRenderer, RenderStage
+from streams.failures import FailureRecords
 from streams.settings import Settings
 from streams.supervise import Watchdog
 
@@ -36,10 +36,6 @@ TP = tuple[str, int]
 # Aborts that follow each other without a commit between: past this, something is wrong that a rewind
 # does not cure (a record the broker always refuses), and the worker stops loudly instead of looping.
 MAX_ABORTS_IN_A_ROW = 5
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class RenderWorker:
@@ -70,6 +66,7 @@ class RenderWorker:
         self._paused: set[str] = set()
         self._assigned: set[TP] = set()
         self._committed: dict[TP, int] = {}
+        self._failure_records = FailureRecords(self.topology, serde, stage=f"worker:{settings.pool}")
         self._stop = threading.Event()
         self._needs_rewind = False
         self._aborts_in_a_row = 0
@@ -180,7 +177,7 @@ class RenderWorker:
             self._complete(tp, offset, epoch, [])  # another pool's group renders it
             return
         deadline = request.get("deadline")
-        wall_now = now_ms()
+        wall_now = int(time.time() * 1000)
         if deadline is not None and deadline <= wall_now:
             self._complete(tp, offset, epoch, self._failure_records(
                 "deadline_exceeded", f"deadline passed {wall_now - deadline} ms before the request was read",
@@ -215,20 +212,6 @@ class RenderWorker:
                 log.warning("schema registry unavailable (%s); retrying", exc)
                 time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
-
-    def _failure_records(self, code: str, reason: str, source: tuple[str, int, int], raw: bytes,
-                         request: dict[str, Any] | None, retriable: bool = False) -> list[OutRecord]:
-        ts = now_ms()
-        event = request_failed(code=code, reason=reason, stage=f"worker:{self.s.pool}", source=source,
-                               now_ms=ts, request=request, retriable=retriable)
-        key = request["request_id"].encode() if request else None
-        return [
-            OutRecord(self.topology.failed, self._serde.encode("RequestFailed", event, topic=self.topology.failed),
-                      key),
-            OutRecord(self.topology.dlq, raw, key,
-                      dead_letter_headers(code=code, reason=reason, stage=f"worker:{self.s.pool}", source=source,
-                                          now_ms=ts)),
-        ]
 
     # ------------------------------------------------------------------ scheduling (shared with the render thread)
 

@@ -94,34 +94,30 @@ class Pipeline:
 
     def collect(self, request_ids: Iterable[str], timeout_s: float = 120, settle_s: float = 0.0,
                 follower: EventFollower | None = None) -> dict[str, list[tuple[str, dict]]]:
-        """Every ImageReady/RequestFailed of these requests, until each has one (then `settle_s` more)."""
+        """Every ImageReady/RequestFailed of these requests, until each has one (then `settle_s` more, to catch
+        duplicates) or `timeout_s` passes."""
         wanted = set(request_ids)
         seen: dict[str, list[tuple[str, dict]]] = {}
         own = follower is None
         follower = follower or self.follower()
         deadline = time.monotonic() + timeout_s
-        settle_until = None
+        settle_until: float | None = None
+
+        def done() -> bool:
+            now = time.monotonic()
+            return now > deadline or (settle_until is not None and now >= settle_until)
+
         try:
-            for name, value, _raw in follower.events(idle_timeout_s=1.0):
-                self.check_alive()
-                if value is not None and value.get("request_id") in wanted:
-                    seen.setdefault(value["request_id"], []).append((name, value))
-                if settle_until is None and wanted <= seen.keys():
-                    settle_until = time.monotonic() + settle_s
-                if (settle_until is not None and time.monotonic() >= settle_until) or time.monotonic() > deadline:
-                    break
-            # an idle second ends events(): keep going until done or out of time
-            while (settle_until is None or time.monotonic() < settle_until) and time.monotonic() < deadline:
-                self.check_alive()
-                for name, value, _raw in follower.events(idle_timeout_s=1.0):
+            while not done():
+                for name, value, _raw in follower.events(idle_timeout_s=1.0):  # ends after an idle second
+                    self.check_alive()
                     if value is not None and value.get("request_id") in wanted:
                         seen.setdefault(value["request_id"], []).append((name, value))
                     if settle_until is None and wanted <= seen.keys():
                         settle_until = time.monotonic() + settle_s
-                    if settle_until is not None and time.monotonic() >= settle_until:
+                    if done():
                         break
-                if settle_until is not None and time.monotonic() >= settle_until:
-                    break
+                self.check_alive()
         finally:
             if own:
                 follower.close()
