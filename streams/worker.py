@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -33,6 +33,15 @@ from streams.supervise import Watchdog
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
+
+
+class Outcome(NamedTuple):
+    """A finished request as the tracker holds it until commit: its records and how to count it."""
+
+    records: list[OutRecord]
+    priority: str
+    status: str | None  # None: not this worker's to count (another pool's request)
+
 # Aborts that follow each other without a commit between: past this, something is wrong that a rewind
 # does not cure (a record the broker always refuses), and the worker stops loudly instead of looping.
 MAX_ABORTS_IN_A_ROW = 5
@@ -167,22 +176,21 @@ class RenderWorker:
             # Exactly one pool reports: the pool of the request's model, else the first pool.
             mine = request is not None and request.get("model") in self._my_models
             unowned = request is None or request.get("model") not in self._all_models
-            records = []
             if mine or (unowned and self.s.reports_unroutable):
-                records = self._failure_records(code, str(exc), source, raw, request)
-                metrics.REQUESTS.labels(priority, code).inc()
-            self._complete(tp, offset, epoch, records)
+                outcome = Outcome(self._failure_records(code, str(exc), source, raw, request), priority, code)
+            else:
+                outcome = Outcome([], priority, None)
+            self._complete(tp, offset, epoch, outcome)
             return
         if request["model"] not in self._my_models:
-            self._complete(tp, offset, epoch, [])  # another pool's group renders it
+            self._complete(tp, offset, epoch, Outcome([], priority, None))  # another pool's group renders it
             return
         deadline = request.get("deadline")
         wall_now = int(time.time() * 1000)
         if deadline is not None and deadline <= wall_now:
-            self._complete(tp, offset, epoch, self._failure_records(
+            self._complete(tp, offset, epoch, Outcome(self._failure_records(
                 "deadline_exceeded", f"deadline passed {wall_now - deadline} ms before the request was read",
-                source, raw, request))
-            metrics.REQUESTS.labels(priority, "deadline_exceeded").inc()
+                source, raw, request), priority, "deadline_exceeded"))
             return
         mono = time.monotonic()
         pending = Pending(
@@ -237,8 +245,8 @@ class RenderWorker:
                 tp = pending.source[:2]
                 records = self._failure_records("deadline_exceeded", "deadline passed while queued",
                                                 pending.source, pending.payload.raw, pending.payload.request)
-                metrics.REQUESTS.labels(pending.priority, "deadline_exceeded").inc()
-                self._complete_locked(tp, pending.source[2], pending.payload.epoch, records)
+                self._complete_locked(tp, pending.source[2], pending.payload.epoch,
+                                      Outcome(records, pending.priority, "deadline_exceeded"))
             for priority, waiting in self._overflow.items():
                 while waiting and self._scheduler.offer(waiting[0]):
                     waiting.pop(0)
@@ -263,30 +271,28 @@ class RenderWorker:
 
     def _on_done(self, pending: Pending, records: list[OutRecord], status: str, _reason: str) -> None:
         with self._lock:
-            if self._complete_locked(pending.source[:2], pending.source[2], pending.payload.epoch, records):
-                metrics.REQUESTS.labels(pending.priority, status).inc()
+            self._complete_locked(pending.source[:2], pending.source[2], pending.payload.epoch,
+                                  Outcome(records, pending.priority, status))
 
     def _on_render_fail(self, pending: Pending, code: str, reason: str, retriable: bool) -> None:
         request = pending.payload.request
         records = self._failure_records(code, reason, pending.source, pending.payload.raw, request, retriable)
         self._on_done(pending, records, code, reason)
 
-    def _complete(self, tp: TP, offset: int, epoch: int, records: list[OutRecord]) -> None:
+    def _complete(self, tp: TP, offset: int, epoch: int, outcome: Outcome) -> None:
         with self._lock:
-            self._complete_locked(tp, offset, epoch, records)
+            self._complete_locked(tp, offset, epoch, outcome)
 
-    def _complete_locked(self, tp: TP, offset: int, epoch: int, records: list[OutRecord]) -> bool:
-        if tp not in self._assigned or self._epoch.get(tp, 0) != epoch:
-            return False  # revoked or rewound since: the partition's next owner redoes it
-        self._tracker.complete(tp[0], tp[1], offset, records)
-        return True
+    def _complete_locked(self, tp: TP, offset: int, epoch: int, outcome: Outcome) -> None:
+        if tp in self._assigned and self._epoch.get(tp, 0) == epoch:  # else: its next owner redoes it
+            self._tracker.complete(tp[0], tp[1], offset, outcome)
 
     def _commit(self) -> None:
         with self._lock:
             results, offsets = self._tracker.release()
         if not offsets:
             return
-        records = [r for rs in results for r in rs]
+        records = [r for outcome in results for r in outcome.records]
         try:
             with self._commit_watchdog:
                 self._outbox.commit(records, offsets, self._consumer)
@@ -302,6 +308,9 @@ class RenderWorker:
             return
         self._aborts_in_a_row = 0
         self._committed.update(offsets)
+        for outcome in results:  # counted once committed: a request redone after an abort counts once
+            if outcome.status is not None:
+                metrics.REQUESTS.labels(outcome.priority, outcome.status).inc()
 
     def _rewind(self) -> None:
         """After an aborted transaction: read again from the committed offsets and forget all local state.
