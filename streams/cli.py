@@ -108,15 +108,17 @@ def worker(restart: bool) -> None:
 @main.command()
 @RESTART
 def processors(restart: bool) -> None:
-    """Run the faust stream processors (publication) until SIGTERM/SIGINT."""
+    """Run the stream processors (publication of ImageReady) until SIGTERM/SIGINT."""
+    from schemas.serde import AvroSerde
+    from streams.publication import PublicationRelay
+
     s = _settings()
     _supervised("processors", restart)
-    import faust
-
-    from streams.publication_app import create_app
-
-    app = create_app(s)
-    faust.Worker(app, loglevel=s.log_level.lower()).execute_from_commandline()
+    _logging(s.log_level)
+    relay = PublicationRelay(s, AvroSerde(registry_url=s.schema_registry_url))
+    signal.signal(signal.SIGTERM, lambda *_: relay.stop())
+    signal.signal(signal.SIGINT, lambda *_: relay.stop())
+    relay.run()
 
 
 @main.command()

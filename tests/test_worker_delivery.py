@@ -82,3 +82,26 @@ def test_sigkill_of_one_of_two_workers_mid_batch_loses_and_duplicates_nothing(fr
     assert max(rendered.values()) == 1, [r for r, n in rendered.items() if n > 1][:5]
     workers = {v["lineage"]["worker_id"] for evs in events.values() for _, v in evs}
     assert workers == {"worker-a", "worker-b"}
+
+
+def test_sigkill_of_the_processors_mid_flow_publishes_each_request_once(fresh_pipeline):
+    p = fresh_pipeline
+    p.start("processors", "processors", wait_ready=False)
+    p.start("worker", "worker")
+    sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
+    requests = [build_request({"prompt": f"chair {i}", "seed": i, **SMALL}) for i in range(150)]
+    sub.submit(requests)
+    sub.flush()
+    watch = p.follower(from_beginning=True)
+    for n, _event in enumerate(watch.events(idle_timeout_s=60), 1):
+        if n >= 20:
+            break
+    watch.close()
+    p.kill("processors")  # mid-transaction: its sends and table updates of the open transaction are aborted
+    p.start("processors-2", "processors", wait_ready=False)
+    ids = [r["request_id"] for r in requests]
+    events = p.collect(ids, timeout_s=240, settle_s=8)
+    missing = [i for i in ids if i not in events]
+    assert not missing, f"{len(missing)} never published:\n{p.log('processors-2')[-3000:]}"
+    doubled = {i: len(e) for i, e in events.items() if len(e) != 1}
+    assert not doubled, f"published more than once: {doubled}"

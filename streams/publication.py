@@ -1,0 +1,106 @@
+"""`zimage processors`: publication, ImageRendered (zimage.rendered) -> ImageReady (zimage.images.ready).
+
+A transactional relay: it reads committed records only, and each batch's ImageReady events (and the
+RequestFailed / dead letters of records it cannot publish) commit in one Kafka transaction with the offsets
+they came from. A crash at any point leaves either both or neither, so every ImageRendered is published
+exactly once. (faust-streaming's exactly_once mode sends records without a partition outside its
+transactions; a SIGKILL test showed duplicates, hence this relay.)
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
+
+from connectors import kafka
+from connectors.kafka import OutRecord
+from processors.events import image_ready
+from schemas.serde import AvroSerde, InvalidRecord, UndecodableRecord, UnknownSchema
+from streams.failures import FailureRecords
+from streams.settings import Settings
+from streams.supervise import Watchdog
+
+log = logging.getLogger(__name__)
+
+
+class PublicationRelay:
+    def __init__(self, settings: Settings, serde: AvroSerde, batch: int = 500):
+        self.s = settings
+        self.topology = settings.topology
+        self._serde = serde
+        self._batch = batch
+        self._failures = FailureRecords(self.topology, serde, stage="processors:publication")
+        self._stop = threading.Event()
+        self.group_id = f"{settings.topic_prefix}-publication"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        conf = self.s.kafka_config()
+        self._consumer = kafka.consumer(conf, self.group_id)
+        outbox = kafka.TransactionalOutbox(conf, transactional_id=f"{self.group_id}-{self.s.worker_id}",
+                                           timeout_s=10.0)
+        watchdog = Watchdog(limit_s=60.0, what="a Kafka transaction commit")
+        self._consumer.subscribe([self.topology.rendered])
+        log.info("publishing %s -> %s in group %s", self.topology.rendered, self.topology.images_ready,
+                 self.group_id)
+        aborts = 0
+        try:
+            while not self._stop.is_set():
+                msgs = [m for m in self._consumer.consume(self._batch, timeout=0.1) if self._usable(m)]
+                if not msgs:
+                    continue
+                records, offsets = self.publish(msgs)
+                try:
+                    with watchdog:
+                        outbox.commit(records, offsets, self._consumer)
+                    aborts = 0
+                except KafkaException as exc:
+                    aborts += 1
+                    if kafka.is_fatal(exc) or aborts >= 5:
+                        raise
+                    log.warning("transaction aborted (%s); reading again from the committed offsets", exc)
+                    self._rewind()
+        finally:
+            self._consumer.close()
+            outbox.close()
+
+    def publish(self, msgs: list[Message]) -> tuple[list[OutRecord], dict[tuple[str, int], int]]:
+        """The records one batch of ImageRendered turns into, and the offsets to commit with them."""
+        records: list[OutRecord] = []
+        offsets: dict[tuple[str, int], int] = {}
+        now_ms = int(time.time() * 1000)
+        for msg in msgs:
+            source = (msg.topic(), msg.partition(), msg.offset())
+            offsets[source[:2]] = source[2] + 1
+            try:
+                rendered = self._serde.decode("ImageRendered", msg.value() or b"", topic=source[0])
+                ready = image_ready(rendered, now_ms)
+                value = self._serde.encode("ImageReady", ready, topic=self.topology.images_ready)
+            except (InvalidRecord, UndecodableRecord, UnknownSchema, ValueError, KeyError) as exc:
+                log.error("unpublishable record at %s: %s", source, exc)
+                records += self._failures("unpublishable", f"{type(exc).__name__}: {exc}", source,
+                                          msg.value() or b"", None)
+                continue
+            records.append(OutRecord(self.topology.images_ready, value, ready["request_id"].encode()))
+        return records, offsets
+
+    @staticmethod
+    def _usable(msg: Message) -> bool:
+        err = msg.error()
+        if err is not None and err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consume error: %s", err)
+        return err is None
+
+    def _rewind(self) -> None:
+        tps = self._consumer.assignment()
+        for tp in self._consumer.committed(tps, timeout=30) if tps else []:
+            try:
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition,
+                                                   tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError._STATE:
+                    raise
