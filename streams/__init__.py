@@ -1,1 +1,1 @@
-"""Wiring: topics, settings, the render worker, the faust apps and the `zimage` CLI."""
+"""Wiring: topics, settings, the render worker, the publication relay and the `zimage` CLI."""
