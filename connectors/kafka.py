@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic, ResourceType
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,32 @@ class TransactionalOutbox:
 
     def close(self) -> None:
         self._producer.flush(self._timeout)
+
+
+def rewind_to_committed(consumer: Consumer, partitions: Sequence[tuple[str, int]], timeout_s: float = 120.0) -> None:
+    """Seeks each partition back to the group's committed offset (after an aborted transaction).
+
+    The committed offsets are asked for again while the coordinator moves (a broker restart). A partition whose
+    fetch has not started yet is skipped: it starts from the committed offset anyway. Any other failure raises,
+    so that the caller stops rather than commit past work it has dropped.
+    """
+    tps = [TopicPartition(t, p) for t, p in partitions]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            committed = consumer.committed(tps, timeout=10) if tps else []
+            break
+        except KafkaException as exc:
+            if is_fatal(exc) or time.monotonic() > deadline:
+                raise
+            log.warning("committed offsets not available yet (%s); asking again", exc)
+            time.sleep(1.0)
+    for tp in committed:
+        try:
+            consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._STATE:
+                raise
 
 
 def is_fatal(exc: KafkaException) -> bool:

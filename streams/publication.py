@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from connectors import kafka
 from connectors.kafka import OutRecord
@@ -63,7 +63,8 @@ class PublicationRelay:
                     if kafka.is_fatal(exc) or aborts >= 5:
                         raise
                     log.warning("transaction aborted (%s); reading again from the committed offsets", exc)
-                    self._rewind()
+                    kafka.rewind_to_committed(self._consumer,
+                                              [(tp.topic, tp.partition) for tp in self._consumer.assignment()])
         finally:
             self._consumer.close()
             outbox.close()
@@ -94,13 +95,3 @@ class PublicationRelay:
         if err is not None and err.code() != KafkaError._PARTITION_EOF:
             log.warning("consume error: %s", err)
         return err is None
-
-    def _rewind(self) -> None:
-        tps = self._consumer.assignment()
-        for tp in self._consumer.committed(tps, timeout=30) if tps else []:
-            try:
-                self._consumer.seek(TopicPartition(tp.topic, tp.partition,
-                                                   tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError._STATE:
-                    raise

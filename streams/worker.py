@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from connectors import kafka
 from connectors.kafka import OutRecord
@@ -313,35 +313,13 @@ class RenderWorker:
                 metrics.REQUESTS.labels(outcome.priority, outcome.status).inc()
 
     def _rewind(self) -> None:
-        """After an aborted transaction: read again from the committed offsets and forget all local state.
-
-        A seek that fails for any reason but a partition whose fetch has not started (it starts from the committed
-        offset anyway) raises: the worker stops rather than commit past work it has forgotten.
-        """
+        """After an aborted transaction: read again from the committed offsets, then forget all local state."""
         with self._lock:
             parts = list(self._assigned)
-        for tp in self._committed_offsets([TopicPartition(t, p) for t, p in parts]):
-            try:
-                self._consumer.seek(TopicPartition(tp.topic, tp.partition,
-                                                   tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError._STATE:
-                    raise
+        kafka.rewind_to_committed(self._consumer, parts)
         with self._lock:
             self._forget(parts)
         self._needs_rewind = False
-
-    def _committed_offsets(self, tps: list[TopicPartition], timeout_s: float = 120.0) -> list[TopicPartition]:
-        """The group's committed offsets, asked again while the coordinator moves (a broker restart)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return self._consumer.committed(tps, timeout=10) if tps else []
-            except KafkaException as exc:
-                if kafka.is_fatal(exc) or time.monotonic() > deadline:
-                    raise
-                log.warning("committed offsets not available yet (%s); asking again", exc)
-                time.sleep(1.0)
 
     def _forget(self, parts: list[TP]) -> None:
         """Drops buffered and finished-but-uncommitted work of these partitions (lock held)."""

@@ -92,6 +92,19 @@ class Pipeline:
                              {self.topology.images_ready: "ImageReady", self.topology.failed: "RequestFailed"},
                              self.serde, from_beginning=from_beginning)
 
+    def wait_published(self, count: int, timeout_s: float = 60) -> None:
+        """Returns once `count` events (ImageReady or RequestFailed) are on the output topics."""
+        watch = self.follower(from_beginning=True)
+        seen = 0
+        try:
+            for _event in watch.events(idle_timeout_s=timeout_s):
+                seen += 1
+                if seen >= count:
+                    return
+        finally:
+            watch.close()
+        raise AssertionError(f"only {seen} of {count} events published within {timeout_s}s")
+
     def collect(self, request_ids: Iterable[str], timeout_s: float = 120, settle_s: float = 0.0,
                 follower: EventFollower | None = None) -> dict[str, list[tuple[str, dict]]]:
         """Every ImageReady/RequestFailed of these requests, until each has one (then `settle_s` more, to catch

@@ -38,11 +38,7 @@ def test_requests_survive_a_broker_restart(fresh_pipeline):
     first, second = [make(i) for i in range(60)], [make(i) for i in range(60, 120)]
     sub.submit(first)
     sub.flush()
-    watch = p.follower(from_beginning=True)
-    for n, _ in enumerate(watch.events(idle_timeout_s=60), 1):
-        if n >= 10:
-            break
-    watch.close()
+    p.wait_published(10)
     restart_broker()
     sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
     sub.submit(second)

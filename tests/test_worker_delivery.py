@@ -56,14 +56,7 @@ def test_sigkill_of_one_of_two_workers_mid_batch_loses_and_duplicates_nothing(fr
     # Requests flow while the kill happens: the first third now, the rest after worker-a has died.
     sub.submit(requests[:100])
     sub.flush()
-    watch = p.follower(from_beginning=True)
-    published = 0
-    for _event in watch.events(idle_timeout_s=30):
-        published += 1
-        if published >= 30:
-            break
-    watch.close()
-    assert published >= 30, "too little was published before the kill"
+    p.wait_published(30, timeout_s=30)
     p.kill("worker-a")  # SIGKILL: no revocation, no final commit, an open transaction left behind
     sub.submit(requests[100:])
     sub.flush()
@@ -92,11 +85,7 @@ def test_sigkill_of_the_processors_mid_flow_publishes_each_request_once(fresh_pi
     requests = [build_request({"prompt": f"chair {i}", "seed": i, **SMALL}) for i in range(150)]
     sub.submit(requests)
     sub.flush()
-    watch = p.follower(from_beginning=True)
-    for n, _event in enumerate(watch.events(idle_timeout_s=60), 1):
-        if n >= 20:
-            break
-    watch.close()
+    p.wait_published(20)
     p.kill("processors")  # mid-transaction: its sends and table updates of the open transaction are aborted
     p.start("processors-2", "processors", wait_ready=False)
     ids = [r["request_id"] for r in requests]

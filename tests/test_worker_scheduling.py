@@ -38,10 +38,7 @@ def test_high_priority_overtakes_a_low_backlog(fresh_pipeline):
     lows = [make("low", "low", i) for i in range(120)]
     sub.submit(lows)
     sub.flush()
-    watch = p.follower(from_beginning=True)
-    for _ in watch.events(idle_timeout_s=60):
-        break  # the backlog is being rendered
-    watch.close()
+    p.wait_published(1)  # the backlog is being rendered
     highs = [make("high", "high", i) for i in range(8)]
     sub.submit(highs)
     sub.flush()
