@@ -61,10 +61,16 @@ class TransactionalOutbox:
     Either every record and the offsets become visible to read-committed consumers, or none do.
     """
 
-    def __init__(self, base: dict[str, str], transactional_id: str, timeout_s: float = 30.0, **overrides: object):
+    def __init__(self, base: dict[str, str], transactional_id: str, timeout_s: float = 30.0,
+                 max_aborts_in_a_row: int = 5, **overrides: object):
         self._timeout = timeout_s
+        # Aborts with no commit between: past this, something is wrong that a rewind does not cure (a record the
+        # broker always refuses), and commit() raises TransactionStuck instead of letting the caller loop.
+        self._max_aborts = max_aborts_in_a_row
+        self._aborts = 0
         self._producer = producer(base, **{"transactional.id": transactional_id,
-                                           # short: a killed worker's open transaction blocks read-committed readers until it times out
+                                           # short: a killed process's open transaction blocks read-committed
+                                           # readers until it times out
                                            "transaction.timeout.ms": 10000,
                                            # a dead letter carries a whole request plus its reason
                                            "message.max.bytes": 5 * 1024 * 1024, **overrides})
@@ -72,7 +78,8 @@ class TransactionalOutbox:
 
     def commit(self, records: Sequence[OutRecord], offsets: dict[tuple[str, int], int], consumer: Consumer) -> None:
         """Raises KafkaException when the transaction did not commit; it has then been aborted, and the caller
-        must rewind to the committed offsets. Raises TransactionStuck when it could not even be aborted."""
+        must rewind to the committed offsets. Raises TransactionStuck when it could not even be aborted, or after
+        `max_aborts_in_a_row` aborts."""
         if not records and not offsets:
             return
         p = self._producer
@@ -85,9 +92,13 @@ class TransactionalOutbox:
                 self._retrying(lambda: p.send_offsets_to_transaction(tps, consumer.consumer_group_metadata(),
                                                                      self._timeout))
             self._retrying(lambda: p.commit_transaction(self._timeout))
-        except KafkaException:
+        except KafkaException as exc:
             self._abort()
+            self._aborts += 1
+            if self._aborts >= self._max_aborts:
+                raise TransactionStuck(f"{self._aborts} transactions aborted in a row; last: {exc}") from exc
             raise
+        self._aborts = 0
 
     def _retrying(self, call: Callable[[], None]) -> None:
         """Repeats a transactional call while librdkafka calls its error retriable (a coordinator moving)."""

@@ -47,7 +47,6 @@ class PublicationRelay:
         self._consumer.subscribe([self.topology.rendered])
         log.info("publishing %s -> %s in group %s", self.topology.rendered, self.topology.images_ready,
                  self.group_id)
-        aborts = 0
         try:
             while not self._stop.is_set():
                 msgs = [m for m in self._consumer.consume(self._batch, timeout=0.1) if self._usable(m)]
@@ -57,10 +56,8 @@ class PublicationRelay:
                 try:
                     with watchdog:
                         outbox.commit(records, offsets, self._consumer)
-                    aborts = 0
                 except KafkaException as exc:
-                    aborts += 1
-                    if kafka.is_fatal(exc) or aborts >= 5:
+                    if kafka.is_fatal(exc):
                         raise
                     log.warning("transaction aborted (%s); reading again from the committed offsets", exc)
                     kafka.rewind_to_committed(self._consumer,

@@ -25,8 +25,8 @@ from processors.requests import InvalidRequest, Limits, settings_of, validate
 from processors.scheduler import Scheduler, SchedulerConfig
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams import metrics
-from streams.rendering import Admitted, BatchRenderer, RenderStage
 from streams.failures import FailureRecords
+from streams.rendering import Admitted, BatchRenderer, RenderStage
 from streams.settings import Settings
 from streams.supervise import Watchdog
 
@@ -41,10 +41,6 @@ class Outcome(NamedTuple):
     records: list[OutRecord]
     priority: str
     status: str | None  # None: not this worker's to count (another pool's request)
-
-# Aborts that follow each other without a commit between: past this, something is wrong that a rewind
-# does not cure (a record the broker always refuses), and the worker stops loudly instead of looping.
-MAX_ABORTS_IN_A_ROW = 5
 
 
 class RenderWorker:
@@ -78,7 +74,6 @@ class RenderWorker:
         self._failure_records = FailureRecords(self.topology, serde, stage=f"worker:{settings.pool}")
         self._stop = threading.Event()
         self._needs_rewind = False
-        self._aborts_in_a_row = 0
         self.group_id = f"{settings.topic_prefix}-render-{settings.pool}"
         self._stage = RenderStage(
             renderer=renderer, store=store, encode_rendered=lambda v: serde.encode("ImageRendered", v,
@@ -298,15 +293,13 @@ class RenderWorker:
                 self._outbox.commit(records, offsets, self._consumer)
         except KafkaException as exc:
             metrics.ERRORS.labels("transaction").inc()
-            self._aborts_in_a_row += 1
-            if kafka.is_fatal(exc) or self._aborts_in_a_row >= MAX_ABORTS_IN_A_ROW:
+            if kafka.is_fatal(exc):
                 raise
             log.warning("transaction aborted (%s); rewinding to the committed offsets", exc)
             # Rewound by the main loop, never inside a rebalance callback (consume() may still hand out
             # records fetched before the seek).
             self._needs_rewind = True
             return
-        self._aborts_in_a_row = 0
         self._committed.update(offsets)
         for outcome in results:  # counted once committed: a request redone after an abort counts once
             if outcome.status is not None:
