@@ -86,26 +86,20 @@ def run_demo(s: Settings, examples: Path, out_dir: Path, timeout_s: float) -> in
 
 def _wait(follower: EventFollower, wanted: dict[str, dict], t0: float, timeout_s: float,
           procs: list[subprocess.Popen]) -> dict[str, tuple[str, dict, float]]:
+    """Outcomes of the wanted requests, printed as they arrive, until all are in, time is up or a child died."""
     outcomes: dict[str, tuple[str, dict, float]] = {}
     deadline = time.monotonic() + timeout_s
-    for name, value, _raw in follower.events(idle_timeout_s=5.0):
-        if time.monotonic() > deadline:
-            break
-        if value is not None and value.get("request_id") in wanted and value["request_id"] not in outcomes:
-            seconds = time.monotonic() - t0
-            outcomes[value["request_id"]] = (name, value, seconds)
-            prio = wanted[value["request_id"]]["priority"].lower()
-            word = "ready " if name == "ImageReady" else "FAILED"
-            click.echo(f"  [{len(outcomes):2}/{len(wanted)}] {word} {prio:6} {value['request_id']}  "
-                       f"after {seconds:5.1f}s")
-        if len(outcomes) == len(wanted):
-            break
-    if len(outcomes) < len(wanted) and time.monotonic() < deadline:
-        # idle for a while: keep waiting unless a child died
-        if all(p.poll() is None for p in procs):
-            more = _wait(follower, {k: v for k, v in wanted.items() if k not in outcomes}, t0,
-                         deadline - time.monotonic(), procs)
-            outcomes.update(more)
+    while len(outcomes) < len(wanted) and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        for name, value, _raw in follower.events(idle_timeout_s=5.0):  # ends after 5 idle seconds
+            rid = value.get("request_id") if value is not None else None
+            if rid in wanted and rid not in outcomes:
+                seconds = time.monotonic() - t0
+                outcomes[rid] = (name, value, seconds)
+                word = "ready " if name == "ImageReady" else "FAILED"
+                click.echo(f"  [{len(outcomes):2}/{len(wanted)}] {word} {wanted[rid]['priority'].lower():6} {rid}  "
+                           f"after {seconds:5.1f}s")
+            if len(outcomes) == len(wanted) or time.monotonic() > deadline:
+                break
     return outcomes
 
 
