@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from bench.simulated import MemoryStore, SimulatedRenderer
-from connectors.kafka import TopicWanted, apply_topics, group_lag
+from connectors.kafka_admin import TopicWanted, apply_topics, group_lag
 from schemas.serde import AvroSerde
 from streams.settings import Settings
 from streams.submit import Submitter, build_request

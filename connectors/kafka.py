@@ -1,4 +1,4 @@
-"""Thin confluent-kafka wrappers: configured clients, topic administration, a transactional outbox.
+"""Thin confluent-kafka wrappers: configured clients and the one transactional step every processor uses.
 
 They carry records and offsets; every decision about what to produce lives in the caller.
 """
@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic, ResourceType
 
 log = logging.getLogger(__name__)
 
@@ -161,118 +160,3 @@ def rewind_to_committed(consumer: Consumer, partitions: Sequence[tuple[str, int]
 def is_fatal(exc: KafkaException) -> bool:
     err = exc.args[0] if exc.args else None
     return isinstance(err, KafkaError) and err.fatal()
-
-
-# ---------------------------------------------------------------- administration
-
-
-@dataclass(frozen=True)
-class TopicWanted:
-    name: str
-    partitions: int
-    config: dict[str, str]
-
-
-@dataclass
-class TopicReport:
-    created: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
-    drift: list[str] = field(default_factory=list)  # differences that apply cannot or will not fix
-
-
-def apply_topics(base: dict[str, str], wanted: Iterable[TopicWanted], *, fix: bool = True,
-                 timeout_s: float = 30.0) -> TopicReport:
-    """Creates missing topics, raises partition counts and sets configs that differ; reports the rest as drift.
-
-    Partitions are never removed (Kafka cannot); a topic with more partitions than declared is drift.
-    """
-    admin = AdminClient(dict(base))
-    wanted = list(wanted)
-    meta = admin.list_topics(timeout=timeout_s)
-    report = TopicReport()
-    to_create = [w for w in wanted if w.name not in meta.topics]
-    if to_create and fix:
-        futures = admin.create_topics(
-            [NewTopic(w.name, w.partitions, 1, config=dict(w.config)) for w in to_create], request_timeout=timeout_s)
-        for name, fut in futures.items():
-            try:
-                fut.result()
-                report.created.append(name)
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise
-                report.unchanged.append(name)
-    elif to_create:
-        report.drift += [f"{w.name}: missing" for w in to_create]
-
-    existing = [w for w in wanted if w.name in meta.topics]
-    if not existing:
-        return report
-    resources = [ConfigResource(ResourceType.TOPIC, w.name) for w in existing]
-    described = {r.name: f.result() for r, f in admin.describe_configs(resources, request_timeout=timeout_s).items()}
-    for w in existing:
-        have_parts = len(meta.topics[w.name].partitions)
-        changes: list[str] = []
-        if have_parts < w.partitions:
-            changes.append(f"partitions {have_parts} -> {w.partitions}")
-            if fix:
-                admin.create_partitions([NewPartitions(w.name, w.partitions)])[w.name].result()
-        elif have_parts > w.partitions:
-            report.drift.append(f"{w.name}: has {have_parts} partitions, declared {w.partitions} (cannot shrink)")
-        current = described[w.name]
-        differing = {k: v for k, v in w.config.items() if k not in current or current[k].value != v}
-        if differing:
-            changes.append(", ".join(f"{k}={current[k].value if k in current else '?'} -> {v}"
-                                     for k, v in differing.items()))
-            if fix:
-                _set_configs(admin, w.name, differing, timeout_s)
-        if changes and fix:
-            report.updated.append(f"{w.name}: {'; '.join(changes)}")
-        elif changes:
-            report.drift.append(f"{w.name}: {'; '.join(changes)}")
-        else:
-            report.unchanged.append(w.name)
-    return report
-
-
-def _set_configs(admin: AdminClient, topic: str, values: dict[str, str], timeout_s: float) -> None:
-    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry
-
-    entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in values.items()]
-    res = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=entries)
-    for fut in admin.incremental_alter_configs([res], request_timeout=timeout_s).values():
-        fut.result()
-
-
-def wait_for_broker(base: dict[str, str], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            AdminClient(dict(base)).list_topics(timeout=2)
-            return
-        except KafkaException as exc:
-            last = exc
-            time.sleep(0.5)
-    raise RuntimeError(f"Kafka at {base.get('bootstrap.servers')} did not answer within {timeout_s:.0f}s: {last}")
-
-
-def group_lag(base: dict[str, str], group_id: str, topics: Sequence[str], timeout_s: float = 10.0) -> dict[str, int]:
-    """Per topic: end offset minus the group's committed offset (what the group still has to read)."""
-    c = Consumer({**base, "group.id": group_id, "enable.auto.commit": False})
-    try:
-        meta = c.list_topics(timeout=timeout_s)
-        tps = [TopicPartition(t, p) for t in topics if t in meta.topics for p in meta.topics[t].partitions]
-        committed = c.committed(tps, timeout=timeout_s) if tps else []
-        lag: dict[str, int] = {t: 0 for t in topics}
-        for tp in committed:
-            low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout_s)
-            start = tp.offset if tp.offset >= 0 else low
-            lag[tp.topic] += max(0, high - start)
-        return lag
-    finally:
-        c.close()
-
-
-OnAssign = Callable[[Consumer, list[TopicPartition]], None]

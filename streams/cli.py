@@ -71,7 +71,7 @@ def topics() -> None:
 @click.option("--check", is_flag=True, help="Report drift only; change nothing (exit 1 on drift).")
 def topics_apply(check: bool) -> None:
     """Create missing topics and fix partition counts and configs (idempotent)."""
-    from connectors.kafka import TopicWanted, apply_topics, wait_for_broker
+    from connectors.kafka_admin import TopicWanted, apply_topics, wait_for_broker
 
     s = _settings()
     wait_for_broker(s.kafka_config())

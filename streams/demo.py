@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from connectors.kafka import TopicWanted, apply_topics, wait_for_broker
+from connectors.kafka_admin import TopicWanted, apply_topics, wait_for_broker
 from connectors.storage import open_object_store
 from schemas.serde import AvroSerde
 from streams.settings import Settings

@@ -12,7 +12,7 @@ from typing import Iterable
 
 from confluent_kafka import Producer
 
-from connectors.kafka import TopicWanted, apply_topics
+from connectors.kafka_admin import TopicWanted, apply_topics
 from schemas.serde import AvroSerde
 from streams.settings import Settings
 from streams.tail import EventFollower
