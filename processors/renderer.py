@@ -14,7 +14,6 @@ import functools
 import gc
 import importlib.util
 import logging
-import math
 import os
 import re
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from processors.model_identity import config_fingerprint, folder_fingerprint, hub_commit
+from processors.render_settings import RenderSettings  # re-exported: the adapter's callers import it from here
 from processors.tiny_model import build_tiny_pipeline_dir
 
 log = logging.getLogger(__name__)
@@ -174,22 +174,6 @@ class RenderItem:
             raise TypeError(f"negative_prompt must be a str or None, got {type(self.negative_prompt).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
-
-
-@dataclass(frozen=True)
-class RenderSettings:
-    width: int = 1024
-    height: int = 1024
-    steps: int = 8
-    guidance: float = 0.0  # Z-Image-Turbo is distilled for 0 (no classifier-free guidance)
-
-    def __post_init__(self) -> None:
-        for name in ("width", "height", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not math.isfinite(self.guidance) or self.guidance < 0:
-            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
 
 
 def batch_key_extra(item: RenderItem, settings: RenderSettings) -> tuple:

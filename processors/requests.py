@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from processors.renderer import RenderSettings
+from processors.render_settings import RenderSettings
 
 PRIORITY_NAMES = {"HIGH": "high", "NORMAL": "normal", "LOW": "low"}
 MAX_SEED = 2**63 - 1
