@@ -19,7 +19,6 @@ from typing import Callable, Iterator
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 PRIORITY_LEVEL: dict[str, int] = {p: level for level, p in enumerate(PRIORITIES)}  # 0 is the most urgent
-BATCH_REASONS = ("full", "timeout", "flush")
 
 
 @dataclass(frozen=True)

@@ -4,25 +4,40 @@ Pure logic: no threads, no I/O; the caller passes `now` (monotonic seconds) to e
 
 Choosing the class (`Scheduler.next_batch`), among the classes that hold requests:
 
-1. Minimum share. Over a sliding window of the last `share_window` served images (sum of `cost`), a non-empty
-   class `c` with `min_share[c] > 0` is *owed* when its share of the window is below `min_share[c]`. If any
-   class is owed, the one furthest below its share (smallest share / min_share; the more urgent class on a tie)
-   is served. An empty window owes nothing. Only `normal` and `low` may have a minimum share: `high` never
-   needs one. So with a steady `high` load that alone saturates the renderer, `low` still receives about
-   `min_share["low"]` of the rendered images; with no lower load, `high` gets everything.
+1. Minimum share, owed only after sustained contention. Each class `c` with `min_share[c] > 0` (only `normal`
+   and `low` may have one; `high` needs none) keeps a deficit counter, in images, over its current *period of
+   contention*: the consecutive batch cuts at which `c` and at least one other class were both buffered. At
+   each such cut the counter gains `min_share[c]` times the images of the batch and loses the images of `c`
+   that the batch holds, as in deficit round robin; it never falls below `-max_batch_size`, so a surplus
+   (from aging, or from riding in other classes' batches) counts for one batch's worth of images at most. The period, and
+   the counter with it, ends when `c`'s buffer empties or a batch is cut while `c` is the only buffered class.
+   A class is *owed* when its counter is positive (below its share over the period) and its period began at
+   least `share_patience_s` ago. If any class is owed, the one with the largest counter / min_share is
+   served (the more urgent class on a tie). So with a steady `high` load that alone saturates the renderer
+   and a lasting `low` backlog, `low` receives `min_share["low"]` of the images in the long run (the counter
+   stays bounded); with no lower load `high` gets everything; and a class whose requests arrive into its empty
+   buffer together with or after more urgent ones is owed nothing for `share_patience_s`, whatever was served
+   before.
 2. Otherwise, priority with aging. The head (oldest request) of each class has an effective level: its class
    level (high 0, normal 1, low 2) minus one for every full `aging_s` it has waited, never below 0. The class
    whose head has the lowest effective level is served; on a tie the originally more urgent class wins. Aging
-   can thus lift a waiting `low` request past fresh `normal` ones, but never past a `high` request: a `high`
-   request arriving behind any backlog is served in the very next batch, or in the one after when that next
-   batch is owed to a lower class by rule 1.
+   can thus lift a waiting `low` request past fresh `normal` ones, but never past a `high` request.
+
+Requests still in Kafka (`Scheduler.set_unfetched`): the caller reports, per class, whether records of it are
+waiting unfetched (lag not yet read, or not yet known after an assignment). While a class `u` has been reported
+waiting for less than `fetch_wait_s`, a batch headed by a less urgent class that a fresh `u` request would go
+ahead of (its head's effective level is not below `u`'s level) does not start, unless that class is owed its
+share by rule 1. The hold ends when `u` is reported no longer waiting, or `fetch_wait_s` after `u` was first
+reported waiting: a slow or stuck partition cannot block the lower classes for good. Requests of `u` offered
+meanwhile are chosen by rules 1 and 2 as usual. A batch headed by `u` or a more urgent class is never held,
+and still takes same-key requests of lower classes (see `processors.batching`).
 
 When to send (a Triton-like maximum queue delay): the batch of the chosen class is cut (see
 `processors.batching`) and returned only when it is full (the size is reached, or a same-key request was left
-over), or its head has waited at least `max_wait_s`, or the caller flushes. Otherwise `next_batch` returns None
-and does not fall back to another class: the renderer stays idle at most `max_wait_s` rather than start a
-lower-priority batch while a more urgent one is filling. `time_until_ready` tells the render thread how long it
-may sleep.
+over), or its head has waited at least `max_wait_s`, or the caller flushes, and it is not held for unfetched
+requests (a flush does not override that hold). Otherwise `next_batch` returns None and does not fall back to
+another class: the renderer stays idle at most `max_wait_s` rather than start a lower-priority batch while a
+more urgent one is filling. `time_until_ready` tells the render thread how long it may sleep.
 
 Deadlines are not considered when choosing: call `expire(now)` before `next_batch` and fail what it returns.
 """
@@ -31,11 +46,13 @@ from __future__ import annotations
 import heapq
 import math
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 from processors.batching import PRIORITIES, PRIORITY_LEVEL, Batch, BatchBuffer, BatchPlan, Pending
+
+# Counters are sums of float products (0.1 * 4 ...): a residue this small is rounding, not an image owed.
+_DEFICIT_EPSILON = 1e-9
 
 
 def _default_min_share() -> dict[str, float]:
@@ -49,7 +66,8 @@ class SchedulerConfig:
     capacity_per_priority: int | Mapping[str, int] = 1000  # buffered requests per class
     min_share: Mapping[str, float] = field(default_factory=_default_min_share)
     aging_s: float | None = None  # None: no aging
-    share_window: int = 256  # images over which min_share is measured
+    share_patience_s: float = 2.0  # contention a class must have lasted before its share is owed
+    fetch_wait_s: float = 0.5  # longest a lower class is held for a more urgent class's unfetched records
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
@@ -74,8 +92,10 @@ class SchedulerConfig:
             raise ValueError(f"min_share must sum to less than 1, got {dict(self.min_share)}")
         if self.aging_s is not None and (not _is_real(self.aging_s) or self.aging_s <= 0):
             raise ValueError(f"aging_s must be None or a finite number > 0, got {self.aging_s!r}")
-        if not _is_int(self.share_window) or self.share_window < 1:
-            raise ValueError(f"share_window must be an int >= 1, got {self.share_window!r}")
+        if not _is_real(self.share_patience_s) or self.share_patience_s < 0:
+            raise ValueError(f"share_patience_s must be a finite number >= 0, got {self.share_patience_s!r}")
+        if not _is_real(self.fetch_wait_s) or self.fetch_wait_s < 0:
+            raise ValueError(f"fetch_wait_s must be a finite number >= 0, got {self.fetch_wait_s!r}")
 
     def capacity(self, priority: str) -> int:
         if isinstance(self.capacity_per_priority, Mapping):
@@ -91,32 +111,59 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class ShareWindow:
-    """Images served per class over the last `size` images."""
+class ShareLedger:
+    """Deficit counters of the classes with a minimum share, over their periods of contention (rule 1)."""
 
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._entries: deque[tuple[str, int]] = deque()
-        self._units = {p: 0 for p in PRIORITIES}
-        self._total = 0
+    def __init__(self, min_share: Mapping[str, float], floor: float, patience_s: float) -> None:
+        self._share = {p: s for p, s in min_share.items() if s > 0}
+        self._floor = floor
+        self._patience_s = patience_s
+        self._deficit = {p: 0.0 for p in self._share}
+        self._since: dict[str, float] = {}  # class -> when its current period of contention began
 
-    def record(self, priority: str, units: int) -> None:
-        self._entries.append((priority, units))
-        self._units[priority] += units
-        self._total += units
-        while self._total > self._size and len(self._entries) > 1:
-            old_priority, old_units = self._entries.popleft()
-            self._units[old_priority] -= old_units
-            self._total -= old_units
+    def record_cut(self, buffered: set[str], served_units: Mapping[str, int], now: float) -> None:
+        """Accounts for a batch of `served_units` images per class, cut while `buffered` classes held requests."""
+        total = sum(served_units.values())
+        for priority, share in self._share.items():
+            if priority not in buffered or len(buffered) == 1:
+                self.end(priority)
+                continue
+            self._since.setdefault(priority, now)
+            self._deficit[priority] = max(self._floor,
+                                          self._deficit[priority] + share * total - served_units.get(priority, 0))
 
-    def shares(self) -> dict[str, float]:
-        if self._total == 0:
-            return {p: 0.0 for p in PRIORITIES}
-        return {p: units / self._total for p, units in self._units.items()}
+    def end(self, priority: str) -> None:
+        """Ends the class's period of contention (its buffer emptied, or it was alone)."""
+        if priority in self._share:
+            self._deficit[priority] = 0.0
+            self._since.pop(priority, None)
 
-    @property
-    def empty(self) -> bool:
-        return self._total == 0
+    def owed(self, buffered: Iterable[str], now: float) -> str | None:
+        """The buffered class owed its share the most, or None."""
+        owed = [(-self._deficit[p] / self._share[p], PRIORITY_LEVEL[p], p)
+                for p in buffered if p in self._share and self._is_owed(p, now)]
+        return min(owed)[2] if owed else None
+
+    def next_owed_at(self, now: float) -> float | None:
+        """The earliest time after `now` at which a class below its share becomes owed by patience alone."""
+        times = [self._since[p] + self._patience_s for p in self._since
+                 if self._deficit[p] > _DEFICIT_EPSILON and self._since[p] + self._patience_s > now]
+        return min(times, default=None)
+
+    def deficits(self) -> dict[str, float]:
+        return dict(self._deficit)
+
+    def _is_owed(self, priority: str, now: float) -> bool:
+        since = self._since.get(priority)
+        return (since is not None and self._deficit[priority] > _DEFICIT_EPSILON
+                and now - since >= self._patience_s)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    priority: str
+    plan: BatchPlan
+    held_until: float | None  # while now < held_until the batch waits for a more urgent class's unfetched records
 
 
 class Scheduler:
@@ -127,7 +174,9 @@ class Scheduler:
         self._new_batch_id = new_batch_id or (lambda: uuid.uuid4().hex)
         self._buffer = BatchBuffer()
         self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, seq); stale entries skipped
-        self._window = ShareWindow(config.share_window)
+        self._ledger = ShareLedger(config.min_share, floor=-config.max_batch_size,
+                                   patience_s=config.share_patience_s)
+        self._unfetched_since: dict[str, float] = {}  # class -> when its unfetched records were first reported
         self._served = {p: 0 for p in PRIORITIES}
 
     # ---- buffer -----------------------------------------------------------------------------------------
@@ -142,8 +191,7 @@ class Scheduler:
         return True
 
     def has_room(self, priority: str) -> bool:
-        if priority not in PRIORITY_LEVEL:
-            raise ValueError(f"unknown priority {priority!r}; expected one of {PRIORITIES}")
+        _check_priority(priority)
         return self._buffer.count(priority) < self.config.capacity(priority)
 
     def queue_lengths(self) -> dict[str, int]:
@@ -159,6 +207,7 @@ class Scheduler:
             _, seq = heapq.heappop(self._deadlines)
             if seq in self._buffer:
                 expired.append(self._buffer.remove(seq))
+        self._end_emptied()
         return expired
 
     def drop_partitions(self, partitions: Iterable[tuple[str, int]]) -> list[Pending]:
@@ -166,20 +215,36 @@ class Scheduler:
         revoked = set(partitions)
         dropped = self._buffer.remove_where(lambda item: item.partition in revoked)
         self._compact_deadlines()
+        self._end_emptied()
         return dropped
 
     def clear(self) -> list[Pending]:
         """Removes and returns every buffered request (the consumer is being rewound)."""
         self._deadlines.clear()
-        return self._buffer.remove_where(lambda item: True)
+        cleared = self._buffer.remove_where(lambda item: True)
+        self._end_emptied()
+        return cleared
+
+    def set_unfetched(self, priority: str, waiting: bool, now: float) -> None:
+        """Whether records of `priority` wait in Kafka, not yet fetched (or not yet known, after an assignment).
+
+        The hold this puts on less urgent classes lasts at most `fetch_wait_s` from the first report of a run
+        of `waiting=True` reports; repeating `True` does not extend it, and `False` ends it.
+        """
+        _check_priority(priority)
+        if not waiting:
+            self._unfetched_since.pop(priority, None)
+        else:
+            self._unfetched_since.setdefault(priority, now)
 
     # ---- serving ----------------------------------------------------------------------------------------
 
     def next_batch(self, now: float, flush: bool = False) -> Batch | None:
         """The next batch to render, or None when nothing is buffered or the chosen batch should still wait."""
-        plan = self._plan(now)
-        if plan is None:
+        choice = self._choose(now)
+        if choice is None or choice.held_until is not None:
             return None
+        plan = choice.plan
         if plan.full:
             reason = "full"
         elif now - plan.head.enqueued_at >= self.config.max_wait_s:
@@ -188,64 +253,88 @@ class Scheduler:
             reason = "flush"
         else:
             return None
+        buffered = self._buffered()
         items = self._buffer.take(plan)
         self._compact_deadlines()
         served_units = {p: 0 for p in PRIORITIES}
         for item in items:
             served_units[item.priority] += item.cost
             self._served[item.priority] += 1
-        for priority, units in served_units.items():
-            if units:
-                self._window.record(priority, units)
+        self._ledger.record_cut(buffered, served_units, now)
+        self._end_emptied()
         return Batch(id=self._new_batch_id(), key=plan.key, items=items, formed_at=now, reason=reason)
 
     def time_until_ready(self, now: float) -> float | None:
         """Seconds until `next_batch` may return a batch: 0 if now, None if nothing is buffered.
 
-        May be earlier than needed (an aging step that changes nothing), never later, unless requests arrive.
+        May be earlier than needed (an aging step or a share that changes nothing), never later, unless
+        requests arrive or `set_unfetched` is called.
         """
-        plan = self._plan(now)
-        if plan is None:
+        choice = self._choose(now)
+        if choice is None:
             return None
-        if plan.full:
-            return 0.0
-        wait = max(0.0, self.config.max_wait_s - (now - plan.head.enqueued_at))
-        if wait == 0.0 or self.config.aging_s is None:
+        head = choice.plan.head
+        wait = 0.0 if choice.plan.full else max(0.0, self.config.max_wait_s - (now - head.enqueued_at))
+        if choice.held_until is not None:
+            wait = max(wait, choice.held_until - now)
+        if wait == 0.0:
             return wait
-        # A head stepping up a level can change the chosen class.
-        for priority in PRIORITIES:
-            head = self._buffer.head(priority)
-            if head is not None and priority != plan.head.priority and self._level(head, now) > 0:
-                waited = max(0.0, now - head.enqueued_at)
-                wait = min(wait, self.config.aging_s - math.fmod(waited, self.config.aging_s))
+        # A class becoming owed can change the chosen class.
+        owed_at = self._ledger.next_owed_at(now)
+        if owed_at is not None:
+            wait = min(wait, owed_at - now)
+        if self.config.aging_s is not None:
+            # A head stepping up a level can change the chosen class, or lift the chosen one out of a hold.
+            for priority in PRIORITIES:
+                other = self._buffer.head(priority)
+                if other is None or self._level(other, now) == 0:
+                    continue
+                if priority != choice.priority or choice.held_until is not None:
+                    waited = max(0.0, now - other.enqueued_at)
+                    wait = min(wait, self.config.aging_s - math.fmod(waited, self.config.aging_s))
         return wait
 
     def served_counts(self) -> dict[str, int]:
-        """Requests served per class since start (all time, not the share window)."""
+        """Requests served per class since start."""
         return dict(self._served)
 
-    def window_shares(self) -> dict[str, float]:
-        """Share of the images served per class over the share window (what min_share is checked against)."""
-        return self._window.shares()
+    def share_deficits(self) -> dict[str, float]:
+        """Images owed per class with a minimum share over its current period of contention (rule 1)."""
+        return self._ledger.deficits()
 
     def choose_class(self, now: float) -> str | None:
-        """The class that the next batch will be headed by (module docstring); None if nothing is buffered."""
-        non_empty = [p for p in PRIORITIES if self._buffer.count(p)]
-        if not non_empty:
+        """The class whose batch goes next by rules 1 and 2 (the batch may still be held for unfetched
+        requests, or wait to fill); None if nothing is buffered."""
+        buffered = self._buffered()
+        if not buffered:
             return None
-        owed = self._owed(non_empty)
+        owed = self._ledger.owed(buffered, now)
         if owed is not None:
             return owed
-        return min(non_empty, key=lambda p: (self._level(self._buffer.head(p), now), PRIORITY_LEVEL[p]))
+        return min(buffered, key=lambda p: (self._level(self._buffer.head(p), now), PRIORITY_LEVEL[p]))
 
-    def _owed(self, non_empty: list[str]) -> str | None:
-        if self._window.empty:
+    def _choose(self, now: float) -> _Choice | None:
+        priority = self.choose_class(now)
+        if priority is None:
             return None
-        shares = self._window.shares()
-        owed = [(shares[p] / self.config.min_share[p], PRIORITY_LEVEL[p], p)
-                for p in non_empty
-                if self.config.min_share.get(p, 0) > 0 and shares[p] < self.config.min_share[p]]
-        return min(owed)[2] if owed else None
+        plan = self._buffer.plan(priority, self.config.max_batch_size)
+        assert plan is not None
+        held_until = None
+        if self._ledger.owed([priority], now) is None:
+            level = self._level(plan.head, now)
+            holds = [since + self.config.fetch_wait_s for waiting, since in self._unfetched_since.items()
+                     if PRIORITY_LEVEL[waiting] < PRIORITY_LEVEL[priority] and level >= PRIORITY_LEVEL[waiting]
+                     and since + self.config.fetch_wait_s > now]
+            held_until = max(holds, default=None)
+        return _Choice(priority, plan, held_until)
+
+    def _buffered(self) -> set[str]:
+        return {p for p in PRIORITIES if self._buffer.count(p)}
+
+    def _end_emptied(self) -> None:
+        for priority in PRIORITIES:
+            if not self._buffer.count(priority):
+                self._ledger.end(priority)
 
     def _level(self, head: Pending | None, now: float) -> int:
         assert head is not None
@@ -262,8 +351,7 @@ class Scheduler:
             self._deadlines = [entry for entry in self._deadlines if entry[1] in self._buffer]
             heapq.heapify(self._deadlines)
 
-    def _plan(self, now: float) -> BatchPlan | None:
-        priority = self.choose_class(now)
-        if priority is None:
-            return None
-        return self._buffer.plan(priority, self.config.max_batch_size)
+
+def _check_priority(priority: str) -> None:
+    if priority not in PRIORITY_LEVEL:
+        raise ValueError(f"unknown priority {priority!r}; expected one of {PRIORITIES}")

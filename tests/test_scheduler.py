@@ -34,7 +34,8 @@ def ids(batch) -> list[str]:
     dict(max_batch_size=0), dict(max_batch_size=2.5), dict(max_wait_s=-1), dict(max_wait_s=float("nan")),
     dict(capacity_per_priority=0), dict(capacity_per_priority={"high": 10, "normal": 10}),
     dict(min_share={"high": 0.1}), dict(min_share={"low": 1.0}), dict(min_share={"normal": 0.6, "low": 0.5}),
-    dict(aging_s=0), dict(share_window=0),
+    dict(aging_s=0), dict(share_patience_s=-1), dict(share_patience_s=float("inf")), dict(share_patience_s=True),
+    dict(fetch_wait_s=-0.5), dict(fetch_wait_s=float("nan")), dict(fetch_wait_s="0.5"),
 ])
 def test_config_rejects_invalid_values(overrides):
     with pytest.raises(ValueError):
@@ -96,7 +97,7 @@ def simulate_saturating_high(s: Scheduler, batches: int, lower: tuple[str, ...])
 
 
 def test_min_share_gives_low_its_share_under_a_saturating_high_load():
-    s = make(max_batch_size=4, min_share={"low": 0.1}, share_window=200)
+    s = make(max_batch_size=4, min_share={"low": 0.1}, share_patience_s=2.0)
     served = simulate_saturating_high(s, batches=3000, lower=("low",))
     total = sum(served.values())
     assert served["low"] / total >= 0.1 - 0.01
@@ -104,12 +105,19 @@ def test_min_share_gives_low_its_share_under_a_saturating_high_load():
 
 
 def test_min_share_for_normal_and_low_together():
-    s = make(max_batch_size=4, min_share={"normal": 0.2, "low": 0.1}, share_window=200)
+    s = make(max_batch_size=4, min_share={"normal": 0.2, "low": 0.1}, share_patience_s=2.0)
     served = simulate_saturating_high(s, batches=3000, lower=("normal", "low"))
     total = sum(served.values())
-    assert served["normal"] / total >= 0.2 - 0.01
-    assert served["low"] / total >= 0.1 - 0.01
-    assert abs(s.window_shares()["low"] - 0.1) < 0.05
+    assert abs(served["normal"] / total - 0.2) < 0.01
+    assert abs(served["low"] / total - 0.1) < 0.01
+    # the counters stay bounded: neither class is carried far above or below its share
+    assert all(-4 <= deficit <= 4 for deficit in s.share_deficits().values())
+
+
+def test_patience_delays_the_share_but_does_not_reduce_it():
+    impatient = simulate_saturating_high(make(min_share={"low": 0.1}, share_patience_s=0), 1000, ("low",))
+    patient = simulate_saturating_high(make(min_share={"low": 0.1}, share_patience_s=30.0), 1000, ("low",))
+    assert abs(impatient["low"] - patient["low"]) <= 8  # 30 batches of patience are paid back in full
 
 
 def test_without_min_share_low_starves_under_a_saturating_high_load():
@@ -139,16 +147,48 @@ def test_high_behind_a_backlog_of_ten_thousand_low_is_served_next():
     assert ids(batch) == ["h2"] and batch.reason == "timeout"
 
 
-def test_high_waits_one_batch_when_low_is_owed_its_share():
-    s = make(max_batch_size=2, max_wait_s=0, min_share={"low": 0.1}, share_window=20)
+def test_low_arriving_after_a_window_of_highs_waits_out_its_patience():
+    s = make(max_batch_size=2, max_wait_s=0, min_share={"low": 0.1}, share_patience_s=2.0)
     for i in range(40):
         s.offer(req(f"h{i}", "high"))
     for _ in range(10):
-        s.next_batch(0.0)  # 20 high images: the window holds no low
+        s.next_batch(0.0)  # 20 high images and no low: nothing is owed for them
     for i in range(100):
+        s.offer(req(f"l{i}", "low", key=OTHER_KEY, at=1.0))
+    for now in (1.0, 1.4, 1.8, 2.2, 2.6):  # contention began at 1.0: low is below its share, not yet owed
+        assert s.next_batch(now).items[0].priority == "high"
+    assert s.share_deficits()["low"] == pytest.approx(1.0)
+    assert s.next_batch(3.0).items[0].priority == "low"  # below its share for 2 s of contention
+    assert s.next_batch(3.0).items[0].priority == "high"  # paid back with a surplus of 0.8 images
+
+
+def test_a_class_served_alone_ends_its_contention_and_owes_nothing_later():
+    s = make(max_batch_size=2, max_wait_s=0, min_share={"low": 0.1}, share_patience_s=1.0)
+    for i in range(30):
         s.offer(req(f"l{i}", "low", key=OTHER_KEY))
-    assert s.next_batch(1.0).items[0].priority == "low"
-    assert s.next_batch(1.0).items[0].priority == "high"
+    s.offer(req("h0", "high"))
+    assert ids(s.next_batch(0.0)) == ["h0"]  # contention: low falls below its share
+    assert s.share_deficits()["low"] > 0
+    for t in range(1, 6):
+        assert s.next_batch(float(t)).items[0].priority == "low"  # alone, it gets everything
+    assert s.share_deficits()["low"] == 0
+    for i in range(6):
+        s.offer(req(f"h{i + 1}", "high", at=10.0))
+    served = [s.next_batch(10.0 + 0.1 * step).items[0].priority for step in range(4)]
+    assert served == ["high", "high", "high", "low"]
+
+
+def test_an_owed_class_waits_for_a_filling_batch_only_until_its_patience_ends():
+    s = make(max_batch_size=2, max_wait_s=5.0, min_share={"low": 0.1}, share_patience_s=1.0)
+    for rid in ("h1", "h2"):
+        s.offer(req(rid, "high"))
+    for rid in ("l1", "l2"):
+        s.offer(req(rid, "low", key=OTHER_KEY))
+    assert ids(s.next_batch(0.0)) == ["h1", "h2"]
+    s.offer(req("h3", "high"))  # its batch would wait until 5.0 to fill...
+    assert s.next_batch(0.5) is None
+    assert s.time_until_ready(0.5) == pytest.approx(0.5)  # ...but low is owed at 1.0
+    assert ids(s.next_batch(1.0)) == ["l1", "l2"]
 
 
 # ---- forming and timing batches -------------------------------------------------------------------------------
