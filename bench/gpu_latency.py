@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: bench/gpu_latency.py needs a GPU", file=sys.stderr)
         return 2
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from diffusers import __version__ as diffusers_version
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # the cast-after-init notice is expected for random weights
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "device": torch.cuda.get_device_name(device),
             "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "diffusers": diffusers_version,
             "args": {key: str(value) for key, value in vars(args).items()},
         }
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
