@@ -23,6 +23,10 @@ from schemas.errors import UnknownSchema
 
 SCHEMA_DIR = Path(__file__).parent / "avro"
 HISTORY_DIRNAME = "history"
+# Ours nest 7 deep. fastavro's compiled parser and reader recurse on the C stack, so a schema nested thousands
+# deep crashes the process instead of raising; nothing that deep is parsed.
+MAX_SCHEMA_NESTING = 32
+PRIMITIVE_MIN_BYTES = {"null": 0, "boolean": 1, "int": 1, "long": 1, "float": 4, "double": 8, "bytes": 1, "string": 1}
 
 
 def schema_names(schema_dir: Path = SCHEMA_DIR) -> list[str]:
@@ -69,6 +73,98 @@ def strip_logical_types(schema: Any) -> Any:
     return schema
 
 
+def nesting_depth(schema: Any, limit: int = MAX_SCHEMA_NESTING) -> int:
+    """How deeply dicts and lists nest in a schema's JSON, counted without recursion; stops past `limit`."""
+    deepest, pending = 0, [(schema, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        pending.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def zero_byte_collections(schema: Any) -> list[str]:
+    """Arrays and maps whose items may encode to zero bytes (null, empty records, fixed of size 0).
+
+    A block count in such a collection is not bounded by the bytes that follow it: a count of 2**62
+    makes a reader loop for ever on a record of a few bytes. Call only on a schema within MAX_SCHEMA_NESTING."""
+    named: dict[str, Any] = {}
+    pending = [schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            if node.get("type") in ("record", "error", "enum", "fixed") and isinstance(node.get("name"), str):
+                named[node["name"]] = named[full_name(node)] = node
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+
+    def min_bytes(node: Any, visiting: frozenset[int]) -> int:
+        if isinstance(node, str):
+            if node in PRIMITIVE_MIN_BYTES:
+                return PRIMITIVE_MIN_BYTES[node]
+            node = named.get(node, named.get(short_name(node)))
+            if node is None:
+                return 1  # an unknown name fails parsing anyway
+        if isinstance(node, list) or not isinstance(node, dict) or id(node) in visiting:
+            return 1  # a union writes its branch index; a record inside itself cannot be finite
+        kind = node.get("type")
+        if kind in ("record", "error"):
+            fields = node.get("fields") if isinstance(node.get("fields"), list) else []
+            return sum(min_bytes(f.get("type") if isinstance(f, dict) else None, visiting | {id(node)})
+                       for f in fields)
+        if kind == "fixed":
+            return node.get("size") if isinstance(node.get("size"), int) else 1
+        if kind in ("enum", "array", "map"):
+            return 1
+        return min_bytes(kind, visiting)
+
+    found = []
+    pending = [schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            kind, items = node.get("type"), node.get("items", node.get("values"))
+            if kind in ("array", "map") and min_bytes(items, frozenset()) == 0:
+                found.append(f"{kind} of {json.dumps(items)[:80]}")
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return found
+
+
+def recursive_records(schema: Any) -> list[str]:
+    """Records that hold themselves, directly or through other types. A reader recurses once per level of the
+    data, and fastavro's compiled reader does so on the C stack: 50 KB of nesting crashes the process.
+    Call only on a schema within MAX_SCHEMA_NESTING."""
+    found = []
+    pending: list[tuple[Any, frozenset[str]]] = [(schema, frozenset())]
+    while pending:
+        node, enclosing = pending.pop()
+        if isinstance(node, str):
+            if node in enclosing or short_name(node) in enclosing:
+                found.append(node)
+        elif isinstance(node, list):
+            pending.extend((branch, enclosing) for branch in node)
+        elif isinstance(node, dict):
+            kind = node.get("type")
+            if kind in ("record", "error") and isinstance(node.get("name"), str):
+                inner = enclosing | {node["name"], full_name(node), short_name(node["name"])}
+                fields = node.get("fields") if isinstance(node.get("fields"), list) else []
+                pending.extend((field.get("type"), inner) for field in fields if isinstance(field, dict))
+            elif kind == "array":
+                pending.append((node.get("items"), enclosing))
+            elif kind == "map":
+                pending.append((node.get("values"), enclosing))
+            elif isinstance(kind, (dict, list)):
+                pending.append((kind, enclosing))
+    return found
+
+
 @dataclass(frozen=True)
 class WriterSchema:
     """One version of one record schema, ready for fastavro."""
@@ -84,9 +180,20 @@ class WriterSchema:
 
 
 def parse_writer_schema(schema: Any, label: str) -> WriterSchema:
-    """Parse one record schema (JSON dict) found anywhere: .avsc, registry, container-file header."""
+    """Parse one record schema (JSON dict) from an .avsc, the history folder, a registration or the registry;
+    schemas nested too deep, recursive, or with collections of zero-byte items are refused (see above)."""
     if not isinstance(schema, dict) or schema.get("type") != "record" or "name" not in schema:
         raise UnknownSchema(f"writer schema ({label}) is not an Avro record schema")
+    if nesting_depth(schema) > MAX_SCHEMA_NESTING:
+        raise UnknownSchema(f"writer schema ({label}) nests deeper than {MAX_SCHEMA_NESTING} levels")
+    spinning = zero_byte_collections(schema)
+    if spinning:
+        raise UnknownSchema(f"writer schema ({label}) has collections of zero-byte items, whose counts no data "
+                            f"bounds: {'; '.join(spinning)}")
+    recursive = recursive_records(schema)
+    if recursive:
+        raise UnknownSchema(f"writer schema ({label}) is recursive ({', '.join(sorted(set(recursive)))}): data "
+                            "nested deep enough would overflow the reader's stack")
     try:
         parsed = parse_schema(strip_logical_types(schema), named_schemas={})
         fingerprint = crc64_fingerprint(schema)

@@ -4,11 +4,13 @@ Writes Avro single-object encoding (0xC3 0x01, 8-byte little-endian CRC-64-AVRO 
 schema's Parsing Canonical Form, binary body), or the Confluent wire format (0x00, 4-byte big-endian
 schema id, binary body) when a Schema Registry is configured (subjects: see schemas.registry).
 
-Reads, whatever the configuration:
+Reads:
   1. single-object encoding, the writer schema found by fingerprint among the current schemas, the
      history folder (avro/history/) and `register_writer_schema()`;
   2. Confluent wire format, the writer schema fetched from the registry by id (cached);
-  3. Avro Object Container Files (b"Obj\\x01"): the writer schema is in the header; the first record;
+  3. Avro Object Container Files (b"Obj\\x01"), only with `accept_container_files=True`: the first record,
+     and only when the header's writer schema is one of the known versions (by fingerprint, checked before
+     that schema is parsed), with the codec null or deflate and the inflated block capped (schemas.container);
   4. a bare Avro body of the expected record, only if it decodes with the current schema, consumes
      every byte and re-encodes to the very same bytes (garbage rarely does all three).
 Data written with another version of the record is resolved into the current schema (Avro schema
@@ -31,14 +33,16 @@ from fastavro.read import SchemaResolutionError
 from fastavro.validation import ValidationError, validate
 
 from schemas.catalog import (
+    MAX_SCHEMA_NESTING,
     SCHEMA_DIR,
     SchemaCatalog,
     WriterSchema,
+    crc64_fingerprint,
     load_schema,
-    parse_writer_schema,
     schema_names,
     short_name,
 )
+from schemas.container import CONTAINER_MAGIC, MAX_DECODED_BLOCK_BYTES, first_block, read_header
 from schemas.errors import (
     IncompatibleSchema,
     InvalidRecord,
@@ -58,7 +62,6 @@ SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 SINGLE_OBJECT_HEADER_LEN = 10
 CONFLUENT_MAGIC = 0
 CONFLUENT_HEADER_LEN = 5
-CONTAINER_MAGIC = b"Obj\x01"
 
 
 class AvroSerde:
@@ -72,12 +75,18 @@ class AvroSerde:
         schema_dir: Path = SCHEMA_DIR,
         auto_register: bool = True,
         allow_bare: bool = True,
+        accept_container_files: bool = False,
+        max_container_block_bytes: int = MAX_DECODED_BLOCK_BYTES,
     ) -> None:
         self.catalog = SchemaCatalog(schema_dir)
         if registry_client is None and registry_url:
             registry_client = client_for_url(registry_url)
         self._registry = ConfluentRegistry(registry_client, auto_register=auto_register) if registry_client else None
         self._allow_bare = allow_bare
+        # Off by default: a container file names its own writer schema, so it is the one framing in which a
+        # record brings a schema nobody registered.
+        self._accept_container_files = accept_container_files
+        self._max_container_block_bytes = max_container_block_bytes
         self._single_object_headers: dict[str, bytes] = {}
 
     @property
@@ -172,25 +181,21 @@ class AvroSerde:
 
     def _decode_container(self, data: bytes, reader: WriterSchema, where: str) -> dict[str, Any]:
         framing = f"Avro container file{where}"
+        if not self._accept_container_files:
+            raise UndecodableRecord(f"{framing}: container files are not accepted here; write single-object "
+                                    "encoding or the Confluent wire format")
+        header = read_header(data, MAX_SCHEMA_NESTING, framing)
         try:
-            blocks = fastavro.block_reader(BytesIO(data))
-            header_schema = blocks.metadata["avro.schema"]
-        except Exception as exc:
-            raise UndecodableRecord(f"{framing}: unreadable header: {exc}") from exc
-        try:
-            source = json.loads(header_schema)
-        except ValueError as exc:
-            raise UndecodableRecord(f"{framing}: header schema is not JSON: {exc}") from exc
-        writer = parse_writer_schema(source, "container file")
-        writer = self.catalog.by_fingerprint(writer.fingerprint) or writer
+            fingerprint = crc64_fingerprint(json.loads(header.schema_json))
+        except Exception as exc:  # bounded and shallow by now; fastavro raises several types for a bad schema
+            raise UnknownSchema(f"{framing}: header schema does not parse: {type(exc).__name__}: {exc}") from exc
+        writer = self.catalog.by_fingerprint(fingerprint)
+        if writer is None:
+            raise UnknownSchema(f"{framing}: writer schema 0x{fingerprint:016x} is none of the known versions; "
+                                f"known: {self.catalog.describe_known()}")
         _check_name(writer, reader, framing)
-        try:
-            block = next(block for block in blocks if block.num_records > 0)
-        except StopIteration:
-            raise UndecodableRecord(f"{framing}: holds no record") from None
-        except Exception as exc:
-            raise UndecodableRecord(f"{framing}: unreadable block: {_why(exc)}") from exc
-        value, _ = _read(block.bytes_, writer, reader, framing)
+        block = first_block(data, header, framing, self._max_container_block_bytes)
+        value, _ = _read(BytesIO(block), writer, reader, framing)
         return value
 
 

@@ -190,20 +190,7 @@ def test_a_different_record_is_unknown_schema(serde: AvroSerde) -> None:
         serde.decode("GenerationRequest", data)
 
 
-# ---- container files and bare bodies ---------------------------------------------------------------
-
-@pytest.mark.parametrize("codec", ["null", "deflate"])
-def test_container_file_decodes_its_first_record_if_the_record_matches(serde: AvroSerde, codec: str) -> None:
-    second = dict(SAMPLES["GenerationRequest"], request_id="req-2")
-    buffer = io.BytesIO()
-    fastavro.writer(buffer, fastavro.parse_schema(avsc("GenerationRequest")), [SAMPLES["GenerationRequest"], second],
-                    codec=codec)
-    assert serde.decode("GenerationRequest", buffer.getvalue()) == SAMPLES["GenerationRequest"]
-    other = io.BytesIO()
-    fastavro.writer(other, fastavro.parse_schema(avsc("SkuChanged")), [SAMPLES["SkuChanged"]])
-    with pytest.raises(UnknownSchema, match="SkuChanged"):
-        serde.decode("GenerationRequest", other.getvalue())
-
+# ---- bare bodies (container files: tests/test_serde_containers.py) --------------------------------------
 
 def test_bare_body_is_accepted_only_when_exact(serde: AvroSerde) -> None:
     body = plain_body(avsc("GenerationRequest"), SAMPLES["GenerationRequest"])
