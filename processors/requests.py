@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from processors.address_guard import UnsafeCallbackUrl, check_url_at_intake
 from processors.render_settings import RenderSettings
 
 PRIORITY_NAMES = {"HIGH": "high", "NORMAL": "normal", "LOW": "low"}
@@ -32,6 +33,15 @@ class Limits:
     max_guidance: float = 30.0
     size_multiple: int = 16  # the VAE downsamples by 8 and the transformer patches by 2
     max_request_id_chars: int = 256
+    # Every field below is copied into ImageRendered, ImageReady or RequestFailed: their caps bound the size of
+    # the outputs (streams.topology sizes the output topics from them).
+    max_tenant_chars: int = 128
+    max_sku_id_chars: int = 256
+    max_metadata_entries: int = 32
+    max_metadata_bytes: int = 16384  # UTF-8 bytes of every key and value together
+    max_callback_url_chars: int = 2048
+    max_model_chars: int = 256
+    callback_allowlist: tuple[str, ...] = ()  # host names, addresses or CIDR blocks admitted as callback hosts
 
 
 def derived_seed(request_id: str) -> int:
@@ -61,49 +71,141 @@ def priority_of(request: Mapping[str, Any]) -> str:
 
 
 def validate(request: Mapping[str, Any], limits: Limits, models: tuple[str, ...] | None = None) -> None:
-    """Raises InvalidRequest for the first thing wrong; returns None for a request that may render."""
-    rid = request.get("request_id") or ""
-    if not rid.strip():
-        raise InvalidRequest("invalid_request", "request_id is empty")
-    if len(rid) > limits.max_request_id_chars:
-        raise InvalidRequest("invalid_request", f"request_id is {len(rid)} characters; at most "
-                                                f"{limits.max_request_id_chars}")
-    if not str(request.get("tenant") or "").strip():
-        raise InvalidRequest("invalid_request", "tenant is empty")
-    prompt = request.get("prompt") or ""
-    if not prompt.strip():
-        raise InvalidRequest("invalid_request", "prompt is empty")
-    for field in ("prompt", "negative_prompt"):
-        text = request.get(field) or ""
-        if len(text) > limits.max_prompt_chars:
-            raise InvalidRequest("invalid_request", f"{field} is {len(text)} characters; at most "
-                                                    f"{limits.max_prompt_chars}")
-        if "\x00" in text:
-            raise InvalidRequest("invalid_request", f"{field} contains a NUL character")
-    for field, top in (("width", limits.max_width), ("height", limits.max_height)):
-        v = request.get(field)
-        if not isinstance(v, int) or not (limits.size_multiple <= v <= top):
-            raise InvalidRequest("invalid_request", f"{field}={v!r}: must be between {limits.size_multiple} and {top}")
-        if v % limits.size_multiple:
-            raise InvalidRequest("invalid_request", f"{field}={v}: must be a multiple of {limits.size_multiple}")
-    steps = request.get("steps")
-    if not isinstance(steps, int) or not (1 <= steps <= limits.max_steps):
-        raise InvalidRequest("invalid_request", f"steps={steps!r}: must be between 1 and {limits.max_steps}")
-    guidance = request.get("guidance")
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
-            or not (0.0 <= guidance <= limits.max_guidance):
-        raise InvalidRequest("invalid_request", f"guidance={guidance!r}: must be between 0 and {limits.max_guidance}")
-    n = request.get("num_images")
-    if not isinstance(n, int) or not (1 <= n <= limits.max_images):
-        raise InvalidRequest("invalid_request", f"num_images={n!r}: must be between 1 and {limits.max_images}")
-    seed = request.get("seed")
-    if seed is not None and not (0 <= seed <= MAX_SEED):
-        raise InvalidRequest("invalid_request", f"seed={seed}: must be between 0 and {MAX_SEED}")
+    """Raises InvalidRequest for the first thing wrong, whatever the request holds; returns None for a request
+    that may render."""
+    try:
+        _check(request, limits, models)
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # a value of a type no rule foresaw: still the request's fault, never the process's
+        raise InvalidRequest("invalid_request", f"malformed request: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _invalid(reason: str) -> InvalidRequest:
+    return InvalidRequest("invalid_request", reason)
+
+
+def _check(request: Mapping[str, Any], limits: Limits, models: tuple[str, ...] | None) -> None:
+    if not isinstance(request, Mapping):
+        raise _invalid(f"a request is a record, got {type(request).__name__}")
+    _check_request_id(request.get("request_id"), limits)
+    tenant = request.get("tenant")
+    _check_text("tenant", tenant, limits.max_tenant_chars)
+    if not tenant.strip() or not tenant.isprintable():
+        raise _invalid("tenant is empty or holds control characters")
+    sku_id = request.get("sku_id")
+    if sku_id is not None:
+        _check_text("sku_id", sku_id, limits.max_sku_id_chars)
+        if _has_control(sku_id):
+            raise _invalid("sku_id contains control characters")
+    _check_prompts(request, limits)
+    _check_numbers(request, limits)
+    _check_metadata(request.get("metadata"), limits)
     url = request.get("callback_url")
     if url is not None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise InvalidRequest("invalid_request", f"callback_url {url[:200]!r}: must be an http(s) URL")
-    if models is not None and request.get("model") not in models:
-        raise InvalidRequest("unknown_model", f"model {request.get('model')!r} is not served; known: "
-                                              f"{', '.join(models)}")
+        _check_text("callback_url", url, limits.max_callback_url_chars)
+        try:
+            check_url_at_intake(url, limits.callback_allowlist)
+        except UnsafeCallbackUrl as exc:
+            raise _invalid(str(exc)) from None
+    model = request.get("model")
+    _check_text("model", model, limits.max_model_chars)
+    if models is not None and model not in models:
+        raise InvalidRequest("unknown_model", f"model {model[:100]!r} is not served; known: {', '.join(models)}")
+
+
+def _check_text(field: str, value: Any, most: int) -> None:
+    if not isinstance(value, str):
+        raise _invalid(f"{field} must be a string, got {type(value).__name__}")
+    if len(value) > most:
+        raise _invalid(f"{field} is {len(value)} characters; at most {most}")
+    if not _encodable(value):
+        raise _invalid(f"{field} is not valid Unicode text (it holds a lone surrogate)")
+
+
+def _encodable(text: str) -> bool:
+    """False for a string that no output could carry: Avro strings are UTF-8, and a lone surrogate has none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _has_control(text: str, allowed: str = "") -> bool:
+    """C0 controls, DEL and C1 controls, except those in `allowed`."""
+    return any((ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F) and c not in allowed for c in text)
+
+
+def _check_request_id(rid: Any, limits: Limits) -> None:
+    _check_text("request_id", rid, limits.max_request_id_chars)
+    if not rid:
+        raise _invalid("request_id is empty")
+    if not all("!" <= c <= "~" for c in rid):
+        raise _invalid(f"request_id {rid[:60]!r} must be printable ASCII without whitespace or control characters")
+
+
+def _check_prompts(request: Mapping[str, Any], limits: Limits) -> None:
+    for field in ("prompt", "negative_prompt"):
+        text = request.get(field)
+        if text is None and field == "negative_prompt":
+            continue
+        _check_text(field, text, limits.max_prompt_chars)
+        if "\x00" in text:
+            raise _invalid(f"{field} contains a NUL character")
+        if any(ord(c) < 0x20 and c not in "\t\n\r" for c in text):
+            raise _invalid(f"{field} contains a control character (only tab, line feed and carriage return pass)")
+    if not request["prompt"].strip():
+        raise _invalid("prompt is empty")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_numbers(request: Mapping[str, Any], limits: Limits) -> None:
+    for field, top in (("width", limits.max_width), ("height", limits.max_height)):
+        v = request.get(field)
+        if not _is_int(v) or not (limits.size_multiple <= v <= top):
+            raise _invalid(f"{field}={v!r:.40}: must be between {limits.size_multiple} and {top}")
+        if v % limits.size_multiple:
+            raise _invalid(f"{field}={v}: must be a multiple of {limits.size_multiple}")
+    steps = request.get("steps")
+    if not _is_int(steps) or not (1 <= steps <= limits.max_steps):
+        raise _invalid(f"steps={steps!r:.40}: must be between 1 and {limits.max_steps}")
+    guidance = request.get("guidance")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or not (0.0 <= guidance <= limits.max_guidance):
+        raise _invalid(f"guidance={guidance!r:.40}: must be between 0 and {limits.max_guidance}")
+    n = request.get("num_images")
+    if not _is_int(n) or not (1 <= n <= limits.max_images):
+        raise _invalid(f"num_images={n!r:.40}: must be between 1 and {limits.max_images}")
+    seed = request.get("seed")
+    if seed is not None and (not _is_int(seed) or not (0 <= seed <= MAX_SEED)):
+        raise _invalid(f"seed={seed!r:.40}: must be between 0 and {MAX_SEED}")
+    priority = request.get("priority", "NORMAL")
+    if not isinstance(priority, str) or priority not in PRIORITY_NAMES:
+        raise _invalid(f"priority {request.get('priority')!r:.40}: must be one of {', '.join(PRIORITY_NAMES)}")
+    if not _is_int(request.get("submitted_at")):
+        raise _invalid("submitted_at must be an int (milliseconds since the epoch)")
+    deadline = request.get("deadline")
+    if deadline is not None and not _is_int(deadline):
+        raise _invalid("deadline must be an int (milliseconds since the epoch) or absent")
+
+
+def _check_metadata(metadata: Any, limits: Limits) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise _invalid(f"metadata must be a map of strings, got {type(metadata).__name__}")
+    if len(metadata) > limits.max_metadata_entries:
+        raise _invalid(f"metadata has {len(metadata)} entries; at most {limits.max_metadata_entries}")
+    size = 0
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not _encodable(key) or not _encodable(value):
+            raise _invalid(f"metadata {str(key)[:40]!r}: keys and values must be valid Unicode strings")
+        if _has_control(key):
+            raise _invalid(f"metadata key {key[:40]!r} contains control characters")
+        size += len(key.encode("utf-8")) + len(value.encode("utf-8"))
+    if size > limits.max_metadata_bytes:
+        raise _invalid(f"metadata holds {size} bytes; at most {limits.max_metadata_bytes}")

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_STACK = ("torch", "diffusers", "transformers", "huggingface_hub", "accelerate", "safetensors")
 PURE_ENTRY_POINTS = ("streams.publication", "processors.requests", "processors.events", "processors.render_settings",
-                     "schemas.serde")
+                     "processors.address_guard", "schemas.serde", "schemas.container")
 
 
 def modules_loaded_by(module: str) -> set[str]:
