@@ -3,24 +3,34 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from processors.requests import priority_of
+from processors.requests import Limits, identity_of, priority_of
 
 Source = tuple[str, int, int]  # topic, partition, offset
+REASON_MAX_CHARS = 2000
+
+
+def _reason(text: str) -> str:
+    """At most REASON_MAX_CHARS, and valid UTF-8: a reason may quote the very bytes that broke a record."""
+    return text[:REASON_MAX_CHARS].encode("utf-8", "replace").decode("utf-8")
 
 
 def request_failed(*, code: str, reason: str, stage: str, source: Source, now_ms: int,
-                   request: Mapping[str, Any] | None = None, retriable: bool = False) -> dict[str, Any]:
-    request = request or {}
+                   request: Mapping[str, Any] | None = None, retriable: bool = False,
+                   limits: Limits | None = None) -> dict[str, Any]:
+    """A RequestFailed for a request that may be unknown (None: the record did not decode) or malformed: its
+    request_id, tenant and callback_url are copied only when each passes its rule under `limits` (default
+    Limits()), so the event always encodes, fits its topic and never names a refused callback URL."""
+    identity = identity_of(request, limits or Limits())
     topic, partition, offset = source
     return {
-        "request_id": request.get("request_id"),
-        "tenant": request.get("tenant"),
+        "request_id": identity["request_id"],
+        "tenant": identity["tenant"],
         "reason_code": code,
-        "reason": reason[:2000],
+        "reason": _reason(reason),
         "stage": stage,
         "retriable": retriable,
         "source": {"topic": topic, "partition": partition, "offset": offset},
-        "callback_url": request.get("callback_url"),
+        "callback_url": identity["callback_url"],
         "failed_at": now_ms,
     }
 
@@ -30,7 +40,7 @@ def dead_letter_headers(*, code: str, reason: str, stage: str, source: Source, n
     topic, partition, offset = source
     return [
         ("zimage.reason_code", code.encode()),
-        ("zimage.reason", reason[:2000].encode("utf-8", "replace")),
+        ("zimage.reason", _reason(reason).encode()),
         ("zimage.stage", stage.encode()),
         ("zimage.source.topic", topic.encode()),
         ("zimage.source.partition", str(partition).encode()),

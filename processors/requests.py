@@ -89,10 +89,7 @@ def _check(request: Mapping[str, Any], limits: Limits, models: tuple[str, ...] |
     if not isinstance(request, Mapping):
         raise _invalid(f"a request is a record, got {type(request).__name__}")
     _check_request_id(request.get("request_id"), limits)
-    tenant = request.get("tenant")
-    _check_text("tenant", tenant, limits.max_tenant_chars)
-    if not tenant.strip() or not tenant.isprintable():
-        raise _invalid("tenant is empty or holds control characters")
+    _check_tenant(request.get("tenant"), limits)
     sku_id = request.get("sku_id")
     if sku_id is not None:
         _check_text("sku_id", sku_id, limits.max_sku_id_chars)
@@ -103,15 +100,42 @@ def _check(request: Mapping[str, Any], limits: Limits, models: tuple[str, ...] |
     _check_metadata(request.get("metadata"), limits)
     url = request.get("callback_url")
     if url is not None:
-        _check_text("callback_url", url, limits.max_callback_url_chars)
-        try:
-            check_url_at_intake(url, limits.callback_allowlist)
-        except UnsafeCallbackUrl as exc:
-            raise _invalid(str(exc)) from None
+        _check_callback_url(url, limits)
     model = request.get("model")
     _check_text("model", model, limits.max_model_chars)
     if models is not None and model not in models:
         raise InvalidRequest("unknown_model", f"model {model[:100]!r} is not served; known: {', '.join(models)}")
+
+
+def identity_of(request: Any, limits: Limits) -> dict[str, str | None]:
+    """request_id, tenant and callback_url of a request that may have failed validation, each kept only when it
+    passes its own rule (None otherwise): what a RequestFailed may carry without breaking its schema, its
+    topic's size limit, or calling a refused callback URL."""
+    get = request.get if isinstance(request, Mapping) else (lambda field: None)
+    checks = (("request_id", _check_request_id), ("tenant", _check_tenant), ("callback_url", _check_callback_url))
+    identity: dict[str, str | None] = {}
+    for field, check in checks:
+        try:
+            value = get(field)
+            check(value, limits)
+        except Exception:  # the field's own rule, or a value no rule foresaw
+            value = None
+        identity[field] = value
+    return identity
+
+
+def _check_tenant(tenant: Any, limits: Limits) -> None:
+    _check_text("tenant", tenant, limits.max_tenant_chars)
+    if not tenant.strip() or not tenant.isprintable():
+        raise _invalid("tenant is empty or holds control characters")
+
+
+def _check_callback_url(url: Any, limits: Limits) -> None:
+    _check_text("callback_url", url, limits.max_callback_url_chars)
+    try:
+        check_url_at_intake(url, limits.callback_allowlist)
+    except UnsafeCallbackUrl as exc:
+        raise _invalid(str(exc)) from None
 
 
 def _check_text(field: str, value: Any, most: int) -> None:

@@ -7,10 +7,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from processors.events import REASON_MAX_CHARS
+from processors.requests import Limits
+
 PRIORITIES = ("high", "normal", "low")
 DAY_MS = 24 * 3600 * 1000
 REQUEST_MAX_BYTES = 1_048_588  # Kafka's default; stated so the dead-letter topic can always hold a request
+# Outputs (ImageRendered, ImageReady, RequestFailed) of a valid request stay under about 75 KB with the default
+# Limits (largest_output_bytes): 1 MiB leaves room for limits raised tenfold.
+OUTPUT_MAX_BYTES = 1024 * 1024
+# A dead letter is the original record (value, key and headers: at most REQUEST_MAX_BYTES) plus reason headers.
+DEAD_LETTER_HEADER_BYTES = 16 * 1024  # a reason of 2000 characters, up to 8000 bytes, and six short ones
 DLQ_MAX_BYTES = 4 * 1024 * 1024
+BROKER_DEFAULT_MAX_BYTES = 1_048_588
+# What a record holds besides its value, within max.message.bytes: batch framing (61 bytes), record framing,
+# a key (a request id, at most 256 bytes) and headers.
+RECORD_OVERHEAD_BYTES = 16 * 1024
+
+# Bounds of what the pipeline itself writes into outputs, beside what it copies from the request.
+IMAGE_URI_MAX_BYTES = 2048
+OWN_TEXT_MAX_BYTES = 512  # model id, model version, batch id, worker id, topic, reason code, stage
+TIMING_ENTRIES_MAX = 16
+_UTF8_MAX = 4  # bytes per character
+_VARINT = 10  # the longest Avro int or long
+
+
+def _text(chars: int, bytes_per_char: int = _UTF8_MAX) -> int:
+    return _VARINT + chars * bytes_per_char
+
+
+def largest_output_bytes(limits: Limits) -> int:
+    """An upper bound on the Avro value (framing included) of any ImageRendered, ImageReady or RequestFailed that
+    a request passing `limits` gives: the sum over the fields of the three records, each at its longest."""
+    copied = (_text(limits.max_request_id_chars, 1) + _text(limits.max_tenant_chars) + _text(limits.max_sku_id_chars)
+              + _text(limits.max_prompt_chars) + _text(limits.max_callback_url_chars)
+              + limits.max_metadata_bytes + limits.max_metadata_entries * 2 * _VARINT + 2 * _VARINT)
+    image = 4 * _VARINT + _text(IMAGE_URI_MAX_BYTES, 1) + _text(64, 1)  # index, seed, size, uri, sha256
+    images = (limits.max_images + 1) * image + 2 * _VARINT  # ImageReady repeats the first image's uri and sha256
+    own = (8 * _text(OWN_TEXT_MAX_BYTES, 1) + _text(REASON_MAX_CHARS)
+           + TIMING_ENTRIES_MAX * (_text(32, 1) + 8) + 2 * _VARINT)
+    scalars = 24 * _VARINT  # framing header, sizes, steps, guidance, seeds, offsets, timestamps, union branches
+    return copied + images + own + scalars
 
 
 @dataclass(frozen=True)
@@ -62,6 +99,15 @@ class Topology:
     def sku_changes(self) -> str:
         return f"{self.prefix}.sku.changes"
 
+    def max_bytes(self, topic: str) -> int:
+        """The largest value a record on `topic` may carry: its max.message.bytes (the broker's default where the
+        topic sets none) less room for the key, headers and batch framing. Check an encoded value against it
+        before producing: a record over the limit fails the whole transaction."""
+        spec = next((t for t in self.topics() if t.name == topic), None)
+        if spec is None:
+            raise ValueError(f"unknown topic {topic!r}; known: {', '.join(t.name for t in self.topics())}")
+        return int(spec.config.get("max.message.bytes", BROKER_DEFAULT_MAX_BYTES)) - RECORD_OVERHEAD_BYTES
+
     def topics(self) -> list[TopicSpec]:
         week = str(7 * DAY_MS)
         specs = [
@@ -73,14 +119,17 @@ class Topology:
             )
             for p in PRIORITIES
         ]
+        output_bytes = str(OUTPUT_MAX_BYTES)
         specs += [
-            TopicSpec(self.rendered, self.output_partitions, {"retention.ms": week},
+            TopicSpec(self.rendered, self.output_partitions, {"retention.ms": week, "max.message.bytes": output_bytes},
                       writers=("render worker",), readers=("processors: publication",), value="ImageRendered"),
             # Kept long: a new subscriber reads the whole history of published images.
-            TopicSpec(self.images_ready, self.output_partitions, {"retention.ms": str(30 * DAY_MS)},
+            TopicSpec(self.images_ready, self.output_partitions,
+                      {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
                       writers=("processors: publication",), readers=("subscribers", "zimage tail"),
                       value="ImageReady"),
-            TopicSpec(self.failed, self.output_partitions, {"retention.ms": str(30 * DAY_MS)},
+            TopicSpec(self.failed, self.output_partitions,
+                      {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
                       writers=("render worker", "processors"), readers=("subscribers",), value="RequestFailed"),
             TopicSpec(self.dlq, 1, {"retention.ms": str(30 * DAY_MS), "max.message.bytes": str(DLQ_MAX_BYTES)},
                       writers=("render worker", "processors"), readers=("operators",),

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import fastavro
 
-from processors.events import dead_letter_headers, image_ready, image_rendered, request_failed
+from processors.events import REASON_MAX_CHARS, dead_letter_headers, image_ready, image_rendered, request_failed
+from processors.requests import Limits
 from schemas.serde import load_schema
 from streams.submit import build_request
 
@@ -46,3 +47,38 @@ def test_failed_event_and_dead_letter_headers():
     headers = dict(dead_letter_headers(code="undecodable", reason="bad", stage="worker", source=("t", 0, 3),
                                        now_ms=1))
     assert headers["zimage.source.offset"] == b"3" and headers["zimage.reason_code"] == b"undecodable"
+
+
+def test_a_failed_event_copies_only_the_request_fields_that_pass_their_rules():
+    schema = fastavro.parse_schema(load_schema("RequestFailed"))
+    good = {"request_id": "order-1", "tenant": "acme", "callback_url": "https://hooks.example.com/cb"}
+    failed = request_failed(code="invalid_request", reason="width=0", stage="worker", source=("t", 0, 1), now_ms=1,
+                            request={**good, "width": 0})
+    assert {field: failed[field] for field in good} == good
+    hostile = {"request_id": "r" * 1_000_000, "tenant": 42, "callback_url": "http://169.254.169.254/latest"}
+    failed = request_failed(code="invalid_request", reason="x", stage="worker", source=("t", 0, 1), now_ms=1,
+                            request=hostile)
+    assert failed["request_id"] is None and failed["tenant"] is None and failed["callback_url"] is None
+    assert fastavro.validate(failed, schema)
+    for request in (None, {}, {"request_id": ["a"]}, {"request_id": "a b\n"}, {"tenant": "\ud800"}, "not a dict"):
+        failed = request_failed(code="undecodable", reason="x", stage="w", source=("t", 0, 1), now_ms=1,
+                                request=request)
+        assert fastavro.validate(failed, schema)
+
+
+def test_an_allow_listed_callback_url_is_kept_in_the_failed_event():
+    request = {"request_id": "r", "tenant": "t", "callback_url": "http://hooks.internal/cb"}
+    assert request_failed(code="c", reason="r", stage="s", source=("t", 0, 1), now_ms=1,
+                          request=request)["callback_url"] is None
+    kept = request_failed(code="c", reason="r", stage="s", source=("t", 0, 1), now_ms=1, request=request,
+                          limits=Limits(callback_allowlist=("hooks.internal",)))
+    assert kept["callback_url"] == "http://hooks.internal/cb"
+
+
+def test_reasons_are_cut_and_always_valid_utf8():
+    reason = "bad byte \udcff " + "é" * 5000
+    failed = request_failed(code="c", reason=reason, stage="s", source=("t", 0, 1), now_ms=1)
+    assert len(failed["reason"]) == REASON_MAX_CHARS
+    failed["reason"].encode("utf-8")  # raises for a lone surrogate
+    headers = dict(dead_letter_headers(code="c", reason=reason, stage="s", source=("t", 0, 1), now_ms=1))
+    assert headers["zimage.reason"].decode("utf-8") == failed["reason"]
