@@ -5,7 +5,6 @@ import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
 from processors.address_guard import UnsafeCallbackUrl, check_url_at_intake
 from processors.render_settings import RenderSettings
