@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from processors.renderer import RenderItem, RenderSettings
+from processors.render_settings import RenderItem, RenderSettings
 
 
 class SimulatedRenderer:
@@ -24,6 +24,10 @@ class SimulatedRenderer:
 
     def check_settings(self, settings: RenderSettings) -> None:
         """Any size goes: nothing is drawn."""
+
+    def warmup(self) -> np.ndarray:
+        """The device probe: nothing to warm, nothing that can fail."""
+        return self._pixel
 
     def render(self, items: Sequence[RenderItem], settings: RenderSettings) -> list[np.ndarray]:
         start = time.monotonic()

@@ -1,29 +1,43 @@
 """Thin confluent-kafka wrappers: configured clients and the one transactional step every processor uses.
 
 They carry records and offsets; every decision about what to produce lives in the caller.
+
+The step (`TransactionalStep`) is the only way a processor commits. One `commit()` produces the outputs, sends the
+consumed offsets and commits, all under ONE deadline that stays below `transaction.timeout.ms`. When anything
+fails the transaction is aborted and the step refuses every later commit until `rewind()` has sought every
+assigned partition back to its committed offset and the caller has forgotten the local state of those
+partitions. So a commit from a rebalance callback or from shutdown can never commit offsets past aborted work.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence, TypeVar
 
+from connectors.retry import until_done
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+TP = tuple[str, int]
+T = TypeVar("T")
+
+TRANSACTION_TIMEOUT_MS = 10_000  # short: a killed process's open transaction blocks read-committed readers
+COMMIT_DEADLINE_S = 8.0  # produce + send offsets + commit, together; below the transaction timeout
+ABORT_DEADLINE_S = 20.0
 
 
 @dataclass(frozen=True)
 class OutRecord:
-    """One record to produce: the unit a worker hands to the outbox."""
+    """One record to produce: the unit a processor hands to the transactional step."""
 
     topic: str
     value: bytes | None
     key: bytes | None = None
     headers: Headers = field(default_factory=list)
+    timestamp: int | None = None  # ms since the epoch; None: the producer's clock (dead letters keep the original)
 
 
 def consumer(base: dict[str, str], group_id: str, **overrides: object) -> Consumer:
@@ -50,113 +64,169 @@ def producer(base: dict[str, str], **overrides: object) -> Producer:
     return Producer(conf)
 
 
+class TransactionAborted(RuntimeError):
+    """The transaction did not commit and was aborted: call `TransactionalStep.rewind()` before anything else."""
+
+
+class RewindRequired(RuntimeError):
+    """A commit was asked for after an abort and before the rewind: refused, nothing was produced."""
+
+
 class TransactionStuck(RuntimeError):
-    """The producer could neither commit nor abort: only a new process (a new producer) can go on."""
+    """The producer could neither commit nor abort, or is fenced: only a new process (a new producer) can go on."""
 
 
-class TransactionalOutbox:
-    """Produces a set of records and commits consumed offsets in one Kafka transaction.
+class _DeadlinePassed(Exception):
+    pass
 
-    Either every record and the offsets become visible to read-committed consumers, or none do.
-    """
 
-    def __init__(self, base: dict[str, str], transactional_id: str, timeout_s: float = 30.0,
-                 max_aborts_in_a_row: int = 5, **overrides: object):
-        self._timeout = timeout_s
+def _kafka_error(exc: KafkaException) -> KafkaError | None:
+    err = exc.args[0] if exc.args else None
+    return err if isinstance(err, KafkaError) else None
+
+
+def _retriable(exc: BaseException) -> bool:
+    """An error that the same transactional call may succeed after (a coordinator moving), not one that aborts."""
+    err = _kafka_error(exc) if isinstance(exc, KafkaException) else None
+    return err is not None and err.retriable() and not err.fatal() and not err.txn_requires_abort()
+
+
+def is_fatal(exc: KafkaException) -> bool:
+    err = _kafka_error(exc)
+    return err is not None and err.fatal()
+
+
+class TransactionalStep:
+    """Produces records and commits consumed offsets in one Kafka transaction, or neither."""
+
+    def __init__(self, base: dict[str, str], transactional_id: str, *, deadline_s: float = COMMIT_DEADLINE_S,
+                 max_aborts_in_a_row: int = 5, client: Producer | None = None, **overrides: object):
+        if deadline_s * 1000 >= TRANSACTION_TIMEOUT_MS:
+            raise ValueError("the commit deadline must stay below transaction.timeout.ms")
+        self._deadline_s = deadline_s
         # Aborts with no commit between: past this, something is wrong that a rewind does not cure (a record the
         # broker always refuses), and commit() raises TransactionStuck instead of letting the caller loop.
         self._max_aborts = max_aborts_in_a_row
         self._aborts = 0
-        self._producer = producer(base, **{"transactional.id": transactional_id,
-                                           # short: a killed process's open transaction blocks read-committed
-                                           # readers until it times out
-                                           "transaction.timeout.ms": 10000,
-                                           # a dead letter carries a whole request plus its reason
-                                           "message.max.bytes": 5 * 1024 * 1024, **overrides})
-        self._producer.init_transactions(timeout_s)
+        self._needs_rewind = False
+        self.aborted_total = 0
+        self._producer = client if client is not None else producer(base, **{
+            "transactional.id": transactional_id, "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+            "message.max.bytes": 5 * 1024 * 1024,  # a dead letter carries a whole request plus its reason
+            **overrides})
+        try:
+            self._call("init_transactions", self._producer.init_transactions, time.monotonic() + ABORT_DEADLINE_S)
+        except (KafkaException, _DeadlinePassed) as exc:
+            raise TransactionStuck(f"could not initialise transactions: {exc}") from exc
 
-    def commit(self, records: Sequence[OutRecord], offsets: dict[tuple[str, int], int], consumer: Consumer) -> None:
-        """Raises KafkaException when the transaction did not commit; it has then been aborted, and the caller
-        must rewind to the committed offsets. Raises TransactionStuck when it could not even be aborted, or after
-        `max_aborts_in_a_row` aborts."""
+    @property
+    def needs_rewind(self) -> bool:
+        return self._needs_rewind
+
+    def commit(self, records: Sequence[OutRecord], offsets: dict[TP, int], consumer: Consumer) -> None:
+        """Commits `records` and `offsets` atomically. Raises RewindRequired (nothing done) while a rewind is due,
+        TransactionAborted (aborted; rewind now), or TransactionStuck (the process must end)."""
+        if self._needs_rewind:
+            raise RewindRequired("a transaction was aborted; rewind() before committing again")
         if not records and not offsets:
             return
+        deadline = time.monotonic() + self._deadline_s
         p = self._producer
-        p.begin_transaction()
         try:
-            for r in records:
-                self._produce(r)
+            p.begin_transaction()
+            for record in records:
+                self._produce(record, deadline)
             if offsets:
                 tps = [TopicPartition(t, part, off) for (t, part), off in offsets.items()]
-                self._retrying(lambda: p.send_offsets_to_transaction(tps, consumer.consumer_group_metadata(),
-                                                                     self._timeout))
-            self._retrying(lambda: p.commit_transaction(self._timeout))
-        except KafkaException as exc:
+                metadata = consumer.consumer_group_metadata()
+                self._call("send_offsets_to_transaction",
+                           lambda left: p.send_offsets_to_transaction(tps, metadata, left), deadline)
+            self._call("commit_transaction", p.commit_transaction, deadline)
+        except (KafkaException, _DeadlinePassed) as exc:
+            self._needs_rewind = True
+            self.aborted_total += 1
+            if isinstance(exc, KafkaException) and is_fatal(exc):
+                raise TransactionStuck(f"the producer failed fatally: {exc}") from exc
             self._abort()
             self._aborts += 1
             if self._aborts >= self._max_aborts:
                 raise TransactionStuck(f"{self._aborts} transactions aborted in a row; last: {exc}") from exc
-            raise
+            raise TransactionAborted(str(exc) or type(exc).__name__) from exc
         self._aborts = 0
 
-    def _retrying(self, call: Callable[[], None]) -> None:
-        """Repeats a transactional call while librdkafka calls its error retriable (a coordinator moving)."""
-        deadline = time.monotonic() + self._timeout
-        while True:
-            try:
-                call()
-                return
-            except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                if not (isinstance(err, KafkaError) and err.retriable()) or time.monotonic() > deadline:
-                    raise
-                log.warning("transactional call failed (%s); retrying", err)
-                time.sleep(0.5)
+    def rewind(self, consumer: Consumer, forget: Callable[[list[TP]], None]) -> None:
+        """After an abort: seek every assigned partition to its committed offset, then let the caller forget
+        their local state (`forget`). Commits are allowed again only once both are done."""
+        parts = [(tp.topic, tp.partition) for tp in consumer.assignment()]
+        rewind_to_committed(consumer, parts)
+        forget(parts)
+        self._needs_rewind = False
+
+    def forget_failure(self) -> None:
+        """Every partition that the aborted transaction covered has been revoked (nothing is left to rewind)."""
+        self._needs_rewind = False
+
+    def _call(self, what: str, call: Callable[[float], T], deadline: float) -> T:
+        """Repeats a transactional call while librdkafka calls its error retriable, until the deadline; each try
+        gets what is left of it."""
+
+        def attempt() -> T:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _DeadlinePassed(f"{what}: the transaction's deadline passed")
+            return call(left)
+
+        return until_done(attempt, is_infrastructure=_retriable,
+                          on_retry=lambda exc, n: log.warning("%s failed (%s); retrying", what, exc),
+                          within_s=max(0.0, deadline - time.monotonic()))
 
     def _abort(self) -> None:
         try:
-            self._retrying(lambda: self._producer.abort_transaction(self._timeout))
-        except KafkaException as exc:
+            self._call("abort_transaction", self._producer.abort_transaction,
+                       time.monotonic() + ABORT_DEADLINE_S)
+        except (KafkaException, _DeadlinePassed) as exc:
             raise TransactionStuck(f"could not abort the transaction: {exc}") from exc
 
-    def _produce(self, r: OutRecord) -> None:
+    def _produce(self, r: OutRecord, deadline: float) -> None:
         while True:
             try:
-                self._producer.produce(r.topic, r.value, r.key, headers=r.headers or None)
+                if r.timestamp is None:
+                    self._producer.produce(r.topic, r.value, r.key, headers=r.headers or None)
+                else:
+                    self._producer.produce(r.topic, r.value, r.key, headers=r.headers or None,
+                                           timestamp=r.timestamp)
                 return
             except BufferError:  # local queue full: serve delivery reports, then retry
+                if time.monotonic() > deadline:
+                    raise _DeadlinePassed("produce: the local queue stayed full until the deadline") from None
                 self._producer.poll(0.05)
 
     def close(self) -> None:
-        self._producer.flush(self._timeout)
+        self._producer.flush(self._deadline_s)
 
 
-def rewind_to_committed(consumer: Consumer, partitions: Sequence[tuple[str, int]], timeout_s: float = 120.0) -> None:
+def rewind_to_committed(consumer: Consumer, partitions: Sequence[TP], timeout_s: float = 120.0) -> None:
     """Seeks each partition back to the group's committed offset (after an aborted transaction).
 
-    The committed offsets are asked for again while the coordinator moves (a broker restart). A partition whose
-    fetch has not started yet is skipped: it starts from the committed offset anyway. Any other failure raises,
-    so that the caller stops rather than commit past work it has dropped.
+    The committed offsets are asked for again while the coordinator moves (a broker restart). A partition the group
+    never committed starts where a new member would (auto.offset.reset: the beginning). A partition whose fetch
+    has not started yet is skipped: it starts from the committed offset anyway. Any other failure, including an
+    error for one partition, raises, so that the caller stops rather than commit past work it has dropped.
     """
     tps = [TopicPartition(t, p) for t, p in partitions]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            committed = consumer.committed(tps, timeout=10) if tps else []
-            break
-        except KafkaException as exc:
-            if is_fatal(exc) or time.monotonic() > deadline:
-                raise
-            log.warning("committed offsets not available yet (%s); asking again", exc)
-            time.sleep(1.0)
+    if not tps:
+        return
+    committed = until_done(
+        lambda: consumer.committed(tps, timeout=10),
+        is_infrastructure=lambda exc: isinstance(exc, KafkaException) and not is_fatal(exc),
+        on_retry=lambda exc, attempt: log.warning("committed offsets not available yet (%s); asking again", exc),
+        within_s=timeout_s)
     for tp in committed:
+        if tp.error is not None:
+            raise KafkaException(tp.error)
         try:
             consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._STATE:
+            err = _kafka_error(exc)
+            if err is None or err.code() != KafkaError._STATE:
                 raise
-
-
-def is_fatal(exc: KafkaException) -> bool:
-    err = exc.args[0] if exc.args else None
-    return isinstance(err, KafkaError) and err.fatal()

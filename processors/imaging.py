@@ -15,6 +15,7 @@ PNG_COMPRESS_LEVEL = 6
 MAX_ID_CHARS = 64
 KEY_DIGEST_CHARS = 16
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -36,23 +37,24 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sanitize_id(request_id: str) -> str:
-    """A readable, path-safe rendering of a request id: [A-Za-z0-9._-] only, never '.', '..' or empty."""
-    cleaned = _UNSAFE_ID_CHARS.sub("_", request_id)[:MAX_ID_CHARS]
-    # Leading dots would allow "." and ".." segments (and hidden files); a digest elsewhere keeps keys unique.
+def sanitize_id(text: str) -> str:
+    """A readable, path-safe rendering of an id: [A-Za-z0-9._-] only, never '.', '..' or empty."""
+    cleaned = _UNSAFE_ID_CHARS.sub("_", text)[:MAX_ID_CHARS]
+    # Leading dots would allow "." and ".." segments (and hidden files); a digest beside it keeps keys unique.
     cleaned = cleaned.lstrip(".")
     return cleaned or "_"
 
 
-def object_key(request_id: str, index: int, model_version: str) -> str:
-    """Deterministic storage key of one image: images/<digest>/<sanitized id>/<index>.png.
+def object_key(tenant: str, sha256: str) -> str:
+    """Storage key of one image: images/<tenant>-<tenant digest>/<sha256[:2]>/<sha256>.png.
 
-    The digest covers the raw request id and the model version, so ids that sanitize alike, or the same request
-    rendered by another model version, never share a key. Nothing from the id can add a path segment.
+    Content-addressed per tenant, so an object never changes once written: the same bytes always land on the
+    same key, and nothing a producer chooses (a request id, another tenant's name) can overwrite another
+    tenant's image. The tenant digest keeps tenants that sanitize alike apart; nothing can add a path segment.
     """
-    if not isinstance(request_id, str):
-        raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ValueError(f"index must be a non-negative int, got {index!r}")
-    digest = hashlib.sha256(f"{request_id}\x00{model_version}".encode("utf-8", "surrogatepass")).hexdigest()
-    return f"images/{digest[:KEY_DIGEST_CHARS]}/{sanitize_id(request_id)}/{index}.png"
+    if not isinstance(tenant, str) or not tenant:
+        raise ValueError(f"tenant must be a non-empty str, got {tenant!r}")
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    digest = hashlib.sha256(tenant.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_DIGEST_CHARS]
+    return f"images/{sanitize_id(tenant)}-{digest}/{sha256[:2]}/{sha256}.png"

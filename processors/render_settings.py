@@ -1,4 +1,6 @@
-"""What every image of one batch shares: size, steps and guidance. Pure, so intake can build it without torch."""
+"""What one render is asked for: each image's prompt and seed, and what a batch shares (size, steps, guidance).
+
+Pure, so intake can check requests without torch."""
 from __future__ import annotations
 
 import math
@@ -19,3 +21,22 @@ class RenderSettings:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not math.isfinite(self.guidance) or self.guidance < 0:
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
+
+
+class UnsupportedSettings(ValueError):
+    """Settings that this model cannot render at all (size beyond its position table, wrong multiple)."""
+
+
+@dataclass(frozen=True)
+class RenderItem:
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a str or None, got {type(self.negative_prompt).__name__}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from processors.model_identity import config_fingerprint, folder_fingerprint, hub_commit
-from processors.render_settings import RenderSettings  # re-exported: the adapter's callers import it from here
+from processors.render_settings import RenderItem, RenderSettings, UnsupportedSettings  # re-exported for callers
 from processors.tiny_model import build_tiny_pipeline_dir
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,6 @@ OFFLOAD_CHOICES = ("none", "model", "sequential")
 MAX_SEQUENCE_LENGTH_LIMIT = 4096
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CUDA_INDEXED = re.compile(r"^cuda:(\d+)$")
-
-
-class UnsupportedSettings(ValueError):
-    """Settings that this model cannot render at all (size beyond its position table, wrong multiple)."""
 
 
 class InvalidModelOptions(ValueError):
@@ -159,27 +155,6 @@ class ModelOptions:
         if revision is not None and (kind != "hub" or not isinstance(revision, str) or not revision.strip()):
             problems.append("revision must be a non-empty branch, tag or commit, and only with a Hugging Face id")
         return problems
-
-
-@dataclass(frozen=True)
-class RenderItem:
-    prompt: str
-    negative_prompt: str | None
-    seed: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a str or None, got {type(self.negative_prompt).__name__}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
-            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
-
-
-def batch_key_extra(item: RenderItem, settings: RenderSettings) -> tuple:
-    """What a batcher must add to its key for batch invariance: nothing, as each item goes through the model
-    alone (module docstring). Prompts of any length, negative prompts and seeds mix; only RenderSettings are shared."""
-    return ()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -332,10 +307,13 @@ class Renderer:
         if max(settings.width, settings.height) > self.max_side:
             raise UnsupportedSettings(f"{size} is larger than this model renders ({self.max_side} a side at most)")
 
-    def warmup(self, settings: RenderSettings | None = None) -> None:
-        """Render one small image so lazy initialisation (kernels, caches, compilation) happens before traffic."""
+    def warmup(self, settings: RenderSettings | None = None) -> np.ndarray:
+        """Render one small image so lazy initialisation (kernels, caches, compilation) happens before traffic.
+        Also the device probe after failed renders: it raises when the device cannot render a known-good item."""
         size = self.size_multiple * 4
-        self.render([RenderItem("warmup", None, 0)], settings or RenderSettings(size, size, steps=1, guidance=0.0))
+        settings = settings or RenderSettings(size, size, steps=1, guidance=0.0)
+        (image,) = self.render([RenderItem("warmup", None, 0)], settings)
+        return image
 
     @torch.inference_mode()
     def render(self, items: Sequence[RenderItem], settings: RenderSettings) -> list[np.ndarray]:

@@ -1,13 +1,44 @@
-"""What a refused request turns into: a RequestFailed event and a dead letter with the original bytes."""
+"""What a refused request turns into: a RequestFailed event and a dead letter that keeps the original record.
+
+The dead letter is the consumed record as it was (key, value, headers, timestamp), as Kafka Connect's dead-letter
+queue keeps it, plus `zimage.*` headers that say why, where and when: the key is often the only thing that
+names an undecodable record for an operator.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from connectors.kafka import OutRecord
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+
+from connectors.kafka import Headers, OutRecord
 from processors.events import dead_letter_headers, request_failed
 from schemas.serde import AvroSerde
 from streams.topology import Topology
+
+
+@dataclass(frozen=True)
+class Origin:
+    """A consumed record, kept until its outcome commits."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+    key: bytes | None = None
+    headers: Headers = field(default_factory=list)
+    timestamp: int | None = None
+
+    @classmethod
+    def of(cls, msg: Message) -> "Origin":
+        kind, ts = msg.timestamp()
+        return cls(msg.topic(), msg.partition(), msg.offset(), msg.value() or b"", msg.key(),
+                   list(msg.headers() or []), None if kind == TIMESTAMP_NOT_AVAILABLE else ts)
+
+    @property
+    def source(self) -> tuple[str, int, int]:
+        return self.topic, self.partition, self.offset
 
 
 class FailureRecords:
@@ -16,15 +47,15 @@ class FailureRecords:
         self._serde = serde
         self._stage = stage
 
-    def __call__(self, code: str, reason: str, source: tuple[str, int, int], raw: bytes,
-                 request: dict[str, Any] | None, retriable: bool = False) -> list[OutRecord]:
+    def __call__(self, code: str, reason: str, origin: Origin, request: dict[str, Any] | None,
+                 retriable: bool = False) -> list[OutRecord]:
         ts = int(time.time() * 1000)
-        event = request_failed(code=code, reason=reason, stage=self._stage, source=source, now_ms=ts,
+        event = request_failed(code=code, reason=reason, stage=self._stage, source=origin.source, now_ms=ts,
                                request=request, retriable=retriable)
-        key = request["request_id"].encode() if request else None
+        key = request["request_id"].encode() if request and request.get("request_id") else origin.key
         failed, dlq = self._topology.failed, self._topology.dlq
+        why = dead_letter_headers(code=code, reason=reason, stage=self._stage, source=origin.source, now_ms=ts)
         return [
             OutRecord(failed, self._serde.encode("RequestFailed", event, topic=failed), key),
-            OutRecord(dlq, raw, key, dead_letter_headers(code=code, reason=reason, stage=self._stage,
-                                                         source=source, now_ms=ts)),
+            OutRecord(dlq, origin.value, origin.key, [*origin.headers, *why], origin.timestamp),
         ]

@@ -15,14 +15,16 @@ import time
 from confluent_kafka import KafkaError, KafkaException, Message
 
 from connectors import kafka
-from connectors.kafka import OutRecord
+from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from processors.events import image_ready
-from schemas.serde import AvroSerde, InvalidRecord, UndecodableRecord, UnknownSchema
-from streams.failures import FailureRecords
+from schemas.serde import AvroSerde
+from streams.failures import FailureRecords, Origin
+from streams.liveness import Deadlines
 from streams.settings import Settings
-from streams.supervise import Watchdog
 
 log = logging.getLogger(__name__)
+
+COMMIT_LIMIT_S = 60.0  # librdkafka can block past its own timeouts when the coordinator vanishes
 
 
 class PublicationRelay:
@@ -34,6 +36,7 @@ class PublicationRelay:
         self._failures = FailureRecords(self.topology, serde, stage="processors:publication")
         self._stop = threading.Event()
         self.group_id = f"{settings.topic_prefix}-publication"
+        self._max_ready_bytes = self.topology.max_bytes(self.topology.images_ready)
 
     def stop(self) -> None:
         self._stop.set()
@@ -41,30 +44,35 @@ class PublicationRelay:
     def run(self) -> None:
         conf = self.s.kafka_config()
         self._consumer = kafka.consumer(conf, self.group_id)
-        outbox = kafka.TransactionalOutbox(conf, transactional_id=f"{self.group_id}-{self.s.worker_id}",
-                                           timeout_s=10.0)
-        watchdog = Watchdog(limit_s=60.0, what="a Kafka transaction commit")
+        step = TransactionalStep(conf, f"{self.group_id}-{self.s.worker_id}")
+        deadlines = Deadlines()
         self._consumer.subscribe([self.topology.rendered])
         log.info("publishing %s -> %s in group %s", self.topology.rendered, self.topology.images_ready,
                  self.group_id)
+        clean = False
         try:
             while not self._stop.is_set():
-                msgs = [m for m in self._consumer.consume(self._batch, timeout=0.1) if self._usable(m)]
+                msgs = self._consumer.consume(self._batch, timeout=0.1)
+                assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+                # a partition revoked during consume() is its next owner's to publish
+                msgs = [m for m in msgs if self._usable(m) and (m.topic(), m.partition()) in assigned]
+                if step.needs_rewind:  # the records in hand were fetched before the rewind: read again
+                    step.rewind(self._consumer, forget=lambda parts: None)
+                    continue
                 if not msgs:
                     continue
                 records, offsets = self.publish(msgs)
                 try:
-                    with watchdog:
-                        outbox.commit(records, offsets, self._consumer)
-                except KafkaException as exc:
-                    if kafka.is_fatal(exc):
-                        raise
+                    with deadlines.guard("a transaction commit", COMMIT_LIMIT_S):
+                        step.commit(records, offsets, self._consumer)
+                except TransactionAborted as exc:
                     log.warning("transaction aborted (%s); reading again from the committed offsets", exc)
-                    kafka.rewind_to_committed(self._consumer,
-                                              [(tp.topic, tp.partition) for tp in self._consumer.assignment()])
+                    step.rewind(self._consumer, forget=lambda parts: None)
+            clean = True
         finally:
-            self._consumer.close()
-            outbox.close()
+            if clean:
+                self._consumer.close()
+            step.close()
 
     def publish(self, msgs: list[Message]) -> tuple[list[OutRecord], dict[tuple[str, int], int]]:
         """The records one batch of ImageRendered turns into, and the offsets to commit with them."""
@@ -78,10 +86,11 @@ class PublicationRelay:
                 rendered = self._serde.decode("ImageRendered", msg.value() or b"", topic=source[0])
                 ready = image_ready(rendered, now_ms)
                 value = self._serde.encode("ImageReady", ready, topic=self.topology.images_ready)
-            except (InvalidRecord, UndecodableRecord, UnknownSchema, ValueError, KeyError) as exc:
+                if len(value) > self._max_ready_bytes:
+                    raise ValueError(f"ImageReady would be {len(value)} bytes; at most {self._max_ready_bytes}")
+            except Exception as exc:  # noqa: BLE001 - a record never stops publication
                 log.error("unpublishable record at %s: %s", source, exc)
-                records += self._failures("unpublishable", f"{type(exc).__name__}: {exc}", source,
-                                          msg.value() or b"", None)
+                records += self._failures("unpublishable", f"{type(exc).__name__}: {exc}", Origin.of(msg), None)
                 continue
             records.append(OutRecord(self.topology.images_ready, value, ready["request_id"].encode()))
         return records, offsets

@@ -2,6 +2,14 @@
 
 The render thread never waits on PNG encoding, uploads or Kafka: it hands each finished batch to the pool
 (bounded, so memory stays flat when storage is slow) and asks the scheduler for the next batch at once.
+
+Faults, by whose they are (processors/fault_isolation.py):
+- a request that fails when rendered alone while others succeed: RequestFailed(render_error) plus a dead letter;
+- a device that fails every render and a probe too: retried with backoff, never dead-lettered; after
+  `device_fault_exit_s` the worker exits (DeviceFault) so that the group hands its partitions to another;
+- storage that fails: retried with backoff until it works; the pool fills, the render thread waits, the buffers
+  fill and intake pauses (backpressure), and no offset of the held requests is committed;
+- a batch that runs far beyond its expected time ends the process (streams/liveness.py).
 """
 from __future__ import annotations
 
@@ -15,14 +23,19 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from connectors.kafka import OutRecord
-from connectors.storage import ObjectStore
+from connectors.retry import Stopping, backoff_delay, until_done
+from connectors.storage import ObjectStore, UnsafeKey
 from processors.batching import Batch, Pending
 from processors.events import image_rendered
+from processors.fault_isolation import render_isolating_faults
 from processors.imaging import encode_png, object_key, sha256_hex
-from processors.renderer import (RenderItem, RenderSettings, UnsupportedSettings, is_out_of_memory,
-                                 render_splitting_on_oom)
+from processors.render_settings import RenderItem, RenderSettings, UnsupportedSettings
+from processors.renderer import render_splitting_on_oom
 from processors.requests import image_seeds, settings_of
 from streams import metrics
+from streams.crash_journal import CrashJournal, Deliberate
+from streams.failures import Origin
+from streams.liveness import Deadlines, Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -35,43 +48,66 @@ class BatchRenderer(Protocol):
 
     def check_settings(self, settings: RenderSettings) -> None: ...
 
+    def warmup(self) -> None: ...
+
+
+class DeviceFault(Deliberate):
+    """Every render fails, a probe too, for longer than the worker waits: the device, not the requests."""
+
+
+class OutputTooLarge(ValueError):
+    """The ImageRendered of a request would exceed its topic's max.message.bytes."""
+
 
 @dataclass(frozen=True)
 class Admitted:
     """What the worker keeps of a consumed request until its outputs are committed."""
 
     request: dict[str, Any]
-    raw: bytes
+    origin: Origin
     epoch: int
     consumed_ms: int
 
 
-# Called with (pending, records to produce, status for metrics, reason or "").
-OnDone = Callable[[Pending, list[OutRecord], str, str], None]
-# Called with (pending, code, reason, retriable): the worker turns it into RequestFailed + dead letter.
-OnFail = Callable[[Pending, str, str, bool], None]
+# Called with (pending, records to produce, status for metrics).
+OnDone = Callable[[Pending, list[OutRecord], str], None]
+# Called with (pending, code, reason): the worker turns it into RequestFailed + dead letter.
+OnFail = Callable[[Pending, str, str], None]
+
+
+@dataclass(frozen=True)
+class StageLimits:
+    device_fault_exit_s: float = 300.0  # 0: never exit for a device fault
+    batch_timeout_factor: float = 10.0  # a batch may run this many times its expected time ...
+    batch_timeout_floor_s: float = 120.0  # ... and never less than this before the process is ended
+    render_attempts: int = 2  # tries of a request alone after its batch failed
+    post_threads: int = 2
+    max_inflight_batches: int = 4
 
 
 class RenderStage:
     def __init__(self, *, renderer: BatchRenderer, store: ObjectStore, encode_rendered: Callable[[dict], bytes],
-                 rendered_topic: str, worker_id: str, take_batch: Callable[[float], Batch | None],
-                 on_done: OnDone, on_fail: OnFail, post_threads: int = 2, max_inflight_batches: int = 4,
-                 render_retries: int = 2, store_retries: int = 5, backoff_s: float = 0.2):
+                 rendered_topic: str, max_rendered_bytes: int, worker_id: str,
+                 take_batch: Callable[[float], Batch | None], on_done: OnDone, on_fail: OnFail,
+                 journal: CrashJournal, deadlines: Deadlines, heartbeat: Heartbeat, limits: StageLimits):
         self._renderer = renderer
         self._store = store
         self._encode = encode_rendered
         self._topic = rendered_topic
+        self._max_bytes = max_rendered_bytes
         self._worker_id = worker_id
         self._take = take_batch
         self._on_done = on_done
         self._on_fail = on_fail
-        self._pool = ThreadPoolExecutor(post_threads, thread_name_prefix="zimage-post")
-        self._inflight = threading.BoundedSemaphore(max_inflight_batches)
-        self._render_retries = render_retries
-        self._store_retries = store_retries
-        self._backoff = backoff_s
+        self._journal = journal
+        self._deadlines = deadlines
+        self._heartbeat = heartbeat
+        self._limits = limits
+        self._pool = ThreadPoolExecutor(limits.post_threads, thread_name_prefix="zimage-post")
+        self._inflight = threading.BoundedSemaphore(limits.max_inflight_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="zimage-render", daemon=True)
+        self._seconds_per_unit: float | None = None  # measured render cost per pixel-step-image
         self.busy = metrics.BusyMeter()
         self.failure: BaseException | None = None
 
@@ -79,81 +115,127 @@ class RenderStage:
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Finishes the batch in hand and the stores in flight, then returns."""
+        """Finishes the batch in hand and the stores in flight (a store that keeps failing is given up)."""
         self._stop.set()
         self._thread.join(timeout_s)
         self._pool.shutdown(wait=True)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
+                self._heartbeat.beat("render")
                 batch = self._take(0.1)
                 if batch is not None:
                     self._render(batch)
+        except Stopping:
+            pass
         except BaseException as exc:  # the worker checks `failure` and stops loudly
-            log.exception("render thread died")
+            log.exception("render thread stopped")
             self.failure = exc
+
+    # ------------------------------------------------------------------ rendering
 
     def _render(self, batch: Batch) -> None:
         requests = [p.payload.request for p in batch.items]
         seeds = [image_seeds(r) for r in requests]
-        items = [RenderItem(r["prompt"], r.get("negative_prompt"), s) for r, ss in zip(requests, seeds) for s in ss]
         settings = settings_of(requests[0])  # the batch's compatibility key makes them all equal
-        rendered = self._render_with_retries(batch, items, settings)
-        if rendered is None:
+
+        def render(indexes: Sequence[int]) -> list[list[np.ndarray]]:
+            items = [RenderItem(requests[i]["prompt"], requests[i].get("negative_prompt"), s)
+                     for i in indexes for s in seeds[i]]
+            start = time.monotonic()
+            with self._deadlines.guard("a render batch", self._batch_limit(items, settings)):
+                images = render_splitting_on_oom(self._renderer.render, items, settings)
+            self._measured(start, time.monotonic(), items, settings)
+            out, at = [], 0
+            for i in indexes:
+                out.append(list(images[at:at + len(seeds[i])]))
+                at += len(seeds[i])
+            return out
+
+        started = time.monotonic()
+        with self._journal.holding("render", [p.source for p in batch.items]):
+            isolated = self._render_until_the_device_works(render, len(batch.items))
+        render_ms = (time.monotonic() - started) * 1000
+        for index, exc in sorted(isolated.errors.items()):
+            metrics.ERRORS.labels("render").inc()
+            self._on_fail(batch.items[index], "render_error", f"{type(exc).__name__}: {exc}")
+        done = sorted(isolated.results)
+        if not done:
             return
-        images, render_s = rendered
-        self._inflight.acquire()  # bounded hand-off: back-pressure only if storage falls far behind
-        fut = self._pool.submit(self._store_batch, batch, seeds, images, render_s * 1000)
+        self._inflight.acquire()  # bounded hand-off: back-pressure when storage falls behind
+        fut = self._pool.submit(self._store_batch, batch, [(batch.items[i], seeds[i], isolated.results[i])
+                                                           for i in done], render_ms)
         fut.add_done_callback(self._stored)
+
+    def _render_until_the_device_works(self, render: Callable, count: int):
+        fault_since: float | None = None
+        attempt = 0
+        while True:
+            isolated = render_isolating_faults(render, count, attempts=self._limits.render_attempts,
+                                               permanent=lambda exc: isinstance(exc, UnsupportedSettings))
+            if not isolated.all_failed or self._device_works():
+                return isolated
+            metrics.ERRORS.labels("device").inc()
+            fault_since = fault_since or time.monotonic()
+            down_s = time.monotonic() - fault_since
+            exit_after = self._limits.device_fault_exit_s
+            if exit_after and down_s > exit_after:
+                raise DeviceFault(f"every render has failed for {down_s:.0f}s, a probe too; last: "
+                                  f"{next(iter(isolated.errors.values()))!r}")
+            attempt += 1
+            delay = backoff_delay(attempt)
+            log.warning("the device fails every render and the probe (%.0fs so far); retrying the batch in %.1fs",
+                        down_s, delay)
+            if self._stop.wait(delay):
+                raise Stopping("stopping during a device fault")
+
+    def _device_works(self) -> bool:
+        try:
+            with self._deadlines.guard("a device probe", self._limits.batch_timeout_floor_s):
+                self._renderer.warmup()
+            return True
+        except Exception as exc:  # noqa: BLE001 - a failed probe is the answer
+            log.warning("device probe failed: %r", exc)
+            return False
+
+    def _batch_limit(self, items: Sequence[RenderItem], settings: RenderSettings) -> float:
+        expected = 0.0 if self._seconds_per_unit is None else self._seconds_per_unit * _units(items, settings)
+        return max(self._limits.batch_timeout_floor_s, self._limits.batch_timeout_factor * expected)
+
+    def _measured(self, start: float, end: float, items: Sequence[RenderItem], settings: RenderSettings) -> None:
+        self.busy.add(start, end)
+        metrics.INFERENCE_LATENCY.observe(end - start)
+        metrics.BATCH_SIZE.observe(len(items))
+        per_unit = (end - start) / _units(items, settings)
+        # The slowest recent cost, decaying: a limit set from a lucky fast batch would kill a normal slow one.
+        previous = self._seconds_per_unit
+        self._seconds_per_unit = per_unit if previous is None else max(per_unit, 0.9 * previous + 0.1 * per_unit)
+
+    # ------------------------------------------------------------------ storing
 
     def _stored(self, fut: Future) -> None:
         self._inflight.release()
         exc = fut.exception()
-        if exc is not None:  # a request of that batch has no outcome: stop loudly rather than stall its partition
-            log.error("storing a batch failed: %r", exc)
+        if exc is not None and not isinstance(exc, Stopping):
+            log.error("storing a batch failed: %r", exc)  # the worker stops loudly rather than stall a partition
             self.failure = exc
 
-    def _render_with_retries(self, batch: Batch, items: list[RenderItem],
-                             settings: RenderSettings) -> tuple[list[np.ndarray], float] | None:
-        for attempt in range(self._render_retries + 1):
-            start = time.monotonic()
+    def _store_batch(self, batch: Batch, done: list[tuple[Pending, list[int], list[np.ndarray]]],
+                     render_ms: float) -> None:
+        for pending, seeds, images in done:
             try:
-                images = render_splitting_on_oom(self._renderer.render, items, settings)
-            except Exception as exc:  # noqa: BLE001 - any renderer failure is counted and handled here
-                kind = "oom" if is_out_of_memory(exc) else "render"
-                metrics.ERRORS.labels(kind).inc()
-                log.warning("batch %s (%d images) failed, attempt %d: %r", batch.id, len(items), attempt + 1, exc)
-                permanent = kind == "oom" or isinstance(exc, UnsupportedSettings)
-                if permanent or attempt == self._render_retries:
-                    for p in batch.items:
-                        self._on_fail(p, "render_error", f"{type(exc).__name__}: {exc}", False)
-                    return None
-                time.sleep(self._backoff * 2**attempt)
+                record = self._store_request(batch, pending, seeds, images, render_ms)
+            except OutputTooLarge as exc:
+                self._on_fail(pending, "output_too_large", str(exc))
                 continue
-            end = time.monotonic()
-            self.busy.add(start, end)
-            metrics.INFERENCE_LATENCY.observe(end - start)
-            metrics.BATCH_SIZE.observe(len(items))
-            return images, end - start
-        return None
-
-    def _store_batch(self, batch: Batch, seeds: list[list[int]], images: list[np.ndarray], render_ms: float) -> None:
-        at = 0
-        for pending, request_seeds in zip(batch.items, seeds):
-            mine = images[at:at + len(request_seeds)]
-            at += len(request_seeds)
-            try:
-                record = self._store_request(batch, pending, request_seeds, mine, render_ms)
-            except Exception as exc:  # noqa: BLE001 - storage gave up after its retries
-                metrics.ERRORS.labels("storage").inc()
-                self._on_fail(pending, "storage_error", f"{type(exc).__name__}: {exc}", True)
+            except (Stopping, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - not an outage (those are retried inside): this request's
+                metrics.ERRORS.labels("internal").inc()
+                self._on_fail(pending, "internal_error", f"{type(exc).__name__}: {exc}")
                 continue
-            self._on_done(pending, [record], "rendered", "")
+            self._on_done(pending, [record], "rendered")
 
     def _store_request(self, batch: Batch, pending: Pending, seeds: list[int], images: list[np.ndarray],
                        render_ms: float) -> OutRecord:
@@ -163,28 +245,32 @@ class RenderStage:
         t1 = time.monotonic()
         stored = []
         for index, (data, seed) in enumerate(zip(encoded, seeds)):
-            key = object_key(request["request_id"], index, self._renderer.model_version)
-            uri = self._put_with_retries(key, data)
-            stored.append({"index": index, "uri": uri, "sha256": sha256_hex(data), "seed": seed,
-                           "size_bytes": len(data)})
+            digest = sha256_hex(data)
+            uri = self._put(object_key(request["tenant"], digest), data)
+            stored.append({"index": index, "uri": uri, "sha256": digest, "seed": seed, "size_bytes": len(data)})
         t2 = time.monotonic()
-        now_ms = int(time.time() * 1000)
         event = image_rendered(
             request=request, images=stored, model_id=self._renderer.model_id,
             model_version=self._renderer.model_version,
             timings_ms={"queue": (batch.formed_at - pending.enqueued_at) * 1000, "render": render_ms,
                         "encode": (t1 - t0) * 1000, "store": (t2 - t1) * 1000},
             batch_id=batch.id, batch_size=len(batch.items), worker_id=self._worker_id,
-            source=pending.source, now_ms=now_ms)
-        return OutRecord(self._topic, self._encode(event), request["request_id"].encode())
+            source=pending.source, now_ms=int(time.time() * 1000))
+        value = self._encode(event)
+        if len(value) > self._max_bytes:
+            raise OutputTooLarge(f"ImageRendered would be {len(value)} bytes; {self._topic} takes at most "
+                                 f"{self._max_bytes}")
+        return OutRecord(self._topic, value, request["request_id"].encode())
 
-    def _put_with_retries(self, key: str, data: bytes) -> str:
-        for attempt in range(self._store_retries):
-            try:
-                return self._store.put(key, data, "image/png")
-            except Exception as exc:  # noqa: BLE001 - storage errors are transient until proven otherwise
-                if attempt == self._store_retries - 1:
-                    raise
-                log.warning("store %s failed (attempt %d): %r", key, attempt + 1, exc)
-                time.sleep(self._backoff * 2**attempt)
-        raise AssertionError("unreachable")
+    def _put(self, key: str, data: bytes) -> str:
+        def retrying(exc: BaseException, attempt: int) -> None:
+            metrics.ERRORS.labels("storage").inc()
+            log.warning("storing %s failed (attempt %d), retrying: %r", key, attempt, exc)
+
+        return until_done(lambda: self._store.put(key, data, "image/png"), stop=self._stop,
+                          is_infrastructure=lambda exc: not isinstance(exc, (UnsafeKey, TypeError)),
+                          on_retry=retrying)
+
+
+def _units(items: Sequence[RenderItem], settings: RenderSettings) -> float:
+    return max(1.0, len(items) * settings.width * settings.height * settings.steps)

@@ -1,85 +1,91 @@
 """The render worker: one member of the consumer group of a model pool.
 
-Main thread: poll the priority topics without pause, decode and check each request, hand it to the scheduler,
-pause a priority's partitions while its buffer is full, and every few milliseconds commit the finished prefix
-(outputs + consumed offsets) in one Kafka transaction. Render thread (streams/rendering.py): batches -> images
--> object storage -> ImageRendered, beside the main thread.
+Main thread: poll the priority topics, decide on each record (streams/intake.py), hand admitted requests to the
+scheduler, pause a priority's partitions while its buffer is full, tell the scheduler which classes still wait in
+Kafka, and every few milliseconds commit the finished prefix (outputs + consumed offsets) through the shared
+transactional step. Render thread (streams/rendering.py): batches -> images -> object storage -> ImageRendered.
+
+After an aborted transaction the step refuses every commit until the main loop has rewound every assigned
+partition and forgotten its local state: nothing commits past work that was dropped.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from connectors import kafka
-from connectors.kafka import OutRecord
+from connectors.kafka import TransactionAborted, TransactionalStep
+from connectors.retry import backoff_delay
 from connectors.storage import ObjectStore
 from processors.batching import Batch, CompatKey, Pending
 from processors.offsets import OffsetTracker
-from processors.renderer import UnsupportedSettings
-from processors.requests import InvalidRequest, Limits, settings_of, validate
 from processors.scheduler import Scheduler, SchedulerConfig
-from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
+from schemas.serde import AvroSerde
 from streams import metrics
-from streams.failures import FailureRecords
-from streams.rendering import Admitted, BatchRenderer, RenderStage
+from streams.crash_journal import CrashJournal
+from streams.failures import FailureRecords, Origin
+from streams.intake import Admit, Finish, Hold, Intake, Outcome
+from streams.liveness import Deadlines, Heartbeat
+from streams.rendering import Admitted, BatchRenderer, RenderStage, StageLimits
 from streams.settings import Settings
-from streams.supervise import Watchdog
 
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
-
-
-class Outcome(NamedTuple):
-    """A finished request as the tracker holds it until commit: its records and how to count it."""
-
-    records: list[OutRecord]
-    priority: str
-    status: str | None  # None: not this worker's to count (another pool's request)
+INTAKE_LIMIT_S = 120.0  # one round of consume + decode; a record that spins the decoder ends the process
+COMMIT_LIMIT_S = 60.0  # librdkafka can block past its own timeouts when the coordinator vanishes
 
 
 class RenderWorker:
-    def __init__(self, settings: Settings, renderer: BatchRenderer, store: ObjectStore, serde: AvroSerde,
-                 *, batch_key_extra=None, commit_interval_s: float = 0.05, consume_batch: int = 500):
+    def __init__(self, settings: Settings, renderer: BatchRenderer, store: ObjectStore, serde: AvroSerde, *,
+                 consumer_factory: Callable[..., Consumer] = kafka.consumer,
+                 step_factory: Callable[..., TransactionalStep] = TransactionalStep,
+                 commit_interval_s: float = 0.05, consume_batch: int = 500):
         self.s = settings
         self.topology = settings.topology
         self._renderer = renderer
-        self._serde = serde
-        self._key_extra = batch_key_extra or (lambda request: ())
+        self._consumer_factory = consumer_factory
+        self._step_factory = step_factory
         self._commit_interval = commit_interval_s
         self._consume_batch = consume_batch
-        self._limits = Limits(max_prompt_chars=settings.max_prompt_chars, max_width=settings.max_width,
-                              max_height=settings.max_height, max_steps=settings.max_steps,
-                              max_images=settings.max_images_per_request)
-        self._all_models = tuple(m for ms in settings.pool_table.values() for m in ms)
-        self._my_models = set(settings.pool_models)
         self._priority_of_topic = {t: p for p, t in self.topology.render_input_topics().items()}
         self._lock = threading.Condition()
         self._scheduler = Scheduler(SchedulerConfig(
             max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
             capacity_per_priority=settings.buffer_per_priority,
             min_share={"normal": settings.min_share_normal, "low": settings.min_share_low},
-            aging_s=settings.aging_s))
+            aging_s=settings.aging_s, share_patience_s=settings.share_patience_s,
+            fetch_wait_s=settings.fetch_wait_ms / 1000))
         self._tracker = OffsetTracker()
         self._epoch: dict[TP, int] = {}
         self._overflow: dict[str, list[Pending]] = {p: [] for p in self._priority_of_topic.values()}
         self._paused: set[str] = set()
+        self._unfetched: dict[str, bool] = {}  # last reported to the scheduler: records of the class wait in Kafka
+        self._held: dict[TP, tuple[float, int]] = {}  # partition -> (resume at, attempt): a registry outage
         self._assigned: set[TP] = set()
         self._committed: dict[TP, int] = {}
-        self._failure_records = FailureRecords(self.topology, serde, stage=f"worker:{settings.pool}")
+        self._commits_allowed = True
+        self._intake = Intake(settings, serde, renderer,
+                              FailureRecords(self.topology, serde, stage=f"worker:{settings.pool}"))
         self._stop = threading.Event()
-        self._needs_rewind = False
         self.group_id = f"{settings.topic_prefix}-render-{settings.pool}"
+        self._journal = CrashJournal(settings.state_dir, f"{self.group_id}-{settings.worker_id}")
+        self._deadlines = Deadlines()
+        self._heartbeat = Heartbeat(settings.health_file, settings.worker_id)
         self._stage = RenderStage(
-            renderer=renderer, store=store, encode_rendered=lambda v: serde.encode("ImageRendered", v,
-                                                                                   topic=self.topology.rendered),
-            rendered_topic=self.topology.rendered, worker_id=settings.worker_id, take_batch=self._take_batch,
-            on_done=self._on_done, on_fail=self._on_render_fail)
+            renderer=renderer, store=store,
+            encode_rendered=lambda v: serde.encode("ImageRendered", v, topic=self.topology.rendered),
+            rendered_topic=self.topology.rendered, max_rendered_bytes=self.topology.max_bytes(self.topology.rendered),
+            worker_id=settings.worker_id, take_batch=self._take_batch, on_done=self._on_done,
+            on_fail=self._on_render_fail, journal=self._journal, deadlines=self._deadlines,
+            heartbeat=self._heartbeat, limits=StageLimits(
+                device_fault_exit_s=settings.device_fault_exit_s,
+                batch_timeout_factor=settings.batch_timeout_factor,
+                batch_timeout_floor_s=settings.batch_timeout_floor_s))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -88,58 +94,61 @@ class RenderWorker:
 
     def run(self) -> None:
         conf = self.s.kafka_config()
-        self._consumer = kafka.consumer(conf, self.group_id)
-        self._outbox = kafka.TransactionalOutbox(
-            conf, transactional_id=f"{self.group_id}-{self.s.worker_id}", timeout_s=10.0)
-        self._commit_watchdog = Watchdog(limit_s=60.0, what="a Kafka transaction commit")
+        self._consumer = self._consumer_factory(conf, self.group_id)
+        self._step = self._step_factory(conf, f"{self.group_id}-{self.s.worker_id}")
         self._consumer.subscribe(list(self._priority_of_topic), on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
         self._stage.start()
-        self._mark_ready()
+        metrics.READY.set(1)
+        self._heartbeat.ready()
         log.info("worker %s serving pool %s (%s) in group %s", self.s.worker_id, self.s.pool,
-                 ", ".join(sorted(self._my_models)), self.group_id)
+                 ", ".join(self.s.pool_models), self.group_id)
         last_commit = last_gauges = time.monotonic()
+        clean = False
         try:
             while not self._stop.is_set():
                 if self._stage.failure is not None:
                     raise RuntimeError("the render stage failed") from self._stage.failure
-                msgs = self._consumer.consume(self._consume_batch, timeout=0.02)
-                if self._needs_rewind:  # a commit failed inside a rebalance callback during consume()
-                    self._rewind()  # what this batch held is read again after the seek
-                    msgs = []
-                for msg in msgs:
-                    self._ingest(msg)
+                self._heartbeat.beat("main")
+                with self._deadlines.guard("intake", INTAKE_LIMIT_S):
+                    msgs = self._consumer.consume(self._consume_batch, timeout=0.02)
+                    if self._step.needs_rewind:  # a commit inside a rebalance callback aborted
+                        self._rewind()  # what this batch held is read again after the seek
+                        msgs = []
+                    for msg in msgs:
+                        self._ingest(msg)
                 now = time.monotonic()
                 self._housekeeping(now)
                 if now - last_commit >= self._commit_interval:
                     self._commit()
                     last_commit = now
+                if self._step.needs_rewind:
+                    self._rewind()
                 if now - last_gauges >= 1.0:
                     self._update_gauges()
                     last_gauges = now
+            clean = True
         finally:
-            self._shutdown()
+            self._shutdown(clean)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, clean: bool) -> None:
         log.info("worker %s stopping: finishing the batch in hand", self.s.worker_id)
+        self._stop.set()
         with self._lock:
             self._lock.notify_all()
         self._stage.stop()
-        try:
-            self._commit()
-        except KafkaException:
-            log.exception("final commit failed; the uncommitted requests will be rendered again")
+        # After a failure nothing commits, not even from the revocation that closing the consumer triggers.
+        self._commits_allowed = clean
+        if clean:
+            try:
+                self._commit()
+            except kafka.TransactionStuck:
+                log.exception("final commit failed; the uncommitted requests will be rendered again")
         self._consumer.close()
-        self._outbox.close()
+        self._step.close()
+        self._journal.close()
         metrics.READY.set(0)
-        if self.s.health_file:
-            Path(self.s.health_file).unlink(missing_ok=True)
-
-    def _mark_ready(self) -> None:
-        metrics.READY.set(1)
-        if self.s.health_file:
-            Path(self.s.health_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.s.health_file).write_text(f"ready {self.s.worker_id}\n")
+        self._heartbeat.clear()
 
     # ------------------------------------------------------------------ intake
 
@@ -150,71 +159,60 @@ class RenderWorker:
                 metrics.ERRORS.labels("kafka").inc()
                 log.warning("consume error: %s", err)
             return
-        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-        tp = (topic, partition)
-        raw = msg.value() or b""
-        source = (topic, partition, offset)
-        priority = self._priority_of_topic[topic]
+        tp = (msg.topic(), msg.partition())
+        if tp not in self._assigned or tp in self._held:
+            return  # revoked during consume(), or to be read again once the registry answers
+        origin = Origin.of(msg)
+        priority = self._priority_of_topic[origin.topic]
+        strikes = self._journal.strikes(origin.source)
+        if strikes >= self._journal.max_strikes:
+            self._track_finished(origin, self._intake.poison(origin, priority, strikes))
+            return
+        with self._journal.holding("intake", [origin.source]):
+            decision = self._intake.decide(origin, priority)
+        if isinstance(decision, Hold):
+            self._hold(tp, origin.offset, decision.reason)
+        elif isinstance(decision, Finish):
+            self._track_finished(origin, decision.outcome)
+        else:
+            self._admit(origin, priority, decision, solo=strikes > 0)
+
+    def _track_finished(self, origin: Origin, outcome: Outcome) -> None:
         with self._lock:
-            self._tracker.track(topic, partition, offset)
-            epoch = self._epoch.get(tp, 0)
-        request: dict[str, Any] | None = None
-        try:
-            request = self._decode(raw, topic)
-            validate(request, self._limits, self._all_models)
-            if request["model"] in self._my_models:
-                self._renderer.check_settings(settings_of(request))
-        except (SerdeError, InvalidRequest, UnsupportedSettings) as exc:
-            code = "invalid_request" if isinstance(exc, UnsupportedSettings) else (
-                exc.code if isinstance(exc, InvalidRequest) else (
-                    "unknown_schema" if isinstance(exc, UnknownSchema) else "undecodable"))
-            # Exactly one pool reports: the pool of the request's model, else the first pool.
-            mine = request is not None and request.get("model") in self._my_models
-            unowned = request is None or request.get("model") not in self._all_models
-            if mine or (unowned and self.s.reports_unroutable):
-                outcome = Outcome(self._failure_records(code, str(exc), source, raw, request), priority, code)
-            else:
-                outcome = Outcome([], priority, None)
-            self._complete(tp, offset, epoch, outcome)
-            return
-        if request["model"] not in self._my_models:
-            self._complete(tp, offset, epoch, Outcome([], priority, None))  # another pool's group renders it
-            return
-        deadline = request.get("deadline")
-        wall_now = int(time.time() * 1000)
-        if deadline is not None and deadline <= wall_now:
-            self._complete(tp, offset, epoch, Outcome(self._failure_records(
-                "deadline_exceeded", f"deadline passed {wall_now - deadline} ms before the request was read",
-                source, raw, request), priority, "deadline_exceeded"))
-            return
-        mono = time.monotonic()
-        pending = Pending(
-            request_id=request["request_id"], priority=priority,
-            key=CompatKey(model=request["model"], model_version=self._renderer.model_version,
-                          width=request["width"], height=request["height"], steps=request["steps"],
-                          guidance=float(request["guidance"]), extra=tuple(self._key_extra(request))),
-            source=source, enqueued_at=mono,
-            deadline=None if deadline is None else mono + (deadline - wall_now) / 1000,
-            payload=Admitted(request, raw, epoch, wall_now), cost=request["num_images"])
+            self._tracker.track(origin.topic, origin.partition, origin.offset)
+            self._tracker.complete(origin.topic, origin.partition, origin.offset, outcome)
+
+    def _admit(self, origin: Origin, priority: str, admit: Admit, solo: bool) -> None:
+        request = admit.request
+        mono, wall_ms = time.monotonic(), int(time.time() * 1000)
+        tp = (origin.topic, origin.partition)
         with self._lock:
+            self._tracker.track(origin.topic, origin.partition, origin.offset)
+            pending = Pending(
+                request_id=request["request_id"], priority=priority,
+                key=CompatKey(model=request["model"], model_version=self._renderer.model_version,
+                              width=request["width"], height=request["height"], steps=request["steps"],
+                              guidance=float(request["guidance"]),
+                              # a record the worker died with once renders alone: its batch mates are not blamed
+                              extra=origin.source if solo else ()),
+                source=origin.source, enqueued_at=mono,
+                deadline=None if admit.deadline_ms is None else mono + (admit.deadline_ms - wall_ms) / 1000,
+                payload=Admitted(request, origin, self._epoch.get(tp, 0), wall_ms), cost=request["num_images"])
             if self._overflow[priority] or not self._scheduler.offer(pending):
                 self._overflow[priority].append(pending)
                 self._pause(priority)
             else:
                 self._lock.notify()
 
-    def _decode(self, raw: bytes, topic: str) -> dict[str, Any]:
-        """Decodes a request; a Schema Registry outage is waited out (bounded), then stops the worker loudly."""
-        for attempt in range(6):
-            try:
-                return self._serde.decode("GenerationRequest", raw, topic=topic)
-            except RegistryUnavailable as exc:
-                metrics.ERRORS.labels("schema_registry").inc()
-                if attempt == 5:
-                    raise
-                log.warning("schema registry unavailable (%s); retrying", exc)
-                time.sleep(0.5 * 2**attempt)
-        raise AssertionError("unreachable")
+    def _hold(self, tp: TP, offset: int, reason: str) -> None:
+        """Reads the partition again from `offset` after a backoff: the registry, not the record, failed."""
+        attempt = self._held.get(tp, (0.0, 0))[1] + 1
+        metrics.ERRORS.labels("schema_registry").inc()
+        delay = backoff_delay(attempt)
+        log.warning("%s[%d]@%d waits %.1fs: %s", tp[0], tp[1], offset, delay, reason)
+        self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        self._consumer.pause([TopicPartition(*tp)])
+        self._held[tp] = (time.monotonic() + delay, attempt)
 
     # ------------------------------------------------------------------ scheduling (shared with the render thread)
 
@@ -229,7 +227,13 @@ class RenderWorker:
             return batch
 
     def _housekeeping(self, now: float) -> None:
+        for tp, (resume_at, _attempt) in list(self._held.items()):
+            if now >= resume_at:
+                del self._held[tp]
+                if self._priority_of_topic[tp[0]] not in self._paused:
+                    self._consumer.resume([TopicPartition(*tp)])
         with self._lock:
+            self._report_unfetched(now)
             expired = self._scheduler.expire(now)
             for waiting in self._overflow.values():  # paused intake: these wait outside the scheduler
                 late = [p for p in waiting if p.deadline is not None and p.deadline < now]
@@ -237,17 +241,40 @@ class RenderWorker:
                     waiting.remove(pending)
                     expired.append(pending)
             for pending in expired:
-                tp = pending.source[:2]
-                records = self._failure_records("deadline_exceeded", "deadline passed while queued",
-                                                pending.source, pending.payload.raw, pending.payload.request)
-                self._complete_locked(tp, pending.source[2], pending.payload.epoch,
-                                      Outcome(records, pending.priority, "deadline_exceeded"))
+                self._complete_locked(pending, self._intake.failed(
+                    "deadline_exceeded", "deadline passed while queued", pending.payload.origin,
+                    pending.payload.request, pending.priority))
             for priority, waiting in self._overflow.items():
                 while waiting and self._scheduler.offer(waiting[0]):
                     waiting.pop(0)
                     self._lock.notify()
                 if not waiting and priority in self._paused and self._scheduler.has_room(priority):
                     self._resume(priority)
+
+    def _report_unfetched(self, now: float) -> None:
+        """Tells the scheduler which classes still have records in Kafka that this worker has not read, so that a
+        lower class does not start a batch ahead of them (lock held). A partition whose end offset or position is
+        not known yet (just assigned) counts as waiting; the scheduler bounds how long that holds others back."""
+        mine = [TopicPartition(t, p) for t, p in self._assigned if (t, p) not in self._held]
+        try:
+            positions = self._consumer.position(mine) if mine else []
+        except KafkaException:
+            return
+        waiting = {p: p in self._paused for p in self._overflow}  # a paused class has a full buffer anyway
+        for tp in positions:
+            priority = self._priority_of_topic[tp.topic]
+            if waiting[priority]:
+                continue
+            try:
+                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                high = -1
+            waiting[priority] = high < 0 or tp.offset < 0 or tp.offset < high
+        for priority, has_lag in waiting.items():
+            self._scheduler.set_unfetched(priority, has_lag, now)
+        if any(self._unfetched.get(p) and not has_lag for p, has_lag in waiting.items()):
+            self._lock.notify()  # a hold ended: the render thread may start a batch now
+        self._unfetched = waiting
 
     def _pause(self, priority: str) -> None:
         if priority not in self._paused:
@@ -256,7 +283,8 @@ class RenderWorker:
 
     def _resume(self, priority: str) -> None:
         self._paused.discard(priority)
-        self._consumer.resume(self._partitions_of(priority))
+        self._consumer.resume([tp for tp in self._partitions_of(priority)
+                               if (tp.topic, tp.partition) not in self._held])
 
     def _partitions_of(self, priority: str) -> list[TopicPartition]:
         topic = self.topology.render_input_topics()[priority]
@@ -264,55 +292,50 @@ class RenderWorker:
 
     # ------------------------------------------------------------------ completion and commits
 
-    def _on_done(self, pending: Pending, records: list[OutRecord], status: str, _reason: str) -> None:
+    def _on_done(self, pending: Pending, records: list, status: str) -> None:
         with self._lock:
-            self._complete_locked(pending.source[:2], pending.source[2], pending.payload.epoch,
-                                  Outcome(records, pending.priority, status))
+            self._complete_locked(pending, Outcome(records, pending.priority, status))
 
-    def _on_render_fail(self, pending: Pending, code: str, reason: str, retriable: bool) -> None:
-        request = pending.payload.request
-        records = self._failure_records(code, reason, pending.source, pending.payload.raw, request, retriable)
-        self._on_done(pending, records, code, reason)
+    def _on_render_fail(self, pending: Pending, code: str, reason: str) -> None:
+        outcome = self._intake.failed(code, reason, pending.payload.origin, pending.payload.request,
+                                      pending.priority)
+        self._on_done(pending, outcome.records, code)
 
-    def _complete(self, tp: TP, offset: int, epoch: int, outcome: Outcome) -> None:
-        with self._lock:
-            self._complete_locked(tp, offset, epoch, outcome)
-
-    def _complete_locked(self, tp: TP, offset: int, epoch: int, outcome: Outcome) -> None:
-        if tp in self._assigned and self._epoch.get(tp, 0) == epoch:  # else: its next owner redoes it
+    def _complete_locked(self, pending: Pending, outcome: Outcome) -> None:
+        tp, offset = pending.source[:2], pending.source[2]
+        if tp in self._assigned and self._epoch.get(tp, 0) == pending.payload.epoch:  # else: redone by its owner
             self._tracker.complete(tp[0], tp[1], offset, outcome)
 
     def _commit(self) -> None:
+        """Commits the finished prefix with its outputs. Does nothing while a rewind is due (the main loop does
+        it first) or after a failure: nothing may commit past work that an abort dropped."""
+        if not self._commits_allowed or self._step.needs_rewind:
+            return
         with self._lock:
             results, offsets = self._tracker.release()
         if not offsets:
             return
         records = [r for outcome in results for r in outcome.records]
         try:
-            with self._commit_watchdog:
-                self._outbox.commit(records, offsets, self._consumer)
-        except KafkaException as exc:
+            with self._deadlines.guard("a transaction commit", COMMIT_LIMIT_S):
+                self._step.commit(records, offsets, self._consumer)
+        except TransactionAborted as exc:
             metrics.ERRORS.labels("transaction").inc()
-            if kafka.is_fatal(exc):
-                raise
             log.warning("transaction aborted (%s); rewinding to the committed offsets", exc)
-            # Rewound by the main loop, never inside a rebalance callback (consume() may still hand out
-            # records fetched before the seek).
-            self._needs_rewind = True
             return
         self._committed.update(offsets)
+        self._journal.committed(offsets)
         for outcome in results:  # counted once committed: a request redone after an abort counts once
             if outcome.status is not None:
                 metrics.REQUESTS.labels(outcome.priority, outcome.status).inc()
 
     def _rewind(self) -> None:
         """After an aborted transaction: read again from the committed offsets, then forget all local state."""
-        with self._lock:
-            parts = list(self._assigned)
-        kafka.rewind_to_committed(self._consumer, parts)
+        self._step.rewind(self._consumer, self._forget_locked)
+
+    def _forget_locked(self, parts: list[TP]) -> None:
         with self._lock:
             self._forget(parts)
-        self._needs_rewind = False
 
     def _forget(self, parts: list[TP]) -> None:
         """Drops buffered and finished-but-uncommitted work of these partitions (lock held)."""
@@ -340,11 +363,12 @@ class RenderWorker:
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Commit what is finished while the partitions are still ours, then drop the rest.
+        # Commit what is finished while the partitions are still ours (unless an abort is pending), then drop them.
         try:
             self._commit()
-        except KafkaException:
-            log.exception("commit before revocation failed")
+        except kafka.TransactionStuck:
+            self._commits_allowed = False  # ends the process (consume() raises it); nothing commits after it
+            raise
         self._drop(partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -357,6 +381,7 @@ class RenderWorker:
             self._assigned.difference_update(parts)
             for tp in parts:
                 self._committed.pop(tp, None)
+                self._held.pop(tp, None)
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in parts))
 
     # ------------------------------------------------------------------ gauges

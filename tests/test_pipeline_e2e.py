@@ -115,7 +115,8 @@ def test_bad_input_fails_cleanly_and_good_requests_around_it_render(pipeline):
     # The undecodable records have no request id: find their RequestFailed by source offset instead,
     # and their original bytes on the dead-letter topic.
     letters = _drain(dlq, expected=6)
-    by_value = {v: dict(h) for v, h in letters}
+    by_value = {v: dict(h) for _k, v, h in letters}
+    assert {k for k, _v, _h in letters} >= {b"garbage", b"unknown"}  # dead letters keep the original key
     assert garbage in by_value and by_value[garbage]["zimage.reason_code"] == b"undecodable"
     assert unknown_schema in by_value and by_value[unknown_schema]["zimage.reason_code"] == b"unknown_schema"
     assert b"fingerprint" in by_value[unknown_schema]["zimage.reason"]
@@ -138,6 +139,6 @@ def _drain(consumer, expected: int, timeout_s: float = 60):
     while len(out) < expected and time.monotonic() < deadline:
         msg = consumer.poll(0.5)
         if msg is not None and not msg.error():
-            out.append((msg.value(), [(k, v) for k, v in (msg.headers() or [])]))
+            out.append((msg.key(), msg.value(), [(k, v) for k, v in (msg.headers() or [])]))
     consumer.close()
     return out

@@ -1,0 +1,115 @@
+"""Which records a worker held when it died, so that a record that kills the process is dead-lettered.
+
+Before a record is decoded, and before a batch is rendered, the worker writes its coordinates to a small file
+(one per activity); it clears the file when the step ends, normally or by a handled exception. A file that still
+names records when the next process opens the journal means the last one died uncleanly in that step (a signal,
+a segfault in a C extension, a deadline that ended it, an uncaught exception). Each such record gets a strike.
+
+A record with one strike is rendered alone (an innocent batch mate is not blamed twice); a record with
+`max_strikes` is dead-lettered on sight without being decoded or rendered again. A deliberate exit (bad
+settings, a device outage) clears the file first, so it never counts. The files live in page cache: a SIGKILL
+does not lose them (only a machine crash, which blames nobody).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from connectors.retry import Stopping
+
+log = logging.getLogger(__name__)
+
+Source = tuple[str, int, int]  # topic, partition, offset
+ACTIVITIES = ("intake", "render")
+
+
+class Deliberate(Exception):
+    """Base of exceptions that end a step on purpose: the records held are not to blame."""
+
+
+class CrashJournal:
+    def __init__(self, folder: str | Path, name: str, max_strikes: int = 2):
+        self._folder = Path(folder)
+        self._folder.mkdir(parents=True, exist_ok=True)
+        self._name = name
+        self.max_strikes = max_strikes
+        self._lock = threading.Lock()
+        self._fds = {a: os.open(self._path(a), os.O_RDWR | os.O_CREAT, 0o644) for a in ACTIVITIES}
+        self._strikes: dict[Source, int] = self._load_strikes()
+        died_holding = [src for a in ACTIVITIES for src in self._read(a)]
+        for src in died_holding:
+            self._strikes[src] = self._strikes.get(src, 0) + 1
+        if died_holding:
+            log.error("the last process died holding %d record(s); strikes now %s", len(died_holding),
+                      {f"{t}[{p}]@{o}": n for (t, p, o), n in self._strikes.items()})
+        self._save_strikes()
+        for activity in ACTIVITIES:
+            self._write(activity, [])
+
+    def strikes(self, source: Source) -> int:
+        return self._strikes.get(source, 0)
+
+    @contextmanager
+    def holding(self, activity: str, sources: Iterable[Source]) -> Iterator[None]:
+        """Names `sources` as in hand for the duration of the step. Cleared when the step ends normally or by a
+        `Deliberate` exception; left in place when anything else escapes it, since that ends the process."""
+        self._write(activity, list(sources))
+        try:
+            yield
+        except (Deliberate, Stopping):
+            self._write(activity, [])
+            raise
+        self._write(activity, [])
+
+    def committed(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Forgets the strikes of records whose offsets are now committed (their outcome is final)."""
+        with self._lock:
+            done = [s for s in self._strikes if (s[0], s[1]) in offsets and s[2] < offsets[(s[0], s[1])]]
+            for src in done:
+                del self._strikes[src]
+        if done:
+            self._save_strikes()
+
+    def _path(self, what: str) -> Path:
+        return self._folder / f"{self._name}.{what}"
+
+    def _write(self, activity: str, sources: list[Source]) -> None:
+        data = json.dumps(sources).encode()
+        fd = self._fds[activity]
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+
+    def _read(self, activity: str) -> list[Source]:
+        try:
+            raw = self._path(activity).read_text() or "[]"
+            return [(str(t), int(p), int(o)) for t, p, o in json.loads(raw)]
+        except (ValueError, TypeError) as exc:
+            log.warning("crash journal %s unreadable (%s); ignored", self._path(activity), exc)
+            return []
+
+    def _load_strikes(self) -> dict[Source, int]:
+        path = self._path("strikes")
+        try:
+            return {(str(t), int(p), int(o)): int(n) for t, p, o, n in json.loads(path.read_text() or "[]")}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, TypeError) as exc:
+            log.warning("crash journal %s unreadable (%s); ignored", path, exc)
+            return {}
+
+    def _save_strikes(self) -> None:
+        with self._lock:
+            rows = [[t, p, o, n] for (t, p, o), n in self._strikes.items()]
+        path = self._path("strikes")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows))
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)

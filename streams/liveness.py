@@ -1,0 +1,90 @@
+"""Liveness of a long-running process: deadlines that end it when a step hangs, and a heartbeat health file.
+
+A hang is worse than a crash: the partitions stay assigned and every later offset waits behind the stuck one.
+`Deadlines` ends the process (exit code 1, every thread's stack on stderr) when a guarded step outlives its
+limit. It arms faulthandler's timer, which runs in a C thread: it fires even while a C extension spins with the
+GIL held, where a Python watchdog thread would never get to run. The supervisor then starts a fresh process.
+
+`Heartbeat` writes the health file: one JSON object with when each loop last went round, rewritten at most once a
+second, so a probe can tell "started" from "making progress" (age of `main` and `render`).
+"""
+from __future__ import annotations
+
+import faulthandler
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+class Deadlines:
+    """Ends the process when any guarded step outlives its limit (thread-safe; one per process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[float, str]] = {}
+        self._ids = itertools.count()
+
+    @contextmanager
+    def guard(self, what: str, limit_s: float) -> Iterator[None]:
+        token = next(self._ids)
+        with self._lock:
+            self._active[token] = (time.monotonic() + limit_s, what)
+            self._arm()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._active[token]
+                self._arm()
+
+    def _arm(self) -> None:
+        if not self._active:
+            faulthandler.cancel_dump_traceback_later()
+            return
+        deadline, _what = min(self._active.values())
+        faulthandler.dump_traceback_later(max(0.001, deadline - time.monotonic()), exit=True, file=sys.stderr)
+
+
+class Heartbeat:
+    """The health file: written when the process is ready, refreshed as its loops go round, removed at exit."""
+
+    def __init__(self, path: str | None, worker_id: str, min_interval_s: float = 1.0):
+        self._path = Path(path) if path else None
+        self._worker_id = worker_id
+        self._interval = min_interval_s
+        self._beats: dict[str, float] = {}
+        self._written = 0.0
+        self._lock = threading.Lock()
+
+    def beat(self, loop: str) -> None:
+        """`loop` went round; cheap enough for every iteration (the file is written at most once a second)."""
+        now = time.time()
+        with self._lock:
+            self._beats[loop] = now
+            if now - self._written < self._interval:
+                return
+            self._written = now
+            beats = dict(self._beats)
+        self._write(beats)
+
+    def _write(self, beats: dict[str, float]) -> None:
+        if self._path is None:
+            return
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"worker_id": self._worker_id, "pid": os.getpid(), "beats": beats}) + "\n")
+        os.replace(tmp, self._path)
+
+    def ready(self) -> None:
+        self._written = 0.0
+        self.beat("ready")
+
+    def clear(self) -> None:
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)

@@ -1,0 +1,92 @@
+"""A hung step ends the process even while C code holds the GIL; a record that kills the worker twice is named."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from streams.crash_journal import CrashJournal, Deliberate
+from streams.liveness import Deadlines, Heartbeat
+from tests.harness import ROOT
+
+
+def run_python(code: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_step_that_spins_in_c_with_the_gil_held_ends_the_process():
+    started = time.monotonic()
+    done = run_python("""
+        import re
+        from streams.liveness import Deadlines
+        with Deadlines().guard("a catastrophic regex", 0.5):
+            re.match(r"(a*)*b", "a" * 64)  # exponential backtracking inside the C regex engine, GIL held
+        print("survived")
+    """)
+    assert done.returncode != 0 and "survived" not in done.stdout
+    assert time.monotonic() - started < 20
+    assert "Thread" in done.stderr or "Stack" in done.stderr  # every thread's stack explains the hang
+
+
+def test_steps_that_end_in_time_leave_the_process_alone():
+    deadlines = Deadlines()
+    with deadlines.guard("outer", 0.3):
+        with deadlines.guard("inner", 5):
+            pass
+    time.sleep(0.5)  # the outer limit passed after its step ended: nothing fires
+
+
+def test_the_heartbeat_file_shows_progress(tmp_path):
+    path = tmp_path / "health"
+    beat = Heartbeat(str(path), "w1", min_interval_s=0.0)
+    beat.ready()
+    beat.beat("main")
+    first = json.loads(path.read_text())
+    time.sleep(0.01)
+    beat.beat("render")
+    second = json.loads(path.read_text())
+    assert first["worker_id"] == "w1" and {"ready", "main"} <= first["beats"].keys()
+    assert second["beats"]["render"] >= first["beats"]["main"]
+    beat.clear()
+    assert not path.exists()
+
+
+SOURCE = ("zimage.requests.normal", 2, 41)
+
+
+def die_holding(folder, activity: str = "intake") -> int:
+    done = run_python(f"""
+        import os, signal
+        from streams.crash_journal import CrashJournal
+        journal = CrashJournal({str(folder)!r}, "w")
+        with journal.holding({activity!r}, [{SOURCE!r}]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    return done.returncode
+
+
+@pytest.mark.parametrize("activity", ["intake", "render"])
+def test_each_death_while_holding_a_record_is_a_strike(tmp_path, activity):
+    assert die_holding(tmp_path, activity) == -9
+    assert CrashJournal(tmp_path, "w").strikes(SOURCE) == 1
+    assert die_holding(tmp_path, activity) == -9
+    journal = CrashJournal(tmp_path, "w")
+    assert journal.strikes(SOURCE) == 2 >= journal.max_strikes
+    journal.committed({SOURCE[:2]: SOURCE[2] + 1})  # once its outcome commits, the record is forgiven
+    assert CrashJournal(tmp_path, "w").strikes(SOURCE) == 0
+
+
+def test_a_deliberate_exit_or_a_normal_end_is_no_strike(tmp_path):
+    journal = CrashJournal(tmp_path, "w")
+    with journal.holding("render", [SOURCE]):
+        pass
+    with pytest.raises(Deliberate):
+        with journal.holding("render", [SOURCE]):
+            raise Deliberate("the device is gone; exiting on purpose")
+    journal.close()
+    assert CrashJournal(tmp_path, "w").strikes(SOURCE) == 0

@@ -1,0 +1,162 @@
+"""The shared transactional step with an autospecced producer: each error at each call, the deadline, the rewind."""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+from connectors.kafka import (OutRecord, RewindRequired, TransactionAborted, TransactionalStep, TransactionStuck,
+                              rewind_to_committed)
+from tests.fake_kafka import FakeKafka, kafka_error
+
+TOPIC = "in"
+RECORDS = [OutRecord("out", b"v1", b"k1"), OutRecord("out", b"v2", b"k2", timestamp=123)]
+OFFSETS = {(TOPIC, 0): 2}
+CALLS = ["begin_transaction", "produce", "send_offsets_to_transaction", "commit_transaction"]
+
+
+def setup(**step_options):
+    kafka = FakeKafka()
+    kafka.append(TOPIC, 0, b"a")
+    producer = kafka.producer()
+    consumer = kafka.consumer()
+    consumer.assigned.append((TOPIC, 0))
+    step = TransactionalStep({}, "tx", client=producer, **step_options)
+    return kafka, producer, consumer, step
+
+
+def fail_once(mock_method, error):
+    """Make the first call of `mock_method` raise `error`, later ones behave as before."""
+    original = mock_method.side_effect
+
+    def side_effect(*args, **kwargs):
+        if side_effect.failed:
+            return original(*args, **kwargs)
+        side_effect.failed = True
+        raise error
+
+    side_effect.failed = False
+    mock_method.side_effect = side_effect
+
+
+def test_a_commit_produces_sends_offsets_and_commits_in_order():
+    kafka, producer, consumer, step = setup()
+    step.commit(RECORDS, OFFSETS, consumer.mock)
+    assert kafka.outputs == [("out", b"k1", b"v1"), ("out", b"k2", b"v2")]
+    assert kafka.committed == {(TOPIC, 0): 2}
+    names = [c[0] for c in producer.method_calls if c[0] in CALLS]
+    assert names == ["begin_transaction", "produce", "produce", "send_offsets_to_transaction", "commit_transaction"]
+    assert producer.produce.call_args_list[1].kwargs["timestamp"] == 123  # dead letters keep the original time
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_an_abortable_error_at_each_call_aborts_and_demands_a_rewind(call):
+    kafka, producer, consumer, step = setup()
+    fail_once(getattr(producer, call), kafka_error(abortable=True))
+    with pytest.raises(TransactionAborted):
+        step.commit(RECORDS, OFFSETS, consumer.mock)
+    producer.abort_transaction.assert_called_once()
+    assert kafka.outputs == [] and kafka.committed == {}
+    assert step.needs_rewind
+    produced = producer.produce.call_count
+    with pytest.raises(RewindRequired):  # a commit from a revocation or shutdown commits nothing
+        step.commit(RECORDS, {(TOPIC, 0): 1}, consumer.mock)
+    assert producer.produce.call_count == produced and kafka.committed == {}
+    forgotten = []
+    step.rewind(consumer.mock, forgotten.extend)
+    assert not step.needs_rewind and forgotten == [(TOPIC, 0)]
+    step.commit(RECORDS, OFFSETS, consumer.mock)
+    assert kafka.committed == {(TOPIC, 0): 2} and len(kafka.outputs) == 2
+
+
+@pytest.mark.parametrize("call", ["send_offsets_to_transaction", "commit_transaction"])
+def test_a_retriable_error_is_retried_within_the_deadline(call):
+    kafka, producer, consumer, step = setup()
+    fail_once(getattr(producer, call), kafka_error(retriable=True))
+    step.commit(RECORDS, OFFSETS, consumer.mock)
+    assert getattr(producer, call).call_count == 2
+    producer.abort_transaction.assert_not_called()
+    assert kafka.committed == {(TOPIC, 0): 2} and len(kafka.outputs) == 2
+
+
+def test_retries_share_one_deadline_below_the_transaction_timeout():
+    kafka, producer, consumer, step = setup(deadline_s=0.3)
+    producer.commit_transaction.side_effect = kafka_error(retriable=True)
+    started = time.monotonic()
+    with pytest.raises(TransactionAborted):
+        step.commit(RECORDS, OFFSETS, consumer.mock)
+    assert time.monotonic() - started < 0.3 + 0.2  # given up at the deadline, not after a backoff past it
+    producer.abort_transaction.assert_called_once()
+    for call in producer.commit_transaction.call_args_list:  # each call gets what is left of the one deadline
+        assert 0 < call.args[0] <= 0.3
+    with pytest.raises(ValueError):
+        TransactionalStep({}, "tx", client=producer, deadline_s=10.0)
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_a_fatal_error_at_each_call_means_a_new_process(call):
+    kafka, producer, consumer, step = setup()
+    fail_once(getattr(producer, call), kafka_error(KafkaError._FENCED, fatal=True))
+    with pytest.raises(TransactionStuck):
+        step.commit(RECORDS, OFFSETS, consumer.mock)
+    assert kafka.committed == {} and step.needs_rewind
+
+
+def test_an_abort_that_fails_is_stuck():
+    kafka, producer, consumer, step = setup()
+    fail_once(producer.commit_transaction, kafka_error(abortable=True))
+    producer.abort_transaction.side_effect = kafka_error(KafkaError._STATE)
+    with pytest.raises(TransactionStuck, match="abort"):
+        step.commit(RECORDS, OFFSETS, consumer.mock)
+
+
+def test_aborts_in_a_row_end_in_stuck():
+    kafka, producer, consumer, step = setup(max_aborts_in_a_row=3)
+    producer.commit_transaction.side_effect = kafka_error(abortable=True)
+    for _ in range(2):
+        with pytest.raises(TransactionAborted):
+            step.commit(RECORDS, OFFSETS, consumer.mock)
+        step.rewind(consumer.mock, lambda parts: None)
+    with pytest.raises(TransactionStuck, match="3 transactions aborted"):
+        step.commit(RECORDS, OFFSETS, consumer.mock)
+
+
+def test_init_failure_is_stuck():
+    producer = FakeKafka().producer()
+    producer.init_transactions.side_effect = kafka_error(KafkaError._FENCED, fatal=True)
+    with pytest.raises(TransactionStuck):
+        TransactionalStep({}, "tx", client=producer)
+
+
+def test_rewind_seeks_to_committed_and_never_falls_back_on_an_error():
+    kafka, producer, consumer, step = setup()
+    kafka.committed[(TOPIC, 0)] = 5
+    consumer.mock.committed.side_effect = lambda tps, timeout=None: [
+        TopicPartition(TOPIC, 0, 5), TopicPartition(TOPIC, 1, -1001)]
+    rewind_to_committed(consumer.mock, [(TOPIC, 0), (TOPIC, 1)])
+    seeks = [(c.args[0].partition, c.args[0].offset) for c in consumer.mock.seek.call_args_list]
+    assert seeks == [(0, 5), (1, OFFSET_BEGINNING)]  # never committed: where a new member would start
+
+    consumer.mock.seek.reset_mock()
+    broken = SimpleNamespace(topic=TOPIC, partition=1, offset=-1001,
+                             error=KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE))
+    consumer.mock.committed.side_effect = lambda tps, timeout=None: [TopicPartition(TOPIC, 0, 5), broken]
+    with pytest.raises(Exception):
+        rewind_to_committed(consumer.mock, [(TOPIC, 0), (TOPIC, 1)])
+    assert all(c.args[0].offset != OFFSET_BEGINNING for c in consumer.mock.seek.call_args_list)
+
+
+def test_a_failed_rewind_keeps_commits_refused():
+    kafka, producer, consumer, step = setup()
+    fail_once(producer.commit_transaction, kafka_error(abortable=True))
+    with pytest.raises(TransactionAborted):
+        step.commit(RECORDS, OFFSETS, consumer.mock)
+    consumer.mock.assignment.side_effect = lambda: [TopicPartition(TOPIC, 0)]
+    consumer.mock.committed.side_effect = kafka_error(KafkaError._FENCED, fatal=True)
+    with pytest.raises(Exception):
+        step.rewind(consumer.mock, lambda parts: None)
+    assert step.needs_rewind
+    with pytest.raises(RewindRequired):
+        step.commit(RECORDS, OFFSETS, consumer.mock)

@@ -1,0 +1,178 @@
+"""The render worker's commits with autospecced Kafka clients: after an abort, nothing commits past dropped work.
+
+Each scenario ends with the invariant that matters: the committed offsets of the input partition cover exactly
+the requests whose outputs were committed, each once.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bench.simulated import MemoryStore
+from connectors.kafka import TransactionalStep, TransactionStuck
+from schemas.serde import AvroSerde
+from streams.settings import Settings
+from streams.submit import build_request
+from streams.worker import RenderWorker
+from tests.fake_kafka import FakeKafka, FakeMessage, kafka_error
+
+PREFIX = "tw"
+TOPIC = f"{PREFIX}.requests.normal"
+TP = (TOPIC, 0)
+
+
+class InstantRenderer:
+    model_id = "instant"
+    model_version = "instant-1"
+
+    def render(self, items, settings):
+        return [np.full((16, 16, 3), item.seed % 251, np.uint8) for item in items]
+
+    def check_settings(self, settings):
+        pass
+
+    def warmup(self):
+        pass
+
+
+class Rig:
+    def __init__(self, tmp_path, count: int = 12):
+        self.kafka = FakeKafka()
+        self.serde = AvroSerde()
+        self.ids = []
+        for i in range(count):
+            request = build_request({"prompt": f"chair {i}", "seed": i, "width": 32, "height": 32, "steps": 1,
+                                     "priority": "normal"})
+            self.ids.append(request["request_id"])
+            self.kafka.append(TOPIC, 0, self.serde.encode("GenerationRequest", request), request["request_id"].encode())
+        self.producer = self.kafka.producer()
+        self.consumer = self.kafka.consumer()
+        settings = Settings(_env_file=None, topic_prefix=PREFIX, request_partitions=1, output_partitions=1,
+                            state_dir=str(tmp_path / "state"), worker_id="w1", max_wait_ms=0, max_batch_size=2,
+                            health_file=None)
+        self.worker = RenderWorker(settings, InstantRenderer(), MemoryStore(), self.serde,
+                                   consumer_factory=lambda conf, group: self.consumer.mock,
+                                   step_factory=lambda conf, tid: TransactionalStep(conf, tid, client=self.producer))
+
+    # ---- stepping the worker by hand, as its main loop would
+
+    def open(self) -> None:
+        w = self.worker
+        w._consumer, w._step = self.consumer.mock, w._step_factory({}, "tx")
+        w._consumer.subscribe([TOPIC], on_assign=w._on_assign, on_revoke=w._on_revoke, on_lost=w._on_lost)
+        self.consumer.assign([TP])
+        w._stage.start()
+
+    def ingest(self, offsets: range) -> None:
+        for offset in offsets:
+            key, value = self.kafka.logs[TP][offset]
+            self.worker._ingest(FakeMessage(TOPIC, 0, offset, value, key))
+        deadline = time.monotonic() + 10
+        while True:  # until the render stage has finished all of them
+            with self.worker._lock:
+                if self.worker._tracker.pending_count() == 0:
+                    return
+            assert time.monotonic() < deadline, "the render stage did not finish"
+            time.sleep(0.005)
+
+    # ---- what committed
+
+    def committed_output_ids(self) -> list[str]:
+        topics = (f"{PREFIX}.rendered", f"{PREFIX}.requests.failed")
+        return [key.decode() for topic, key, _value in self.kafka.outputs if topic in topics]
+
+    def assert_offsets_match_outputs(self) -> None:
+        committed = self.kafka.committed.get(TP, 0)
+        outputs = self.committed_output_ids()
+        assert sorted(outputs) == sorted(self.ids[:committed]), (committed, len(outputs))
+        assert len(outputs) == len(set(outputs)), "an output was committed twice"
+
+
+def abort_next_commit(rig: Rig) -> None:
+    original = rig.producer.commit_transaction.side_effect
+
+    def once(*args, **kwargs):
+        rig.producer.commit_transaction.side_effect = original
+        raise kafka_error(abortable=True)
+
+    rig.producer.commit_transaction.side_effect = once
+
+
+def test_an_abort_then_a_revocation_commits_nothing_past_the_aborted_records(tmp_path):
+    rig = Rig(tmp_path)
+    rig.open()
+    rig.ingest(range(0, 3))
+    abort_next_commit(rig)
+    rig.worker._commit()  # offsets 0-2 and their images: aborted
+    assert rig.kafka.committed == {} and rig.worker._step.needs_rewind
+    rig.ingest(range(3, 6))
+    rig.consumer.revoke([TP])  # a rebalance before the main loop rewinds: its commit must not go through
+    rig.assert_offsets_match_outputs()
+    assert rig.kafka.committed == {}
+    rig.worker._stage.stop()
+
+
+def test_an_abort_then_sigterm_commits_nothing_past_the_aborted_records(tmp_path):
+    rig = Rig(tmp_path)
+    rig.open()
+    rig.ingest(range(0, 3))
+    abort_next_commit(rig)
+    rig.worker._commit()
+    rig.ingest(range(3, 6))
+    rig.worker.stop()  # SIGTERM's handler
+    rig.worker._shutdown(clean=True)  # the final commit and the close's revocation
+    rig.assert_offsets_match_outputs()
+    assert rig.kafka.committed == {}
+
+
+def test_an_abort_then_a_stuck_transaction_commits_nothing_more(tmp_path):
+    rig = Rig(tmp_path)
+    rig.open()
+    rig.ingest(range(0, 3))
+    rig.worker._commit()  # offsets 0-2 commit
+    rig.ingest(range(3, 6))
+    rig.producer.commit_transaction.side_effect = kafka_error(abortable=True)
+    rig.producer.abort_transaction.side_effect = kafka_error()
+    with pytest.raises(TransactionStuck):
+        rig.worker._commit()
+    rig.ingest(range(6, 9))
+    rig.producer.commit_transaction.side_effect = rig.kafka._commit  # would succeed now: must not be asked
+    rig.worker._shutdown(clean=False)
+    rig.assert_offsets_match_outputs()
+    assert rig.kafka.committed == {TP: 3}
+
+
+def test_a_record_of_a_partition_revoked_during_consume_is_not_tracked(tmp_path):
+    rig = Rig(tmp_path)
+    rig.open()
+    rig.consumer.revoke([TP])
+    rig.ingest(range(0, 2))  # fetched before the revocation, handed out after it
+    assert rig.worker._tracker.partitions() == []
+    rig.worker._stage.stop()
+
+
+def test_the_running_worker_with_aborts_now_and_then_publishes_everything_once(tmp_path):
+    rig = Rig(tmp_path, count=40)
+    calls = {"n": 0}
+    original = rig.producer.commit_transaction.side_effect
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] % 3 == 1:
+            raise kafka_error(abortable=True)
+        return original(*args, **kwargs)
+
+    rig.producer.commit_transaction.side_effect = flaky
+    runner = threading.Thread(target=rig.worker.run)
+    runner.start()
+    deadline = time.monotonic() + 30
+    while rig.kafka.committed.get(TP, 0) < len(rig.ids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rig.worker.stop()
+    runner.join(30)
+    assert rig.kafka.committed.get(TP) == len(rig.ids)
+    rig.assert_offsets_match_outputs()
+    assert rig.producer.abort_transaction.call_count >= 1
