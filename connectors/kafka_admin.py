@@ -1,4 +1,5 @@
-"""Topic administration: declared topics created and checked, broker readiness, group lag."""
+"""Topic administration: declared topics created and checked (partitions, configs, replication), broker readiness,
+group lag."""
 from __future__ import annotations
 
 import time
@@ -16,6 +17,30 @@ class TopicWanted:
     config: dict[str, str]
 
 
+class InvalidReplication(ValueError):
+    """A replication factor or min.insync.replicas that this cluster cannot honour."""
+
+
+def replication_defaults(brokers: int, replication_factor: int | None = None,
+                         min_insync_replicas: int | None = None) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for a cluster of `brokers` live brokers.
+
+    Defaults: min(3, brokers) replicas; min.insync.replicas 2 where there are 3 replicas or more (an acked write
+    survives the loss of one broker), else 1.
+    """
+    rf = replication_factor if replication_factor is not None else max(1, min(3, brokers))
+    if rf < 1:
+        raise InvalidReplication(f"replication factor must be at least 1, got {rf}")
+    if rf > brokers:
+        raise InvalidReplication(f"replication factor {rf} needs at least {rf} brokers, but the cluster has "
+                                 f"{brokers} live broker{'s' if brokers != 1 else ''}")
+    isr = min_insync_replicas if min_insync_replicas is not None else (2 if rf >= 3 else 1)
+    if not 1 <= isr <= rf:
+        raise InvalidReplication(f"min.insync.replicas {isr} must be between 1 and the replication factor {rf}: "
+                                 "above it no write could succeed")
+    return rf, isr
+
+
 @dataclass
 class TopicReport:
     created: list[str] = field(default_factory=list)
@@ -25,19 +50,26 @@ class TopicReport:
 
 
 def apply_topics(base: dict[str, str], wanted: Iterable[TopicWanted], *, fix: bool = True,
-                 timeout_s: float = 30.0) -> TopicReport:
+                 timeout_s: float = 30.0, replication_factor: int | None = None,
+                 min_insync_replicas: int | None = None) -> TopicReport:
     """Creates missing topics, raises partition counts and sets configs that differ; reports the rest as drift.
 
-    Partitions are never removed (Kafka cannot); a topic with more partitions than declared is drift.
+    Created topics get `replication_factor` replicas and every topic gets `min.insync.replicas` (defaults in
+    replication_defaults); InvalidReplication, before anything changes, when the cluster has too few brokers.
+    Partitions are never removed and replicas never added (the admin API cannot do either): a topic with more
+    partitions than declared, or fewer replicas than wanted, is drift. An existing topic's min.insync.replicas
+    is never set above its own replica count, which would refuse every write.
     """
     admin = AdminClient(dict(base))
     wanted = list(wanted)
     meta = admin.list_topics(timeout=timeout_s)
+    rf, isr = replication_defaults(len(meta.brokers), replication_factor, min_insync_replicas)
     report = TopicReport()
     to_create = [w for w in wanted if w.name not in meta.topics]
     if to_create and fix:
         futures = admin.create_topics(
-            [NewTopic(w.name, w.partitions, 1, config=dict(w.config)) for w in to_create], request_timeout=timeout_s)
+            [NewTopic(w.name, w.partitions, rf, config={**w.config, "min.insync.replicas": str(isr)})
+             for w in to_create], request_timeout=timeout_s)
         for name, fut in futures.items():
             try:
                 fut.result()
@@ -63,8 +95,13 @@ def apply_topics(base: dict[str, str], wanted: Iterable[TopicWanted], *, fix: bo
                 admin.create_partitions([NewPartitions(w.name, w.partitions)])[w.name].result()
         elif have_parts > w.partitions:
             report.drift.append(f"{w.name}: has {have_parts} partitions, declared {w.partitions} (cannot shrink)")
+        have_rf = min((len(p.replicas) for p in meta.topics[w.name].partitions.values()), default=0)
+        if have_rf < rf:
+            report.drift.append(f"{w.name}: replication factor {have_rf}, wanted {rf} (apply cannot add replicas; "
+                                "reassign the partitions with kafka-reassign-partitions)")
         current = described[w.name]
-        differing = {k: v for k, v in w.config.items() if k not in current or current[k].value != v}
+        config = {**w.config, "min.insync.replicas": str(max(1, min(isr, have_rf)))}
+        differing = {k: v for k, v in config.items() if k not in current or current[k].value != v}
         if differing:
             changes.append(", ".join(f"{k}={current[k].value if k in current else '?'} -> {v}"
                                      for k, v in differing.items()))

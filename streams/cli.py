@@ -10,24 +10,36 @@ from pathlib import Path
 
 import click
 
-from streams.settings import Settings
+from streams.settings import InvalidSettings, Settings, load_settings
 from streams.supervise import CONFIG_ERROR, supervise
 
 RESTART = click.option("--restart/--no-restart", default=True, show_default=True,
                        help="Start a new process when this one crashes (configuration errors are not retried).")
 
 
+def one_line(message: str) -> str:
+    """`head:\n  - a\n  - b` -> `head: a; b`: a start-up error is one line in any log."""
+    lines = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return "; ".join(lines)
+
+
 class ConfigError(click.ClickException):
-    """A configuration the process can never start with: exits with EX_CONFIG, which is not restarted."""
+    """A configuration the process can never start with: one line on stderr, exit EX_CONFIG (never restarted)."""
 
     exit_code = CONFIG_ERROR
 
+    def show(self, file: object = None) -> None:
+        click.echo(f"zimage: {one_line(self.format_message())}", err=True)
+
 
 def _settings() -> Settings:
+    """The checked settings; any bad value ends the command here, before a client, a child or a model exists."""
     try:
-        return Settings()
-    except Exception as exc:  # noqa: BLE001 - configuration errors end the command with their message
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+        return load_settings()
+    except InvalidSettings as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def _supervised(command: str, restart: bool) -> None:
@@ -53,7 +65,7 @@ def main() -> None:
 def config() -> None:
     """Print the settings in force, secrets masked."""
     for key, value in _settings().masked().items():
-        click.echo(f"{key} = {value}")
+        click.echo(f"{key} = {json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
 @main.command()
@@ -69,14 +81,30 @@ def topics() -> None:
 
 @topics.command("apply")
 @click.option("--check", is_flag=True, help="Report drift only; change nothing (exit 1 on drift).")
-def topics_apply(check: bool) -> None:
-    """Create missing topics and fix partition counts and configs (idempotent)."""
-    from connectors.kafka_admin import TopicWanted, apply_topics, wait_for_broker
+@click.option("--replication-factor", type=click.IntRange(min=1), default=None,
+              help="Replicas of created topics. Default: ZIMAGE_REPLICATION_FACTOR, else min(3, live brokers).")
+@click.option("--min-insync-replicas", type=click.IntRange(min=1), default=None,
+              help="min.insync.replicas of every topic. Default: ZIMAGE_MIN_INSYNC_REPLICAS, else 2 where the "
+                   "replication factor is 3 or more, else 1.")
+def topics_apply(check: bool, replication_factor: int | None, min_insync_replicas: int | None) -> None:
+    """Create missing topics and fix partition counts and configs (idempotent).
+
+    Replication of existing topics is checked, not changed: a topic with fewer replicas than wanted is drift.
+    """
+    from connectors.kafka_admin import InvalidReplication, TopicWanted, apply_topics, wait_for_broker
 
     s = _settings()
-    wait_for_broker(s.kafka_config())
-    report = apply_topics(s.kafka_config(), [TopicWanted(t.name, t.partitions, t.config)
-                                             for t in s.topology.topics()], fix=not check)
+    rf = replication_factor or s.replication_factor
+    isr = min_insync_replicas or s.min_insync_replicas
+    try:
+        wait_for_broker(s.kafka_config())
+        report = apply_topics(s.kafka_config(), [TopicWanted(t.name, t.partitions, t.config)
+                                                 for t in s.topology.topics()], fix=not check,
+                              replication_factor=rf, min_insync_replicas=isr)
+    except InvalidReplication as exc:
+        raise ConfigError(str(exc)) from None
+    except RuntimeError as exc:  # the broker did not answer
+        raise click.ClickException(str(exc)) from None
     for word, names in (("created", report.created), ("updated", report.updated),
                         ("unchanged", report.unchanged), ("drift", report.drift)):
         for name in names:
@@ -89,11 +117,11 @@ def topics_apply(check: bool) -> None:
 @RESTART
 def worker(restart: bool) -> None:
     """Run a render worker of pool ZIMAGE_POOL until SIGTERM/SIGINT."""
-    from processors.renderer import InvalidModelOptions
-    from streams.runtime import build_worker
-
     s = _settings()
     _supervised("worker", restart)
+    from processors.renderer import InvalidModelOptions  # after the checks: these import torch
+    from streams.runtime import build_worker
+
     _logging(s.log_level)
     logging.getLogger(__name__).info("settings: %s", json.dumps(s.masked(), default=str))
     try:

@@ -1,64 +1,84 @@
 """One settings object, read from ZIMAGE_* environment variables (and a .env file when present).
 
-`zimage config` prints it with secrets masked; the render worker logs the same view at start-up.
+Every value is parsed, and every rule between values is checked, when the object is built: a process with a bad
+setting stops before it loads a model or opens a client. The object is frozen, so what a process checked at
+start-up is what it runs with. `zimage config` prints it with secrets masked; the render worker logs the same view.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from streams.setting_values import (
+    BUCKET_NAME, MASK, as_network, format_pools, is_secret_key, mask_url_credentials, parse_allowlist,
+    parse_kafka_extra, parse_pools, store_url_problem,
+)
 from streams.topology import Topology
 
-_SECRET_WORDS = ("password", "secret", "token", "sasl")
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{1,200}$")  # Kafka topic names are at most 249 of these characters
+_WORKER_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # part of the transactional id and of every event's lineage
+_NONE_WORDS = ("", "none", "null", "auto", "default")
+_PATTERN_HELP = {
+    "device": "must be auto, cpu, cuda, cuda:N or mps",
+    "topic_prefix": "must be 1-200 letters, digits, '.', '_' or '-'",
+    "s3_bucket": "must be 3-63 lower-case letters, digits, '.' or '-'",
+    "attention_backend": "must be default or a diffusers attention backend name (letters, digits, '_')",
+    "worker_id": "must be 1-200 printable ASCII characters without spaces",
+}
 
 
-def parse_pools(text: str) -> dict[str, tuple[str, ...]]:
-    table: dict[str, tuple[str, ...]] = {}
-    for entry in filter(None, (e.strip() for e in text.split(","))):
-        pool, sep, models = entry.partition("=")
-        names = tuple(m.strip() for m in models.split("|") if m.strip())
-        if not sep or not pool.strip() or not names:
-            raise ValueError(f"pool entry {entry!r} is not 'pool=model|model'")
-        table[pool.strip()] = names
-    if not table:
-        raise ValueError("at least one pool is needed")
-    seen = [m for ms in table.values() for m in ms]
-    if len(seen) != len(set(seen)):
-        raise ValueError(f"a model is listed in two pools: {text!r}")
-    return table
+class InvalidSettings(ValueError):
+    """A setting, or a rule between settings, that no process can start with. The message is one line."""
+
+
+def _folder_problem(path: str) -> str | None:
+    if not path.strip():
+        return "must name a folder"
+    return "names a file, not a folder" if Path(path).is_file() else None
+
+
+def _none_word(value: object) -> object:
+    return None if isinstance(value, str) and value.strip().lower() in _NONE_WORDS else value
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ZIMAGE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ZIMAGE_", env_file=".env", extra="ignore", frozen=True)
 
     # --- where things are ---
     bootstrap_servers: str = "127.0.0.1:9092"
-    topic_prefix: str = "zimage"
+    topic_prefix: str = Field("zimage", pattern=_TOPIC_PREFIX.pattern)
     request_partitions: int = Field(6, ge=1)
     output_partitions: int = Field(6, ge=1)
     schema_registry_url: str | None = None
-    kafka_extra: str = Field("", description="extra librdkafka settings, 'key=value,key=value'")
+    # Extra librdkafka settings: a JSON object, or key=value,key=value. See parse_kafka_extra.
+    kafka_extra: Annotated[dict[str, str | SecretStr], NoDecode] = Field(default_factory=dict)
     redis_url: str = "redis://127.0.0.1:6379/0"
     storage_url: str = "out/objects"  # a folder, file:///abs/path, or s3://bucket/prefix
     s3_endpoint_url: str | None = None
-    s3_bucket: str = "zimage"
+    s3_bucket: str = Field("zimage", pattern=BUCKET_NAME.pattern)
 
     # --- the model a worker serves ---
     pool: str = "turbo"
-    # Routing table shared by every worker: pool -> the models it renders. The first pool also reports requests
-    # that no pool can take (undecodable, invalid, unknown model), so each gets exactly one RequestFailed.
-    pools: str = Field("turbo=z-image-turbo", description="'pool=model|model,pool=model'")
-    model_source: str = "tiny"  # 'tiny', a Hugging Face id (Tongyi-MAI/Z-Image-Turbo) or a local folder
+    # Routing table shared by every worker: pool -> the model its workers load. The first pool also reports
+    # requests that no pool can take (undecodable, invalid, unknown model), so each gets exactly one RequestFailed.
+    pools: Annotated[dict[str, tuple[str, ...]], NoDecode] = Field(
+        default_factory=lambda: {"turbo": ("z-image-turbo",)})
+    model_source: str = Field("tiny", min_length=1)  # 'tiny', a Hugging Face id or a local folder
     model_revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     compile: bool = False
-    cpu_offload: str = "none"
-    attention_backend: str = "default"
+    cpu_offload: Literal["none", "model", "sequential"] = "none"
+    attention_backend: str = Field("default", pattern=r"^[A-Za-z0-9_]+$")
     tiny_cache_dir: str = ".stack/models/tiny"
     batch_invariant: bool = True  # False: fused batches, faster on a GPU, not byte-identical to single renders
 
@@ -68,38 +88,124 @@ class Settings(BaseSettings):
     max_height: int = Field(2048, ge=16)
     max_steps: int = Field(100, ge=1)
     max_images_per_request: int = Field(8, ge=1)
+    max_metadata_entries: int = Field(32, ge=0, le=1024)
+    max_metadata_bytes: int = Field(16384, ge=0, le=262144)  # keeps outputs far below a topic's message limit
+    max_tenant_chars: int = Field(128, ge=1, le=1024)
+    max_sku_id_chars: int = Field(256, ge=1, le=1024)
+    callback_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
 
     # --- scheduling and batching ---
     max_batch_size: int = Field(4, ge=1)
     max_wait_ms: int = Field(50, ge=0)
     buffer_per_priority: int = Field(256, ge=1)
-    min_share_normal: float = Field(0.2, ge=0, le=1)
-    min_share_low: float = Field(0.1, ge=0, le=1)
-    aging_s: float | None = 60.0
+    min_share_normal: float = Field(0.2, ge=0, lt=1)
+    min_share_low: float = Field(0.1, ge=0, lt=1)
+    share_patience_s: float = Field(2.0, ge=0)
+    fetch_wait_ms: int = Field(500, ge=0)
+    aging_s: float | None = Field(60.0, gt=0)
+
+    # --- durability and liveness ---
+    replication_factor: int | None = Field(None, ge=1)
+    min_insync_replicas: int | None = Field(None, ge=1)
+    state_dir: str = ".stack/state"
+    device_fault_exit_s: float = Field(300.0, ge=0)
+    batch_timeout_factor: float = Field(10.0, gt=1)
+    batch_timeout_floor_s: float = Field(120.0, gt=0)
 
     # --- operations ---
-    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    metrics_port: int = Field(0, ge=0, description="0 disables the Prometheus endpoint")
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+                           pattern=_WORKER_ID.pattern)
+    metrics_port: int = Field(0, ge=0, le=65535, description="0 disables the Prometheus endpoint")
     health_file: str | None = None
-    output_dir: str = "out"
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     @field_validator("aging_s", mode="before")
     @classmethod
     def _aging_off(cls, v: object) -> object:
         return None if isinstance(v, str) and v.strip().lower() in ("", "none", "off", "0") else v
 
-    @field_validator("pools")
+    @field_validator("schema_registry_url", "s3_endpoint_url", "model_revision", "health_file",
+                     "replication_factor", "min_insync_replicas", mode="before")
     @classmethod
-    def _pools_parse(cls, v: str) -> str:
-        parse_pools(v)
+    def _unset_words(cls, v: object) -> object:
+        return _none_word(v)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.strip().upper() if isinstance(v, str) else v
+
+    @field_validator("pools", mode="before")
+    @classmethod
+    def _pools_parse(cls, v: object) -> object:
+        return parse_pools(v) if isinstance(v, (str, Mapping)) else v
+
+    @field_validator("kafka_extra", mode="before")
+    @classmethod
+    def _kafka_extra_parse(cls, v: object) -> object:
+        return parse_kafka_extra(v) if isinstance(v, (str, Mapping)) else v
+
+    @field_validator("callback_allowlist", mode="before")
+    @classmethod
+    def _allowlist_parse(cls, v: object) -> object:
+        return parse_allowlist(v) if isinstance(v, (str, tuple, list)) else v
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        if not v.strip() or any(not s.strip() or re.search(r"\s", s.strip()) for s in v.split(",")):
+            raise ValueError("must be host:port[,host:port] without empty entries or spaces")
+        return v
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        if problem := store_url_problem(v):
+            raise ValueError(f"{mask_url_credentials(v)!r} {problem}")
+        return v
+
+    @field_validator("schema_registry_url", "s3_endpoint_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+            raise ValueError(f"{mask_url_credentials(v)!r} is not an http(s)://host URL")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{mask_url_credentials(v)!r} is not a redis://, rediss:// or unix:// URL")
+        return v
+
+    @field_validator("state_dir", "tiny_cache_dir")
+    @classmethod
+    def _folder(cls, v: str) -> str:
+        if problem := _folder_problem(v):
+            raise ValueError(f"{v!r} {problem}")
         return v
 
     @model_validator(mode="after")
-    def _pool_is_known(self) -> "Settings":
-        table = parse_pools(self.pools)
-        if self.pool not in table:
-            raise ValueError(f"ZIMAGE_POOL={self.pool!r} is not in ZIMAGE_POOLS ({', '.join(table)})")
+    def _cross_checks(self) -> "Settings":
+        problems = []
+        shares = self.min_share_normal + self.min_share_low
+        if shares >= 1:
+            problems.append(f"ZIMAGE_MIN_SHARE_NORMAL + ZIMAGE_MIN_SHARE_LOW = {round(shares, 6):g}, must be < 1")
+        if self.pool not in self.pools:
+            problems.append(f"ZIMAGE_POOL={self.pool!r} is not a pool of ZIMAGE_POOLS ({', '.join(self.pools)})")
+        if self.dtype == "fp16" and self.device == "cpu":
+            problems.append("ZIMAGE_DTYPE='fp16' is not supported with ZIMAGE_DEVICE='cpu'; use fp32 or bf16")
+        if self.cpu_offload != "none" and self.device in ("cpu", "mps"):
+            problems.append(f"ZIMAGE_CPU_OFFLOAD={self.cpu_offload!r} needs a CUDA device, "
+                            f"not ZIMAGE_DEVICE={self.device!r}")
+        if self.model_revision and self.model_source == "tiny":
+            problems.append("ZIMAGE_MODEL_REVISION applies to Hugging Face models, not ZIMAGE_MODEL_SOURCE='tiny'")
+        rf, isr = self.replication_factor, self.min_insync_replicas
+        if rf is not None and isr is not None and isr > rf:
+            problems.append(f"ZIMAGE_MIN_INSYNC_REPLICAS={isr} is above ZIMAGE_REPLICATION_FACTOR={rf}: "
+                            "no write could succeed")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @cached_property
@@ -108,36 +214,76 @@ class Settings(BaseSettings):
 
     @property
     def pool_table(self) -> dict[str, tuple[str, ...]]:
-        return parse_pools(self.pools)
+        return self.pools
 
     @property
     def pool_models(self) -> tuple[str, ...]:
-        return self.pool_table[self.pool]
+        return self.pools[self.pool]
 
     @property
     def reports_unroutable(self) -> bool:
-        return next(iter(self.pool_table)) == self.pool
+        return next(iter(self.pools)) == self.pool
+
+    @property
+    def callback_allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(n for n in map(as_network, self.callback_allowlist) if n is not None)
+
+    @property
+    def callback_allowed_hosts(self) -> frozenset[str]:
+        return frozenset(e for e in self.callback_allowlist if as_network(e) is None)
 
     def kafka_config(self) -> dict[str, str]:
-        conf = {"bootstrap.servers": self.bootstrap_servers}
-        for pair in filter(None, (p.strip() for p in self.kafka_extra.split(","))):
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise ValueError(f"ZIMAGE_KAFKA_EXTRA: {pair!r} is not key=value")
-            conf[key.strip()] = value.strip()
-        return conf
+        """A fresh librdkafka configuration: the bootstrap servers plus the extras, secrets revealed."""
+        extra = {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in self.kafka_extra.items()}
+        return {"bootstrap.servers": self.bootstrap_servers, **extra}
 
     def masked(self) -> dict[str, object]:
-        """The settings as printed at start-up: anything that looks secret is masked."""
+        """The settings as printed at start-up: secrets, secret-named keys and URL credentials masked."""
         out: dict[str, object] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if any(w in name for w in _SECRET_WORDS) and value:
-                value = "****"
-            elif name == "kafka_extra" and value:
-                value = ",".join(
-                    f"{k}=****" if any(w in k.lower() for w in _SECRET_WORDS) else f"{k}={v}"
-                    for k, _, v in (p.partition("=") for p in str(value).split(","))
-                )
+            if name == "kafka_extra":
+                value = {k: MASK if isinstance(v, SecretStr) else mask_url_credentials(v) for k, v in value.items()}
+            elif name == "pools":
+                value = format_pools(value)
+            elif isinstance(value, SecretStr) or (is_secret_key(name) and value):
+                value = MASK
+            elif isinstance(value, str):
+                value = mask_url_credentials(value)
+            elif isinstance(value, tuple):
+                value = list(value)
             out[name] = value
         return out
+
+    def __repr_args__(self):  # repr() and logs of the object never show a secret either
+        return list(self.masked().items())
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (and keyword overrides); InvalidSettings with one line naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise InvalidSettings(describe_errors(exc)) from None
+    except SettingsError as exc:
+        raise InvalidSettings(" ".join(str(exc).split())) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line for every problem: `ZIMAGE_NAME='value': why`. Values of secret or URL settings are masked."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "string_pattern_mismatch" and error["loc"]:
+            message = _PATTERN_HELP.get(str(error["loc"][0]), message)
+        if not error["loc"]:
+            lines.append(message)
+            continue
+        name = str(error["loc"][0])
+        shown = ""
+        value = error.get("input")
+        if error["type"] != "value_error" and isinstance(value, (str, int, float)) and name != "kafka_extra":
+            text = MASK if is_secret_key(name) else mask_url_credentials(str(value))
+            shown = f"={text[:80]!r}"
+        lines.append(f"ZIMAGE_{name.upper()}{shown}: {message[:1].lower()}{message[1:]}")
+    return " ".join("; ".join(lines).split())
