@@ -136,12 +136,13 @@ class BatchBuffer:
         queue = self._by_class[priority]
         return queue[next(iter(queue))] if queue else None
 
-    def plan(self, priority: str, max_batch_size: int) -> BatchPlan | None:
-        """Cuts the batch headed by the oldest request of `priority` (see the module docstring); None if empty."""
+    def plan(self, priority: str, max_batch_size: int, riders: bool = True) -> BatchPlan | None:
+        """Cuts the batch headed by the oldest request of `priority` (see the module docstring); None if empty.
+        Without `riders` the batch takes requests of `priority` only."""
         head = self.head(priority)
         if head is None:
             return None
-        order = (priority,) + tuple(p for p in PRIORITIES if p != priority)
+        order = (priority,) + (tuple(p for p in PRIORITIES if p != priority) if riders else ())
         seqs: list[int] = []
         items: list[Pending] = []
         total = 0

@@ -29,8 +29,10 @@ waiting for less than `fetch_wait_s`, a batch headed by a less urgent class that
 ahead of (its head's effective level is not below `u`'s level) does not start, unless that class is owed its
 share by rule 1. The hold ends when `u` is reported no longer waiting, or `fetch_wait_s` after `u` was first
 reported waiting: a slow or stuck partition cannot block the lower classes for good. Requests of `u` offered
-meanwhile are chosen by rules 1 and 2 as usual. A batch headed by `u` or a more urgent class is never held,
-and still takes same-key requests of lower classes (see `processors.batching`).
+meanwhile are chosen by rules 1 and 2 as usual. A batch headed by `u` or a more urgent class is never held.
+It takes same-key requests of lower classes (see `processors.batching`), except a batch headed by `u` itself
+during that wait: it fills with `u`'s own requests only (or goes at `max_wait_s`), so that the rest of `u`,
+still on its way from Kafka, is not put behind lower riders.
 
 When to send (a Triton-like maximum queue delay): the batch of the chosen class is cut (see
 `processors.batching`) and returned only when it is full (the size is reached, or a same-key request was left
@@ -317,7 +319,9 @@ class Scheduler:
         priority = self.choose_class(now)
         if priority is None:
             return None
-        plan = self._buffer.plan(priority, self.config.max_batch_size)
+        # While more of this class waits in Kafka, its batch fills with its own requests, not lower riders.
+        riders = not self._unfetched_since.get(priority, -math.inf) + self.config.fetch_wait_s > now
+        plan = self._buffer.plan(priority, self.config.max_batch_size, riders)
         assert plan is not None
         held_until = None
         if self._ledger.owed([priority], now) is None:

@@ -128,3 +128,22 @@ def test_a_class_owed_its_share_is_not_held_for_unfetched_requests():
 def test_unfetched_reports_check_the_class():
     with pytest.raises(ValueError):
         make().set_unfetched("urgent", True, now=0.0)
+
+
+def test_a_class_with_more_in_kafka_fills_its_batch_with_its_own_requests_only():
+    s = make(max_batch_size=4, max_wait_s=0.1, min_share={}, fetch_wait_s=0.5)
+    for i in range(2):
+        s.offer(req(f"h{i}", "high", at=0.0, key=KEY))
+    for i in range(4):
+        s.offer(req(f"n{i}", "normal", at=0.0, key=KEY))
+    s.set_unfetched("high", True, now=0.0)
+    assert s.next_batch(0.01) is None  # not full without riders: waits for the highs still in Kafka
+    s.offer(req("h2", "high", at=0.02, key=KEY))
+    s.offer(req("h3", "high", at=0.02, key=KEY))
+    assert ids(s.next_batch(0.03)) == ["h0", "h1", "h2", "h3"]
+
+    s.offer(req("h4", "high", at=0.04, key=KEY))
+    assert ids(s.next_batch(0.2)) == ["h4"]  # at max_wait it goes as it is, still without riders
+    s.offer(req("h5", "high", at=0.3, key=KEY))
+    s.set_unfetched("high", False, now=0.3)
+    assert ids(s.next_batch(0.3)) == ["h5", "n0", "n1", "n2"]  # nothing more on its way: riders fill it
