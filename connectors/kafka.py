@@ -15,8 +15,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+
 from connectors.retry import until_done
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,14 @@ import threading
 import time
 from typing import Callable, TypeVar
 
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_before_delay, stop_never, wait_exponential_jitter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_before_delay,
+    stop_never,
+    wait_exponential_jitter,
+)
 
 T = TypeVar("T")
 

@@ -7,7 +7,9 @@ thread pool: the local one writes through unique temporary files, and boto3 clie
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -180,17 +182,45 @@ def _is_not_found(exc: Exception) -> bool:
     return str(error.get("Code")) in {"404", "NoSuchKey", "NotFound"}
 
 
-def open_object_store(url: str, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
-    """A store from a URL: `s3://bucket/prefix`, `file:///abs/path`, or a plain directory path."""
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where a store URL points, parsed without opening anything (the settings check it at start-up)."""
+
+    bucket: str | None  # set for S3
+    prefix: str = ""
+    folder: Path | None = None  # set for a local store
+
+
+def parse_store_url(url: str) -> StoreLocation:
+    """`s3://bucket/prefix`, `file:///abs/path` or a plain directory path; raises ValueError saying what is wrong."""
+    if not url.strip():
+        raise ValueError("is empty; give a folder, file:///absolute/path or s3://bucket/prefix")
     parsed = urlparse(url)
     if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise ValueError(f"object store URL {url!r} names no bucket (s3://bucket/prefix)")
-        return S3ObjectStore(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
+        if "@" in parsed.netloc:
+            raise ValueError("must not carry credentials; boto3 reads them from its usual chain (AWS_ACCESS_KEY_ID, ...)")
+        if not BUCKET_NAME.match(parsed.netloc):
+            raise ValueError("needs a bucket name of 3-63 lower-case letters, digits, '.' or '-' (s3://bucket/prefix)")
+        return StoreLocation(parsed.netloc, parsed.path)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"object store URL {url!r} names a remote host; use file:///absolute/path")
-        return LocalObjectStore(Path(unquote(parsed.path)))
+            raise ValueError("names a remote host; use file:///absolute/path")
+        return StoreLocation(None, folder=Path(unquote(parsed.path)))
     if parsed.scheme == "":
-        return LocalObjectStore(Path(url))
-    raise ValueError(f"unsupported object store URL {url!r}: use s3://bucket/prefix, file:///path or a path")
+        return StoreLocation(None, folder=Path(url))
+    raise ValueError(f"has the unsupported scheme {parsed.scheme!r}; use s3://bucket/prefix, file:///path or a folder")
+
+
+def open_object_store(url: str, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
+    """A store from a URL: `s3://bucket/prefix`, `file:///abs/path`, or a plain directory path."""
+    try:
+        location = parse_store_url(url)
+    except ValueError as exc:
+        raise ValueError(f"object store URL {url!r} {exc}") from None
+    if location.bucket is not None:
+        return S3ObjectStore(location.bucket, location.prefix, endpoint_url=endpoint_url, region=region)
+    assert location.folder is not None
+    return LocalObjectStore(location.folder)

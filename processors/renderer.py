@@ -26,7 +26,11 @@ import numpy as np
 import torch
 
 from processors.model_identity import config_fingerprint, folder_fingerprint, hub_commit
-from processors.render_settings import RenderItem, RenderSettings, UnsupportedSettings  # re-exported for callers
+from processors.render_settings import (  # re-exported for callers
+    RenderItem,
+    RenderSettings,
+    UnsupportedSettings,
+)
 from processors.tiny_model import build_tiny_pipeline_dir
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,10 @@ class InvalidModelOptions(ValueError):
 
 
 def _attention_backend_problem(name: str) -> str | None:
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _check_attention_backend_requirements,
+    )
 
     allowed = ["default", *(backend.value for backend in AttentionBackendName)]
     if name not in allowed:

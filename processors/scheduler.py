@@ -51,7 +51,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
-from processors.batching import PRIORITIES, PRIORITY_LEVEL, Batch, BatchBuffer, BatchPlan, Pending
+from processors.batching import (
+    PRIORITIES,
+    PRIORITY_LEVEL,
+    Batch,
+    BatchBuffer,
+    BatchPlan,
+    Pending,
+)
 
 # Counters are sums of float products (0.1 * 4 ...): a residue this small is rounding, not an image owed.
 _DEFICIT_EPSILON = 1e-9

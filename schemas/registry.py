@@ -10,7 +10,12 @@ import json
 from typing import Any, Callable
 
 from schemas.catalog import WriterSchema, parse_writer_schema
-from schemas.errors import IncompatibleSchema, RegistryUnavailable, SerdeError, UnknownSchema
+from schemas.errors import (
+    IncompatibleSchema,
+    RegistryUnavailable,
+    SerdeError,
+    UnknownSchema,
+)
 
 
 def subject_name(record_full_name: str, topic: str | None) -> str:

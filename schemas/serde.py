@@ -42,7 +42,12 @@ from schemas.catalog import (
     schema_names,
     short_name,
 )
-from schemas.container import CONTAINER_MAGIC, MAX_DECODED_BLOCK_BYTES, first_block, read_header
+from schemas.container import (
+    CONTAINER_MAGIC,
+    MAX_DECODED_BLOCK_BYTES,
+    first_block,
+    read_header,
+)
 from schemas.errors import (
     IncompatibleSchema,
     InvalidRecord,

@@ -91,7 +91,12 @@ def topics_apply(check: bool, replication_factor: int | None, min_insync_replica
 
     Replication of existing topics is checked, not changed: a topic with fewer replicas than wanted is drift.
     """
-    from connectors.kafka_admin import InvalidReplication, TopicWanted, apply_topics, wait_for_broker
+    from connectors.kafka_admin import (
+        InvalidReplication,
+        TopicWanted,
+        apply_topics,
+        wait_for_broker,
+    )
 
     s = _settings()
     rf = replication_factor or s.replication_factor
@@ -119,7 +124,9 @@ def worker(restart: bool) -> None:
     """Run a render worker of pool ZIMAGE_POOL until SIGTERM/SIGINT."""
     s = _settings()
     _supervised("worker", restart)
-    from processors.renderer import InvalidModelOptions  # after the checks: these import torch
+    from processors.renderer import (
+        InvalidModelOptions,  # after the checks: these import torch
+    )
     from streams.runtime import build_worker
 
     _logging(s.log_level)

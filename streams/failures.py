@@ -14,6 +14,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from connectors.kafka import Headers, OutRecord
 from processors.events import dead_letter_headers, request_failed
+from processors.requests import Limits
 from schemas.serde import AvroSerde
 from streams.topology import Topology
 
@@ -42,20 +43,27 @@ class Origin:
 
 
 class FailureRecords:
-    def __init__(self, topology: Topology, serde: AvroSerde, stage: str):
+    def __init__(self, topology: Topology, serde: AvroSerde, stage: str, limits: Limits | None = None):
         self._topology = topology
         self._serde = serde
         self._stage = stage
+        self._limits = limits or Limits()
+        self._dlq_max = topology.max_bytes(topology.dlq)
 
     def __call__(self, code: str, reason: str, origin: Origin, request: dict[str, Any] | None,
                  retriable: bool = False) -> list[OutRecord]:
         ts = int(time.time() * 1000)
         event = request_failed(code=code, reason=reason, stage=self._stage, source=origin.source, now_ms=ts,
-                               request=request, retriable=retriable)
-        key = request["request_id"].encode() if request and request.get("request_id") else origin.key
+                               request=request, retriable=retriable, limits=self._limits)
+        key = event["request_id"].encode() if event["request_id"] else origin.key
         failed, dlq = self._topology.failed, self._topology.dlq
         why = dead_letter_headers(code=code, reason=reason, stage=self._stage, source=origin.source, now_ms=ts)
+        value = origin.value
+        room = self._dlq_max - sum(len(k) + len(v or b"") for k, v in [*origin.headers, *why]) - len(origin.key or b"")
+        if len(value) > room:  # a compressed batch can carry a value larger than any topic takes uncompressed
+            why.append(("zimage.truncated_from", str(len(value)).encode()))
+            value = value[:max(0, room - 64)]
         return [
             OutRecord(failed, self._serde.encode("RequestFailed", event, topic=failed), key),
-            OutRecord(dlq, origin.value, origin.key, [*origin.headers, *why], origin.timestamp),
+            OutRecord(dlq, value, origin.key, [*origin.headers, *why], origin.timestamp),
         ]

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from connectors.kafka import OutRecord
 from processors.render_settings import UnsupportedSettings
-from processors.requests import InvalidRequest, Limits, settings_of, validate
+from processors.requests import InvalidRequest, settings_of, validate
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams.failures import FailureRecords, Origin
 from streams.rendering import BatchRenderer
@@ -52,19 +52,12 @@ class Hold:
     reason: str
 
 
-def limits_of(s: Settings) -> Limits:
-    return Limits(max_prompt_chars=s.max_prompt_chars, max_width=s.max_width, max_height=s.max_height,
-                  max_steps=s.max_steps, max_images=s.max_images_per_request, max_tenant_chars=s.max_tenant_chars,
-                  max_sku_id_chars=s.max_sku_id_chars, max_metadata_entries=s.max_metadata_entries,
-                  max_metadata_bytes=s.max_metadata_bytes, callback_allowlist=tuple(s.callback_allowlist))
-
-
 class Intake:
     def __init__(self, settings: Settings, serde: AvroSerde, renderer: BatchRenderer, failures: FailureRecords):
         self._serde = serde
         self._renderer = renderer
         self._failures = failures
-        self._limits = limits_of(settings)
+        self._limits = settings.limits()
         self._all_models = tuple(m for ms in settings.pool_table.values() for m in ms)
         self._my_models = frozenset(settings.pool_models)
         self._reports_unroutable = settings.reports_unroutable
@@ -112,18 +105,8 @@ class Intake:
         mine = model in self._my_models
         unowned = model not in self._all_models
         if mine or (unowned and self._reports_unroutable):
-            return self.failed(code, reason, origin, _identity(request), priority)
+            return self.failed(code, reason, origin, request, priority)  # RequestFailed keeps only the fields that pass
         return Outcome([], priority, None)
-
-
-def _identity(request: Any) -> dict[str, Any] | None:
-    """What a refused request may say of itself in its RequestFailed: its id and tenant when they are short and
-    printable. Never its callback_url: a refused URL must not be called back."""
-    if not isinstance(request, dict):
-        return None
-    named = {k: request.get(k) for k in ("request_id", "tenant")}
-    named = {k: v if isinstance(v, str) and 0 < len(v) <= 256 and v.isprintable() else None for k, v in named.items()}
-    return named if named["request_id"] else None
 
 
 def _code_of(exc: Exception) -> str:

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import KafkaError, Message
 
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep

@@ -9,9 +9,10 @@ import ipaddress
 import json
 import re
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
 from pydantic import SecretStr
+
+from connectors.storage import parse_store_url
 
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "sasl", "credential")
 # librdkafka keys the clients set themselves for exactly-once delivery, or that have their own setting.
@@ -26,7 +27,6 @@ _OWNED_KAFKA_KEYS = {
 _KAFKA_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _POOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")  # part of topic and consumer group names
 _MODEL_NAME = re.compile(r"^[^\s,|=]+$")
-BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)*$")
 _URL_USERINFO = re.compile(r"(://)[^/@\s]*@")
 _URL_SECRET_QUERY = re.compile(r"([?&][^=&#]*(?:password|secret|token|key|signature)[^=&#]*=)[^&#]*", re.I)
@@ -127,20 +127,11 @@ def parse_kafka_extra(value: str | Mapping[str, Any]) -> dict[str, str | SecretS
 
 def store_url_problem(url: str) -> str | None:
     """What open_object_store would refuse in this URL (s3://bucket/prefix, file:///path or a path), or None."""
-    if not url.strip():
-        return "is empty; give a folder, file:///absolute/path or s3://bucket/prefix"
-    parsed = urlsplit(url)
-    if parsed.scheme == "s3":
-        if "@" in parsed.netloc:
-            return "must not carry credentials; boto3 reads them from its usual chain (AWS_ACCESS_KEY_ID, ...)"
-        if not BUCKET_NAME.match(parsed.netloc):
-            return "needs a bucket name of 3-63 lower-case letters, digits, '.' or '-' (s3://bucket/prefix)"
-        return None
-    if parsed.scheme == "file":
-        return None if parsed.netloc in ("", "localhost") else "names a remote host; use file:///absolute/path"
-    if parsed.scheme == "":
-        return None
-    return f"has the unsupported scheme {parsed.scheme!r}; use s3://bucket/prefix, file:///path or a folder"
+    try:
+        parse_store_url(url)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def parse_allowlist(value: str | tuple | list) -> tuple[str, ...]:

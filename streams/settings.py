@@ -18,11 +18,20 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from connectors.storage import BUCKET_NAME
+from processors.requests import Limits
 from streams.setting_values import (
-    BUCKET_NAME, MASK, as_network, format_pools, is_secret_key, mask_url_credentials, parse_allowlist,
-    parse_kafka_extra, parse_pools, store_url_problem,
+    MASK,
+    as_network,
+    format_pools,
+    is_secret_key,
+    mask_url_credentials,
+    parse_allowlist,
+    parse_kafka_extra,
+    parse_pools,
+    store_url_problem,
 )
-from streams.topology import Topology
+from streams.topology import Topology, largest_output_bytes
 
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{1,200}$")  # Kafka topic names are at most 249 of these characters
 _WORKER_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # part of the transactional id and of every event's lineage
@@ -204,9 +213,22 @@ class Settings(BaseSettings):
         if rf is not None and isr is not None and isr > rf:
             problems.append(f"ZIMAGE_MIN_INSYNC_REPLICAS={isr} is above ZIMAGE_REPLICATION_FACTOR={rf}: "
                             "no write could succeed")
+        largest = largest_output_bytes(self.limits())
+        room = Topology(self.topic_prefix).max_bytes(Topology(self.topic_prefix).rendered)
+        if largest > room:
+            problems.append(f"the request limits (ZIMAGE_MAX_PROMPT_CHARS, ZIMAGE_MAX_METADATA_BYTES, ...) allow "
+                            f"outputs of {largest} bytes; the output topics take {room}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def limits(self) -> Limits:
+        """What intake accepts: every cap here also bounds the outputs a request can produce."""
+        return Limits(max_prompt_chars=self.max_prompt_chars, max_width=self.max_width, max_height=self.max_height,
+                      max_steps=self.max_steps, max_images=self.max_images_per_request,
+                      max_tenant_chars=self.max_tenant_chars, max_sku_id_chars=self.max_sku_id_chars,
+                      max_metadata_entries=self.max_metadata_entries, max_metadata_bytes=self.max_metadata_bytes,
+                      callback_allowlist=tuple(self.callback_allowlist))
 
     @cached_property
     def topology(self) -> Topology:

@@ -12,9 +12,9 @@ import logging
 import os
 import signal
 import socket
-import threading
 import subprocess
 import sys
+import threading
 import time
 
 log = logging.getLogger("zimage.supervise")

@@ -15,7 +15,13 @@ import threading
 import time
 from typing import Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from connectors import kafka
 from connectors.kafka import TransactionAborted, TransactionalStep
@@ -69,8 +75,8 @@ class RenderWorker:
         self._assigned: set[TP] = set()
         self._committed: dict[TP, int] = {}
         self._commits_allowed = True
-        self._intake = Intake(settings, serde, renderer,
-                              FailureRecords(self.topology, serde, stage=f"worker:{settings.pool}"))
+        self._intake = Intake(settings, serde, renderer, FailureRecords(
+            self.topology, serde, stage=f"worker:{settings.pool}", limits=settings.limits()))
         self._stop = threading.Event()
         self.group_id = f"{settings.topic_prefix}-render-{settings.pool}"
         self._journal = CrashJournal(settings.state_dir, f"{self.group_id}-{settings.worker_id}")

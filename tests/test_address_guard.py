@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from processors.address_guard import UnsafeCallbackUrl, check_resolved, check_url_at_intake, literal_address
+from processors.address_guard import (
+    UnsafeCallbackUrl,
+    check_resolved,
+    check_url_at_intake,
+    literal_address,
+)
 
 PUBLIC = ["https://example.com/cb", "http://hooks.example.org:8080/x?y=1", "http://93.184.215.14/", "http://8.8.8.8",
           "http://[2606:4700::1111]/cb", "https://example.com./trailing-dot", "http://[::ffff:8.8.8.8]/"]

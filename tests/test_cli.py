@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import (
-    AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewPartitions, ResourceType,
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    ResourceType,
 )
 
 from tests.harness import ROOT, bootstrap

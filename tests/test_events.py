@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import fastavro
 
-from processors.events import REASON_MAX_CHARS, dead_letter_headers, image_ready, image_rendered, request_failed
+from processors.events import (
+    REASON_MAX_CHARS,
+    dead_letter_headers,
+    image_ready,
+    image_rendered,
+    request_failed,
+)
 from processors.requests import Limits
 from schemas.serde import load_schema
 from streams.submit import build_request

@@ -7,8 +7,18 @@ import struct
 
 import pytest
 
-from tests.test_pipeline_e2e import AVSC, _dlq_reader, _drain, plain_request, single_object
-from tests.test_serde_containers import deflate_bomb, null_array_bomb, recursive_record_50k_deep
+from tests.test_pipeline_e2e import (
+    AVSC,
+    _dlq_reader,
+    _drain,
+    plain_request,
+    single_object,
+)
+from tests.test_serde_containers import (
+    deflate_bomb,
+    null_array_bomb,
+    recursive_record_50k_deep,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -52,7 +62,8 @@ def test_hostile_records_are_dead_lettered_with_their_keys_and_the_worker_goes_o
     assert prod.flush(30) == 0
 
     ids = [good["request_id"]] + [r["request_id"] for name, r in requests.items() if "\n" not in r["request_id"]]
-    seen = pipeline.collect(ids, timeout_s=180)  # fails if the worker or the processors died
+    seen = pipeline.collect(ids, timeout_s=180, follower=follower)  # fails if the worker or processors died
+    follower.close()
     assert [n for n, _ in seen[good["request_id"]]] == ["ImageReady"]
     for name, r in requests.items():
         if r["request_id"] in seen:

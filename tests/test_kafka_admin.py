@@ -7,7 +7,12 @@ from types import SimpleNamespace
 import pytest
 
 from connectors import kafka_admin
-from connectors.kafka_admin import InvalidReplication, TopicWanted, apply_topics, replication_defaults
+from connectors.kafka_admin import (
+    InvalidReplication,
+    TopicWanted,
+    apply_topics,
+    replication_defaults,
+)
 
 
 def done(value: object = None) -> Future:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from processors.imaging import encode_png, object_key, sha256_hex
+from processors.model_identity import folder_fingerprint
 from processors.renderer import (
     TINY_FOLDER_NAME,
     InvalidModelOptions,
@@ -24,8 +25,11 @@ from processors.renderer import (
     is_out_of_memory,
     render_splitting_on_oom,
 )
-from processors.model_identity import folder_fingerprint
-from processors.tiny_model import COMPLETE_MARKER, build_tiny_pipeline_dir, build_tokenizer
+from processors.tiny_model import (
+    COMPLETE_MARKER,
+    build_tiny_pipeline_dir,
+    build_tokenizer,
+)
 
 SMALL = RenderSettings(width=32, height=32, steps=2, guidance=0.0)
 PROMPTS = [

@@ -16,8 +16,19 @@ from typing import Any
 import fastavro
 import pytest
 
-from schemas.catalog import MAX_SCHEMA_NESTING, nesting_depth, recursive_records, zero_byte_collections
-from schemas.serde import SCHEMA_DIR, AvroSerde, SerdeError, UndecodableRecord, UnknownSchema
+from schemas.catalog import (
+    MAX_SCHEMA_NESTING,
+    nesting_depth,
+    recursive_records,
+    zero_byte_collections,
+)
+from schemas.serde import (
+    SCHEMA_DIR,
+    AvroSerde,
+    SerdeError,
+    UndecodableRecord,
+    UnknownSchema,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDRESS_SPACE_LIMIT = 1024 * 1024 * 1024

@@ -7,8 +7,12 @@ import os
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from streams.setting_values import (
+    mask_url_credentials,
+    parse_kafka_extra,
+    store_url_problem,
+)
 from streams.settings import InvalidSettings, Settings, load_settings
-from streams.setting_values import mask_url_credentials, parse_kafka_extra, store_url_problem
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,14 @@ from types import SimpleNamespace
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-from connectors.kafka import (OutRecord, RewindRequired, TransactionAborted, TransactionalStep, TransactionStuck,
-                              rewind_to_committed)
+from connectors.kafka import (
+    OutRecord,
+    RewindRequired,
+    TransactionAborted,
+    TransactionalStep,
+    TransactionStuck,
+    rewind_to_committed,
+)
 from tests.fake_kafka import FakeKafka, kafka_error
 
 TOPIC = "in"
