@@ -124,17 +124,16 @@ def worker(restart: bool) -> None:
     """Run a render worker of pool ZIMAGE_POOL until SIGTERM/SIGINT."""
     s = _settings()
     _supervised("worker", restart)
-    from processors.renderer import (
-        InvalidModelOptions,  # after the checks: these import torch
-    )
-    from streams.runtime import build_worker
+    from processors.renderer import InvalidModelOptions  # after the checks: these import torch
+    from streams.runtime import build_worker, model_options
 
-    _logging(s.log_level)
-    logging.getLogger(__name__).info("settings: %s", json.dumps(s.masked(), default=str))
     try:
-        w = build_worker(s)
+        model_options(s).validate()  # the last check, before the metrics port, the model or any client
     except InvalidModelOptions as exc:
         raise ConfigError(str(exc)) from exc
+    _logging(s.log_level)
+    logging.getLogger(__name__).info("settings: %s", json.dumps(s.masked(), default=str))
+    w = build_worker(s)
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     signal.signal(signal.SIGINT, lambda *_: w.stop())
     w.run()

@@ -7,14 +7,12 @@ errors (exit code CONFIG_ERROR) are not retried: a new process would fail the sa
 from __future__ import annotations
 
 import ctypes
-import faulthandler
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 log = logging.getLogger("zimage.supervise")
@@ -64,41 +62,3 @@ def supervise(argv: list[str], name: str, *, max_backoff_s: float = 30.0, stable
         if stopping:
             return code
         backoff = min(max_backoff_s, backoff * 2)
-
-
-class Watchdog:
-    """Ends the process when a blocking call outlives its limit.
-
-    librdkafka's send_offsets_to_transaction can block past its timeout when the group coordinator vanishes
-    (a broker restart); a worker stuck there would hold its partitions forever. Exiting lets the supervisor
-    start a fresh producer, which fences the stuck one; the uncommitted work is redone.
-    """
-
-    EXIT_CODE = 70  # EX_SOFTWARE
-
-    def __init__(self, limit_s: float, what: str):
-        self._limit = limit_s
-        self._what = what
-        self._since: float | None = None
-        self._lock = threading.Lock()
-        threading.Thread(target=self._watch, name="zimage-watchdog", daemon=True).start()
-
-    def __enter__(self) -> "Watchdog":
-        with self._lock:
-            self._since = time.monotonic()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        with self._lock:
-            self._since = None
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(1.0)
-            with self._lock:
-                stuck = self._since is not None and time.monotonic() - self._since > self._limit
-            if stuck:
-                log.critical("%s blocked for more than %.0fs; exiting so that a fresh process takes over",
-                             self._what, self._limit)
-                faulthandler.dump_traceback(all_threads=True)
-                os._exit(self.EXIT_CODE)

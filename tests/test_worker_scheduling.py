@@ -126,3 +126,24 @@ def test_deadlines_and_metrics(fresh_pipeline):
     for name in ('zimage_queue_length{priority="high"}', "zimage_gpu_utilization"):
         assert name in samples
     assert 0 < samples["zimage_gpu_utilization"] <= 1
+
+
+def test_highs_waiting_in_kafka_when_a_fresh_worker_starts_are_in_its_first_batch(fresh_pipeline):
+    p = fresh_pipeline
+    p.start("processors", "processors", wait_ready=False)
+    sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
+    lower = [make("normal", "normal", i) for i in range(4)] + [make("low", "low", i) for i in range(4)]
+    highs = [make("high", "high", i) for i in range(4)]
+    sub.submit(lower)
+    sub.flush()
+    sub.submit(highs)  # produced last, behind the lower classes
+    sub.flush()
+    p.start("worker", "worker", ZIMAGE_MAX_BATCH_SIZE="4")
+    events = p.collect([r["request_id"] for r in lower + highs], timeout_s=120)
+    ready = {rid: evs[0][1] for rid, evs in events.items() if evs[0][0] == "ImageReady"}
+    assert len(ready) == 12
+    batches: dict[str, list[dict]] = {}
+    for value in ready.values():
+        batches.setdefault(value["lineage"]["batch_id"], []).append(value)
+    first = min(batches.values(), key=lambda batch: min(rendered_at(v) for v in batch))
+    assert {v["request_id"] for v in first} == {r["request_id"] for r in highs}
