@@ -9,6 +9,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -153,6 +155,31 @@ def null_throughput(n: int) -> float:
     return n / (done - t0)
 
 
+def relay_footprint() -> tuple[float, float]:
+    """`zimage processors` as a process: seconds until it serves, and its resident memory (MB) once serving."""
+    settings = Settings(_env_file=None, topic_prefix=f"bench{uuid.uuid4().hex[:8]}",
+                        bootstrap_servers=os.environ.get("ZIMAGE_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    apply_topics(settings.kafka_config(), [TopicWanted(t.name, t.partitions, t.config)
+                                           for t in settings.topology.topics()])
+    env = {**os.environ, "ZIMAGE_TOPIC_PREFIX": settings.topic_prefix, "PYTHONUNBUFFERED": "1"}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "processors", "--no-restart"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "publishing" in line:
+                break
+        serving = time.monotonic() - started
+        time.sleep(3)  # subscribed and polling: what it holds while it works
+        rss_kb = next(int(line.split()[1]) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                      if line.startswith("VmRSS:"))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return serving, rss_kb / 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--a", type=float, default=0.02, help="fixed seconds per batch")
@@ -190,6 +217,10 @@ def main() -> None:
 
     rps = null_throughput(int(20_000 * scale))
     figure("null_renderer_throughput_rps", rps, ">= 2000", "req/s", rps >= 2000)
+
+    start_s, rss_mb = relay_footprint()
+    figure("relay_start_s", start_s, "< 2", "s", start_s < 2)
+    figure("relay_rss_mb", rss_mb, "<= 200", "MB", rss_mb <= 200)
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -5,6 +5,7 @@ the requests whose outputs were committed, each once.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -14,6 +15,7 @@ import pytest
 from bench.simulated import MemoryStore
 from connectors.kafka import TransactionalStep, TransactionStuck
 from schemas.serde import AvroSerde
+from streams.crash_journal import CrashJournal
 from streams.settings import Settings
 from streams.submit import build_request
 from streams.worker import RenderWorker
@@ -87,7 +89,7 @@ class Rig:
     def assert_offsets_match_outputs(self) -> None:
         committed = self.kafka.committed.get(TP, 0)
         outputs = self.committed_output_ids()
-        assert sorted(outputs) == sorted(self.ids[:committed]), (committed, len(outputs))
+        assert sorted(outputs) == sorted(i for i in self.ids[:committed] if i), (committed, len(outputs))
         assert len(outputs) == len(set(outputs)), "an output was committed twice"
 
 
@@ -176,3 +178,23 @@ def test_the_running_worker_with_aborts_now_and_then_publishes_everything_once(t
     assert rig.kafka.committed.get(TP) == len(rig.ids)
     rig.assert_offsets_match_outputs()
     assert rig.producer.abort_transaction.call_count >= 1
+
+
+def test_a_record_the_worker_died_with_twice_is_dead_lettered_undecoded(tmp_path):
+    name = f"{PREFIX}-render-turbo-w1"
+    for _ in range(2):  # two deaths while decoding offset 3: the journal names it when the next process opens
+        (tmp_path / "state").mkdir(exist_ok=True)
+        (tmp_path / "state" / f"{name}.intake").write_text(json.dumps([[TOPIC, 0, 3]]))
+        CrashJournal(tmp_path / "state", name).close()
+    rig = Rig(tmp_path, count=6)
+    rig.kafka.logs[TP][3] = (b"poison-key", b"\xc3\x01 whatever made the decoder crash")
+    rig.ids[3] = None
+    rig.open()
+    rig.ingest(range(0, 6))
+    rig.worker._commit()
+    failed = [rig.serde.decode("RequestFailed", v) for t, _k, v in rig.kafka.outputs if t.endswith(".failed")]
+    assert [(f["reason_code"], f["source"]["offset"]) for f in failed] == [("poison_record", 3)]
+    letters = [(k, v) for t, k, v in rig.kafka.outputs if t.endswith(".dlq")]
+    assert letters == [(b"poison-key", b"\xc3\x01 whatever made the decoder crash")]
+    assert rig.kafka.committed[TP] == 6
+    rig.worker._stage.stop()
