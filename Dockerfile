@@ -21,10 +21,11 @@ RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} . \
 
 USER zimage
 WORKDIR /home/zimage
-# Model weights and the tiny model's cache live under ~/.cache (a volume in docker-compose.yml).
+# Model weights and the tiny model's cache live under ~/.cache (a volume in docker-compose.yml); the crash journal
+# under ~/state must outlive a restart of the process, as the container's own filesystem does.
 ENV HF_HOME=/home/zimage/.cache/huggingface \
     ZIMAGE_TINY_CACHE_DIR=/home/zimage/.cache/zimage/tiny \
-    ZIMAGE_OUTPUT_DIR=/home/zimage/out
-RUN mkdir -p /home/zimage/.cache /home/zimage/out
+    ZIMAGE_STATE_DIR=/home/zimage/state
+RUN mkdir -p /home/zimage/.cache /home/zimage/state
 
 CMD ["zimage", "worker"]
