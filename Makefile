@@ -1,5 +1,6 @@
 # Two entry points: `make demo` and `make test`. Both create .venv when missing, install into it,
 # start the local stack (Kafka, Redis, S3 API) and run. A second run reuses what is there.
+# `make test` runs `make lint` (ruff and mypy) first.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -26,7 +27,14 @@ stack-down:
 demo: stack-up
 	$(ENV) $(VENV)/bin/zimage topics apply && $(VENV)/bin/zimage demo
 
-test: stack-up
+# ruff and mypy, pinned in the `test` extra; their settings are in pyproject.toml.
+LINT_PATHS := streams connectors processors schemas bench tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy $(LINT_PATHS)
+
+test: lint stack-up
 	if [ -f ../shared/tools/check_layout.py ]; then $(VENV)/bin/python ../shared/tools/check_layout.py .; fi
 	$(ENV) $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -19,15 +19,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-TURBO_TRANSFORMER = dict(
+TURBO_TRANSFORMER: dict[str, Any] = dict(
     all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
     n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
     axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
 )
-TURBO_VAE = dict(
+TURBO_VAE: dict[str, Any] = dict(
     in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
     latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
@@ -36,8 +37,9 @@ TURBO_VAE = dict(
 VAE_SCALE = 8
 
 
-def build(config: dict, model_class: type, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Random weights initialised on the device (fast, and no 24 GB fp32 copy in host memory), then cast."""
+def build(config: dict, model_class: type, device: torch.device, dtype: torch.dtype) -> Any:
+    """Random weights initialised on the device (fast, and no 24 GB fp32 copy in host memory), then cast.
+    Typed Any: the diffusers model's own methods are what callers use, and torch types them as Tensor | Module."""
     torch.manual_seed(0)
     with torch.device(device):
         model = model_class(**config)
@@ -62,12 +64,12 @@ def denoise(transformer, latents: list, captions: list, steps: int, per_item: bo
         if per_item:
             preds = [
                 transformer([x], t[i : i + 1], [c], return_dict=False)[0][0]
-                for i, (x, c) in enumerate(zip(inputs, captions))
+                for i, (x, c) in enumerate(zip(inputs, captions, strict=True))
             ]
         else:
             preds = transformer(inputs, t, captions, return_dict=False)[0]
         # The model predicts the negated velocity.
-        latents = [x + (next_sigma - sigma) * (-p.float()) for x, p in zip(latents, preds)]
+        latents = [x + (next_sigma - sigma) * (-p.float()) for x, p in zip(latents, preds, strict=True)]
     return latents
 
 

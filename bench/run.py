@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from bench.simulated import MemoryStore, SimulatedRenderer
 from connectors.kafka_admin import TopicWanted, apply_topics, group_lag
@@ -29,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 class Scenario:
     """Private topics, a producer, and one in-process worker with a simulated renderer."""
 
-    def __init__(self, a: float, b: float, max_batch: int, **settings: object):
+    def __init__(self, a: float, b: float, max_batch: int, **settings: Any):
         self.a, self.b = a, b
         self.settings = Settings(_env_file=None, topic_prefix=f"bench{uuid.uuid4().hex[:8]}",
                                  bootstrap_servers=os.environ.get("ZIMAGE_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
@@ -60,12 +61,13 @@ class Scenario:
         self.thread.start()
 
     def stop(self) -> None:
-        if self.worker:
+        if self.worker and self.thread:
             self.worker.stop()
             self.thread.join(60)
 
     def wait_drained(self, timeout_s: float = 300) -> float:
         """Waits until the group has committed everything; returns the time it saw that."""
+        assert self.worker is not None, "start() first"
         topics = list(self.settings.topology.request_topics)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -90,7 +92,7 @@ def saturated(a: float, b: float, max_batch: int, n: int) -> dict[str, float]:
     starts = [t for t, _ in sc.batches]
     ends = [t + sc.batch_cost(len(p)) for t, p in sc.batches]
     span = max(ends) - min(starts)
-    busy = sum(e - s for s, e in zip(starts, ends))
+    busy = sum(e - s for s, e in zip(starts, ends, strict=True))
     items = sum(len(p) for _, p in sc.batches)
     return {"busy_fraction": busy / span, "throughput": items / span, "items": items}
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -28,7 +29,7 @@ from connectors.retry import until_done
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]  # as confluent-kafka hands them out and takes them
 TP = tuple[str, int]
 T = TypeVar("T")
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from tenacity import (
     RetryCallState,
@@ -30,7 +31,7 @@ class Stopping(Exception):
 
 def backoff_delay(attempt: int) -> float:
     """Seconds to wait before retry number `attempt` (1 for the first retry)."""
-    state = RetryCallState(None, None, (), {})
+    state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # the wait reads only attempt_number
     state.attempt_number = attempt
     return BACKOFF(state)
 
@@ -52,6 +53,7 @@ def until_done(call: Callable[[], T], *, is_infrastructure: Callable[[BaseExcept
         if exc is not None:
             on_retry(exc, state.attempt_number)
 
-    retrying = Retrying(stop=stop_never if within_s is None else stop_before_delay(within_s), wait=BACKOFF, sleep=sleep, reraise=True, before_sleep=before_sleep,
+    retrying = Retrying(stop=stop_never if within_s is None else stop_before_delay(within_s), wait=BACKOFF,
+                        sleep=sleep, reraise=True, before_sleep=before_sleep,
                         retry=retry_if_exception(is_infrastructure))
     return retrying(call)

@@ -201,7 +201,8 @@ def parse_store_url(url: str) -> StoreLocation:
     parsed = urlparse(url)
     if parsed.scheme == "s3":
         if "@" in parsed.netloc:
-            raise ValueError("must not carry credentials; boto3 reads them from its usual chain (AWS_ACCESS_KEY_ID, ...)")
+            raise ValueError(
+                "must not carry credentials; boto3 reads them from its usual chain (AWS_ACCESS_KEY_ID, ...)")
         if not BUCKET_NAME.match(parsed.netloc):
             raise ValueError("needs a bucket name of 3-63 lower-case letters, digits, '.' or '-' (s3://bucket/prefix)")
         return StoreLocation(parsed.netloc, parsed.path)

@@ -141,7 +141,7 @@ def _split(url: object) -> tuple[SplitResult, str]:
     try:
         parts = urlsplit(url)
         host = parts.hostname
-        parts.port  # raises ValueError for a port out of range or not a number
+        _ = parts.port  # raises ValueError for a port out of range or not a number
     except ValueError as exc:
         raise UnsafeCallbackUrl(f"callback_url {url[:200]!r} does not parse: {exc}") from None
     if parts.scheme not in SCHEMES or not host:

@@ -14,8 +14,9 @@ queue. A head larger than `max_batch_size` forms a batch of its own.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 PRIORITY_LEVEL: dict[str, int] = {p: level for level, p in enumerate(PRIORITIES)}  # 0 is the most urgent
@@ -44,7 +45,7 @@ class Pending:
     source: tuple[str, int, int]  # (topic, partition, offset)
     enqueued_at: float  # monotonic seconds
     deadline: float | None  # monotonic seconds; None: no deadline
-    payload: object
+    payload: Any  # the caller's; never looked into here
     cost: int = 1  # images to render; a batch is bounded by the sum of costs
 
     def __post_init__(self) -> None:

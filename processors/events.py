@@ -1,7 +1,8 @@
 """The shape of the events the pipeline publishes: pure functions from inputs to Avro-ready dicts."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from processors.requests import Limits, identity_of, priority_of
 

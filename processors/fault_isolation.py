@@ -9,8 +9,9 @@ Pure logic over callables: the renderer, the probe and what counts as permanent 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 Result = TypeVar("Result")
 
@@ -44,9 +45,9 @@ def render_isolating_faults(render: Callable[[Sequence[int]], Sequence[Result]],
         out.results = dict(enumerate(together))
         return out
     for index in range(count):
-        for attempt in range(attempts):
+        for _attempt in range(attempts):
             try:
-                out.results[index] = list(render([index]))[0]
+                [out.results[index]] = render([index])  # exactly one result, else this request's error
                 out.errors.pop(index, None)
                 break
             except Exception as exc:  # noqa: BLE001 - kept as this request's error

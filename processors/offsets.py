@@ -15,7 +15,8 @@ results already released are not put back.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
 
 TopicPartition = tuple[str, int]
 
@@ -57,10 +58,10 @@ class OffsetTracker:
         self._advanced.add((topic, partition))
         return True
 
-    def release(self) -> tuple[list[object], dict[TopicPartition, int]]:
+    def release(self) -> tuple[list[Any], dict[TopicPartition, int]]:
         """Pops the finished prefix of every partition: (results in offset order per partition, partitions in
         (topic, partition) order; {partition: next offset to read} for the partitions that advanced)."""
-        results: list[object] = []
+        results: list[Any] = []  # whatever the caller completed them with
         commits: dict[TopicPartition, int] = {}
         for tp in sorted(self._advanced):
             log = self._logs.get(tp)

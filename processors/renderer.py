@@ -78,7 +78,7 @@ class ModelOptions:
     compile: bool = False  # torch.compile of the transformer's repeated blocks
     cpu_offload: str = "none"
     attention_backend: str = "default"  # or a diffusers AttentionBackendName value, e.g. "flash", "_flash_3"
-    tiny_cache_dir: Path | None = None  # where the tiny model is built; default: a folder in the temp dir
+    tiny_cache_dir: str | Path | None = None  # where the tiny model is built; default: a folder in the temp dir
     max_sequence_length: int = 512  # prompt tokens kept (chat template included)
     # True: the model runs once per image inside a batch call, so a batched image is byte-identical to the
     # image alone. False: one fused transformer pass per batch, faster on a GPU, but an image then depends
@@ -151,7 +151,7 @@ class ModelOptions:
 
     def _source_problems(self) -> list[str | None]:
         kind, folder = self.source_kind, Path(self.source).expanduser()
-        problems = []
+        problems: list[str | None] = []
         if kind == "invalid":
             problems.append(f"source {self.source!r} is not 'tiny', a Hugging Face id or a local model folder")
         elif kind == "local" and not (folder / "model_index.json").is_file():
@@ -220,7 +220,8 @@ def caption_token_limit(transformer: torch.nn.Module) -> int:
     positions 1..n on the first axis, the image the next one, all below axes_lens[0]."""
     from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 
-    return (transformer.config.axes_lens[0] - 2) // SEQ_MULTI_OF * SEQ_MULTI_OF
+    config: Any = transformer.config  # a diffusers config; torch types a Module's attributes as Tensor | Module
+    return (config.axes_lens[0] - 2) // SEQ_MULTI_OF * SEQ_MULTI_OF
 
 
 class Renderer:
@@ -270,10 +271,9 @@ class Renderer:
         return Path(self.options.source).expanduser() if kind == "local" else None
 
     def _identify_weights(self, folder: Path | None) -> str:
-        if self.options.source_kind == "tiny":
-            return f"tiny-{folder_fingerprint(folder)[:16]}"
-        if folder is not None:
-            return f"local-{folder_fingerprint(folder)[:16]}"
+        if folder is not None:  # always the case for the tiny model, built into a folder
+            kind = "tiny" if self.options.source_kind == "tiny" else "local"
+            return f"{kind}-{folder_fingerprint(folder)[:16]}"
         commit = hub_commit(self.options.source, self.options.revision)
         return f"{self.options.source}@{commit or 'config-' + config_fingerprint(self._pipe)[:16]}"
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, TypeGuard
 
 from processors.address_guard import UnsafeCallbackUrl, check_url_at_intake
 from processors.render_settings import RenderSettings
@@ -100,8 +101,7 @@ def _check(request: Mapping[str, Any], limits: Limits, models: tuple[str, ...] |
     url = request.get("callback_url")
     if url is not None:
         _check_callback_url(url, limits)
-    model = request.get("model")
-    _check_text("model", model, limits.max_model_chars)
+    model = _check_text("model", request.get("model"), limits.max_model_chars)
     if models is not None and model not in models:
         raise InvalidRequest("unknown_model", f"model {model[:100]!r} is not served; known: {', '.join(models)}")
 
@@ -117,7 +117,7 @@ def identity_of(request: Any, limits: Limits) -> dict[str, str | None]:
         try:
             value = get(field)
             check(value, limits)
-        except Exception:  # the field's own rule, or a value no rule foresaw
+        except Exception:  # noqa: BLE001 - the field's own rule, or a value no rule foresaw
             value = None
         identity[field] = value
     return identity
@@ -137,13 +137,15 @@ def _check_callback_url(url: Any, limits: Limits) -> None:
         raise _invalid(str(exc)) from None
 
 
-def _check_text(field: str, value: Any, most: int) -> None:
+def _check_text(field: str, value: object, most: int) -> str:
+    """`value`, when it is a string of at most `most` characters with no lone surrogate; else InvalidRequest."""
     if not isinstance(value, str):
         raise _invalid(f"{field} must be a string, got {type(value).__name__}")
     if len(value) > most:
         raise _invalid(f"{field} is {len(value)} characters; at most {most}")
     if not _encodable(value):
         raise _invalid(f"{field} is not valid Unicode text (it holds a lone surrogate)")
+    return value
 
 
 def _encodable(text: str) -> bool:
@@ -173,7 +175,7 @@ def _check_prompts(request: Mapping[str, Any], limits: Limits) -> None:
         text = request.get(field)
         if text is None and field == "negative_prompt":
             continue
-        _check_text(field, text, limits.max_prompt_chars)
+        text = _check_text(field, text, limits.max_prompt_chars)
         if "\x00" in text:
             raise _invalid(f"{field} contains a NUL character")
         if any(ord(c) < 0x20 and c not in "\t\n\r" for c in text):
@@ -182,7 +184,7 @@ def _check_prompts(request: Mapping[str, Any], limits: Limits) -> None:
         raise _invalid("prompt is empty")
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -9,8 +9,8 @@ Choosing the class (`Scheduler.next_batch`), among the classes that hold request
    contention*: the consecutive batch cuts at which `c` and at least one other class were both buffered. At
    each such cut the counter gains `min_share[c]` times the images of the batch and loses the images of `c`
    that the batch holds, as in deficit round robin; it never falls below `-max_batch_size`, so a surplus
-   (from aging, or from riding in other classes' batches) counts for one batch's worth of images at most. The period, and
-   the counter with it, ends when `c`'s buffer empties or a batch is cut while `c` is the only buffered class.
+   (from aging, or from riding in other classes' batches) counts for one batch's worth of images at most. The period,
+   and the counter with it, ends when `c`'s buffer empties or a batch is cut while `c` is the only buffered class.
    A class is *owed* when its counter is positive (below its share over the period) and its period began at
    least `share_patience_s` ago. If any class is owed, the one with the largest counter / min_share is
    served (the more urgent class on a tie). So with a steady `high` load that alone saturates the renderer
@@ -48,8 +48,8 @@ from __future__ import annotations
 import heapq
 import math
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 from processors.batching import (
     PRIORITIES,

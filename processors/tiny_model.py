@@ -88,9 +88,10 @@ def _transformer() -> ZImageTransformer2DModel:
         axes_lens=[256, 64, 64],  # up to 64 patches a side: 256x256 images
     )
     # The pad tokens are left uninitialised by the constructor; fix them so the weights are a function of the seed.
+    # (They are parameters the constructor registers; diffusers' types do not declare them.)
     with torch.no_grad():
-        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
-        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+        for pad in (transformer.x_pad_token, transformer.cap_pad_token):  # type: ignore[attr-defined]
+            pad.copy_(torch.ones_like(pad))
     return transformer
 
 
@@ -153,7 +154,8 @@ def build_tiny_pipeline_dir(path: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staging.chmod(0o755)
-        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        pipe = build_tiny_pipeline()
+        pipe.save_pretrained(staging, safe_serialization=True)  # type: ignore[attr-defined]  # DiffusionPipeline's
         (staging / COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")
         if path.exists() and not is_complete(path):
             shutil.rmtree(path)  # a build that stopped half-way

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastavro import parse_schema
 from fastavro.schema import fingerprint as _hex_fingerprint
@@ -44,7 +44,8 @@ def read_schema_json(name: str, schema_dir: Path = SCHEMA_DIR) -> dict[str, Any]
 
 def load_schema(name: str, schema_dir: Path = SCHEMA_DIR) -> dict[str, Any]:
     """A current schema parsed by fastavro, exactly as written in its .avsc (logical types kept)."""
-    return parse_schema(read_schema_json(name, schema_dir), named_schemas={})
+    # a record's .avsc parses to a dict (fastavro types the result as any schema: str, list or dict)
+    return cast(dict[str, Any], parse_schema(read_schema_json(name, schema_dir), named_schemas={}))
 
 
 def short_name(name: str) -> str:
@@ -114,11 +115,11 @@ def zero_byte_collections(schema: Any) -> list[str]:
             return 1  # a union writes its branch index; a record inside itself cannot be finite
         kind = node.get("type")
         if kind in ("record", "error"):
-            fields = node.get("fields") if isinstance(node.get("fields"), list) else []
+            fields = node["fields"] if isinstance(node.get("fields"), list) else []
             return sum(min_bytes(f.get("type") if isinstance(f, dict) else None, visiting | {id(node)})
                        for f in fields)
         if kind == "fixed":
-            return node.get("size") if isinstance(node.get("size"), int) else 1
+            return node["size"] if isinstance(node.get("size"), int) else 1
         if kind in ("enum", "array", "map"):
             return 1
         return min_bytes(kind, visiting)
@@ -154,7 +155,7 @@ def recursive_records(schema: Any) -> list[str]:
             kind = node.get("type")
             if kind in ("record", "error") and isinstance(node.get("name"), str):
                 inner = enclosing | {node["name"], full_name(node), short_name(node["name"])}
-                fields = node.get("fields") if isinstance(node.get("fields"), list) else []
+                fields = node["fields"] if isinstance(node.get("fields"), list) else []
                 pending.extend((field.get("type"), inner) for field in fields if isinstance(field, dict))
             elif kind == "array":
                 pending.append((node.get("items"), enclosing))
@@ -195,7 +196,7 @@ def parse_writer_schema(schema: Any, label: str) -> WriterSchema:
         raise UnknownSchema(f"writer schema ({label}) is recursive ({', '.join(sorted(set(recursive)))}): data "
                             "nested deep enough would overflow the reader's stack")
     try:
-        parsed = parse_schema(strip_logical_types(schema), named_schemas={})
+        parsed = cast(dict[str, Any], parse_schema(strip_logical_types(schema), named_schemas={}))
         fingerprint = crc64_fingerprint(schema)
     except Exception as exc:  # fastavro raises several types for a malformed schema
         raise UnknownSchema(f"writer schema {schema.get('name')!r} ({label}) does not parse: {exc}") from exc

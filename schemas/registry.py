@@ -7,7 +7,8 @@ confluent_kafka is imported only when a registry is configured.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from schemas.catalog import WriterSchema, parse_writer_schema
 from schemas.errors import (

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Mapping
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 from fastavro.read import SchemaResolutionError
@@ -222,7 +222,7 @@ def _read(stream: BytesIO, writer: WriterSchema, reader: WriterSchema, framing: 
     # Same fingerprint means same binary layout: skip resolution, it is the common and fast case.
     reader_schema = None if writer.fingerprint == reader.fingerprint else reader.parsed
     try:
-        value = fastavro.schemaless_reader(stream, writer.parsed, reader_schema)
+        value = cast(dict[str, Any], fastavro.schemaless_reader(stream, writer.parsed, reader_schema))  # a record
     except SchemaResolutionError as exc:
         raise IncompatibleSchema(
             f"{framing}: writer schema {writer.describe()} cannot be resolved into {reader.describe()}: {exc}"
@@ -247,13 +247,13 @@ def _read_body(data: bytes, offset: int, writer: WriterSchema, reader: WriterSch
 def _try_bare(data: bytes, reader: WriterSchema) -> dict[str, Any] | None:
     stream = BytesIO(data)
     try:
-        value = fastavro.schemaless_reader(stream, reader.parsed)
+        value = cast(dict[str, Any], fastavro.schemaless_reader(stream, reader.parsed))  # a record
         if stream.tell() != len(data):
             return None
         # Garbage can decode by chance; a genuine body re-encodes to exactly the same bytes.
         again = BytesIO()
         fastavro.schemaless_writer(again, reader.parsed, value)
-    except Exception:
+    except Exception:  # noqa: BLE001 - garbage fails inside fastavro in any way; all of them mean "not a bare body"
         return None
     return value if again.getvalue() == data else None
 

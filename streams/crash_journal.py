@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from connectors.retry import Stopping
 

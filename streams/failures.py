@@ -32,10 +32,14 @@ class Origin:
     timestamp: int | None = None
 
     @classmethod
-    def of(cls, msg: Message) -> "Origin":
+    def of(cls, msg: Message) -> Origin:
         kind, ts = msg.timestamp()
-        return cls(msg.topic(), msg.partition(), msg.offset(), msg.value() or b"", msg.key(),
-                   list(msg.headers() or []), None if kind == TIMESTAMP_NOT_AVAILABLE else ts)
+        # A consumed record always has a topic, partition and offset, and its headers are a list of pairs (the
+        # client's types also allow None and the dict that `produce` accepts).
+        return cls(msg.topic(), msg.partition(), msg.offset(),  # type: ignore[arg-type]
+                   msg.value() or b"", msg.key(),
+                   list(msg.headers() or []),  # type: ignore[arg-type]
+                   None if kind == TIMESTAMP_NOT_AVAILABLE else ts)
 
     @property
     def source(self) -> tuple[str, int, int]:

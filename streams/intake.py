@@ -73,7 +73,7 @@ class Intake:
             return Hold(str(exc))
         except (SerdeError, InvalidRequest, UnsupportedSettings) as exc:
             return Finish(self._refused(_code_of(exc), str(exc), origin, request, priority))
-        except Exception as exc:  # noqa: BLE001 - a record never ends the process
+        except Exception as exc:  # a record never ends the process (logged with its traceback)
             log.exception("unexpected error on %s[%d]@%d", origin.topic, origin.partition, origin.offset)
             return Finish(self._refused("internal_error", f"{type(exc).__name__}: {exc}", origin, request,
                                         priority))

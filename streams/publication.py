@@ -80,7 +80,8 @@ class PublicationRelay:
         offsets: dict[tuple[str, int], int] = {}
         now_ms = int(time.time() * 1000)
         for msg in msgs:
-            source = (msg.topic(), msg.partition(), msg.offset())
+            # A consumed record always has all three (the client's types allow None for error events).
+            source: tuple[str, int, int] = (msg.topic(), msg.partition(), msg.offset())  # type: ignore[assignment]
             offsets[source[:2]] = source[2] + 1
             try:
                 rendered = self._serde.decode("ImageRendered", msg.value() or b"", topic=source[0])

@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,14 +42,17 @@ log = logging.getLogger(__name__)
 
 
 class BatchRenderer(Protocol):
-    model_id: str
-    model_version: str
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def model_version(self) -> str: ...
 
     def render(self, items: Sequence[RenderItem], settings: RenderSettings) -> list[np.ndarray]: ...
 
     def check_settings(self, settings: RenderSettings) -> None: ...
 
-    def warmup(self) -> None: ...
+    def warmup(self) -> object: ...  # the device probe: whether it raises is what counts
 
 
 class DeviceFault(Deliberate):
@@ -244,7 +248,7 @@ class RenderStage:
         encoded = [encode_png(img) for img in images]
         t1 = time.monotonic()
         stored = []
-        for index, (data, seed) in enumerate(zip(encoded, seeds)):
+        for index, (data, seed) in enumerate(zip(encoded, seeds, strict=True)):
             digest = sha256_hex(data)
             uri = self._put(object_key(request["tenant"], digest), data)
             stored.append({"index": index, "uri": uri, "sha256": digest, "seed": seed, "size_bytes": len(data)})

@@ -8,7 +8,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -52,10 +53,10 @@ def parse_pools(text: str | Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     else:
         entries = []
         for entry in filter(None, (e.strip() for e in text.split(","))):
-            pool, sep, models = entry.partition("=")
+            pool, sep, listed = entry.partition("=")
             if not sep:
                 raise ValueError(f"entry {entry!r} is not pool=model")
-            entries.append((pool.strip(), tuple(m.strip() for m in models.split("|") if m.strip())))
+            entries.append((pool.strip(), tuple(m.strip() for m in listed.split("|") if m.strip())))
     table: dict[str, tuple[str, ...]] = {}
     for pool, models in entries:
         if not _POOL_NAME.match(pool):

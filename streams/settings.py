@@ -10,9 +10,10 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -80,7 +81,7 @@ class Settings(BaseSettings):
     # Routing table shared by every worker: pool -> the model its workers load. The first pool also reports
     # requests that no pool can take (undecodable, invalid, unknown model), so each gets exactly one RequestFailed.
     pools: Annotated[dict[str, tuple[str, ...]], NoDecode] = Field(
-        default_factory=lambda: {"turbo": ("z-image-turbo",)})
+        default_factory=lambda: {"turbo": tuple[str, ...](["z-image-turbo"])})
     model_source: str = Field("tiny", min_length=1)  # 'tiny', a Hugging Face id or a local folder
     model_revision: str | None = None
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -195,7 +196,7 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Settings":
+    def _cross_checks(self) -> Settings:
         problems = []
         shares = self.min_share_normal + self.min_share_low
         if shares >= 1:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from connectors import kafka
 from schemas.serde import AvroSerde
@@ -72,6 +73,6 @@ class Submitter:
         if left or self._errors:
             raise RuntimeError(f"{left} requests not delivered; errors: {self._errors[:5]}")
 
-    def _delivered(self, err, _msg) -> None:  # noqa: ANN001 - confluent-kafka callback
+    def _delivered(self, err: object, _msg: object) -> None:  # confluent-kafka delivery callback
         if err is not None:
             self._errors.append(str(err))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
@@ -31,27 +32,29 @@ class EventFollower:
         assignment = []
         for t in topics:
             for p in meta.topics[t].partitions:
-                low, high = self._consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)
+                _low, high = self._consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)
                 assignment.append(TopicPartition(t, p, OFFSET_BEGINNING if from_beginning else high))
         self._consumer.assign(assignment)
 
-    def events(self, idle_timeout_s: float | None = None) -> Iterator[tuple[str, dict | None, bytes]]:
-        """Yields (record name, decoded value or None when undecodable, raw bytes)."""
+    def events(self, idle_timeout_s: float | None = None) -> Iterator[tuple[str, dict[str, Any] | None, bytes]]:
+        """Yields (record name, decoded value or None when undecodable, raw bytes: empty for a tombstone)."""
         last = time.monotonic()
         while idle_timeout_s is None or time.monotonic() - last < idle_timeout_s:
             msg = self._consumer.poll(0.2)
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    raise RuntimeError(str(msg.error()))
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    raise RuntimeError(str(err))
                 continue
             last = time.monotonic()
-            name = self._topics[msg.topic()]
+            name = self._topics[msg.topic()]  # type: ignore[index]  # a record, not an error: it has its topic
+            raw = msg.value()
             try:
-                yield name, self._serde.decode(name, msg.value(), topic=msg.topic()), msg.value()
+                yield name, self._serde.decode(name, raw, topic=msg.topic()), raw or b""
             except SerdeError:
-                yield name, None, msg.value()
+                yield name, None, raw or b""
 
     def close(self) -> None:
         self._consumer.close()

@@ -144,4 +144,4 @@ class Topology:
         for t in self.topics():
             rows.append((t.name, str(t.partitions), t.value, ", ".join(t.writers), ", ".join(t.readers)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from unittest.mock import create_autospec
 
 from confluent_kafka import (
@@ -81,7 +82,7 @@ class FakeKafka:
 
     # ---------------------------------------------------------------- producer
 
-    def producer(self) -> Producer:
+    def producer(self) -> Any:  # an autospec of Producer: its calls, and the mock's side_effect, call_count, ...
         p = create_autospec(Producer, instance=True)
         p.init_transactions.side_effect = lambda *a, **k: None
         p.begin_transaction.side_effect = self._begin
@@ -114,7 +115,7 @@ class FakeKafka:
 
     # ---------------------------------------------------------------- consumer
 
-    def consumer(self) -> "FakeConsumer":
+    def consumer(self) -> FakeConsumer:
         return FakeConsumer(self)
 
 
@@ -126,7 +127,7 @@ class FakeConsumer:
         self.assigned: list[TP] = []
         self.cursor: dict[TP, int] = {}
         self.paused: set[TP] = set()
-        self.callbacks: dict[str, object] = {}
+        self.callbacks: dict[str, Any] = {}
         self.before_consume: list = []  # callables run at the start of the next consume() (a rebalance, say)
         m = create_autospec(Consumer, instance=True)
         m.subscribe.side_effect = self._subscribe
@@ -163,7 +164,7 @@ class FakeConsumer:
     def _consume(self, num_messages=1, timeout=-1):
         while self.before_consume:
             self.before_consume.pop(0)()
-        out = []
+        out: list[FakeMessage] = []
         for tp in self.assigned:
             if tp in self.paused:
                 continue

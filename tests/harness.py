@@ -7,8 +7,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 from confluent_kafka import Producer
 
@@ -34,9 +35,9 @@ class Pipeline:
                     "ZIMAGE_STORAGE_URL": str(tmp / "objects"), "ZIMAGE_REQUEST_PARTITIONS": "3",
                     "ZIMAGE_OUTPUT_PARTITIONS": "3", "ZIMAGE_TINY_CACHE_DIR": str(ROOT / ".stack/models/tiny"),
                     "ZIMAGE_MAX_WAIT_MS": "20", "PYTHONUNBUFFERED": "1", **env}
-        self.settings = Settings(_env_file=None, **{k[7:].lower(): v for k, v in self.env.items()
-                                                    if k.startswith("ZIMAGE_") and k[7:].lower()
-                                                    in Settings.model_fields})
+        overrides: dict[str, Any] = {k[7:].lower(): v for k, v in self.env.items()
+                                     if k.startswith("ZIMAGE_") and k[7:].lower() in Settings.model_fields}
+        self.settings = Settings(_env_file=None, **overrides)
         self.topology = self.settings.topology
         self.serde = AvroSerde()
         self.procs: dict[str, subprocess.Popen] = {}
@@ -70,7 +71,7 @@ class Pipeline:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
-        proc.expected_exit = True
+        proc.expected_exit = True  # type: ignore[attr-defined]  # a mark that the watch above reads back
         proc.send_signal(sig)
         proc.wait(30)
 

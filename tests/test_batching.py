@@ -1,4 +1,5 @@
 import random
+from typing import Any
 
 import pytest
 
@@ -22,13 +23,14 @@ def test_compat_key_is_a_value():
     same = CompatKey("z-image-turbo", "v1", 1024, 1024, 8, 0.0)
     assert same == KEY_A and hash(same) == hash(KEY_A)
     assert KEY_A != KEY_B
-    assert CompatKey("m", "v1", 1, 1, 1, 0.0, extra=("len<=77",)) != CompatKey("m", "v1", 1, 1, 1, 0.0, extra=("len<=256",))
+    assert (CompatKey("m", "v1", 1, 1, 1, 0.0, extra=("len<=77",))
+            != CompatKey("m", "v1", 1, 1, 1, 0.0, extra=("len<=256",)))
 
 
 @pytest.mark.parametrize("field, value", [("priority", "urgent"), ("cost", 0), ("cost", -2), ("cost", True)])
 def test_pending_rejects_invalid_fields(field, value):
-    kwargs = dict(request_id="r", priority="low", key=KEY_A, source=("t", 0, 0), enqueued_at=0.0, deadline=None,
-                  payload=None)
+    kwargs: dict[str, Any] = dict(request_id="r", priority="low", key=KEY_A, source=("t", 0, 0), enqueued_at=0.0,
+                                  deadline=None, payload=None)
     kwargs[field] = value
     with pytest.raises(ValueError):
         Pending(**kwargs)
@@ -44,6 +46,7 @@ def test_plan_takes_the_head_key_in_arrival_order_and_take_removes_only_the_plan
     for rid, key in [("a1", KEY_A), ("b1", KEY_B), ("a2", KEY_A), ("a3", KEY_A), ("b2", KEY_B)]:
         buf.add(pending(rid, key=key))
     plan = buf.plan("normal", max_batch_size=2)
+    assert plan is not None
     assert plan.key == KEY_A and ids(plan.items) == ["a1", "a2"] and plan.full
     assert len(buf) == 5  # planning changes nothing
     assert ids(buf.take(plan)) == ["a1", "a2"]
@@ -69,6 +72,7 @@ def test_plan_respects_cost_and_never_lets_a_later_item_overtake_in_its_queue():
     for rid, cost in [("c3", 3), ("c2", 2), ("c1", 1)]:
         buf.add(pending(rid, cost=cost))
     plan = buf.plan("normal", max_batch_size=4)
+    assert plan is not None
     # c2 does not fit after c3; c1 would, but it must not overtake c2.
     assert ids(plan.items) == ["c3"]
     assert plan.full, "a same-key request left over means waiting cannot grow the batch"
@@ -82,6 +86,7 @@ def test_plan_fills_exactly_to_the_size_and_an_oversized_head_goes_alone():
     buf.add(pending("big", cost=9))
     buf.add(pending("s1", cost=1))
     plan = buf.plan("normal", max_batch_size=4)
+    assert plan is not None
     assert ids(plan.items) == ["big"] and plan.full
     buf.take(plan)
     for i in range(2, 6):
@@ -121,6 +126,7 @@ def test_random_plans_never_mix_keys_and_take_every_item_once():
     while len(buf):
         priority = rng.choice([p for p in PRIORITIES if buf.count(p)])
         plan = buf.plan(priority, max_batch_size=6)
+        assert plan is not None
         assert plan.head.priority == priority
         assert all(item.key == plan.key for item in plan.items)
         assert sum(i.cost for i in plan.items) <= 6 or len(plan.items) == 1

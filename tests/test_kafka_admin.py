@@ -30,7 +30,7 @@ class FakeAdmin:
         self.created: list = []
         self.altered: dict[str, dict[str, str]] = {}
 
-    def __call__(self, _conf: dict) -> "FakeAdmin":
+    def __call__(self, _conf: dict) -> FakeAdmin:
         return self
 
     def list_topics(self, timeout: float) -> SimpleNamespace:
@@ -72,11 +72,11 @@ def test_defaults_follow_the_number_of_brokers(brokers, rf, isr):
 
 
 def test_impossible_replication_is_refused_with_a_clear_message():
-    with pytest.raises(InvalidReplication, match="replication factor 3 needs at least 3 brokers, but the cluster "
-                                                 "has 1 live broker$"):
+    with pytest.raises(InvalidReplication, match=r"replication factor 3 needs at least 3 brokers, but the cluster "
+                                                 r"has 1 live broker$"):
         replication_defaults(1, 3)
-    with pytest.raises(InvalidReplication, match="min.insync.replicas 3 must be between 1 and the replication "
-                                                 "factor 2"):
+    with pytest.raises(InvalidReplication, match=r"min\.insync\.replicas 3 must be between 1 and the replication "
+                                                 r"factor 2"):
         replication_defaults(3, 2, 3)
 
 

@@ -35,9 +35,8 @@ def test_a_step_that_spins_in_c_with_the_gil_held_ends_the_process():
 
 def test_steps_that_end_in_time_leave_the_process_alone():
     deadlines = Deadlines()
-    with deadlines.guard("outer", 0.3):
-        with deadlines.guard("inner", 5):
-            pass
+    with deadlines.guard("outer", 0.3), deadlines.guard("inner", 5):
+        pass
     time.sleep(0.5)  # the outer limit passed after its step ended: nothing fires
 
 
@@ -85,8 +84,7 @@ def test_a_deliberate_exit_or_a_normal_end_is_no_strike(tmp_path):
     journal = CrashJournal(tmp_path, "w")
     with journal.holding("render", [SOURCE]):
         pass
-    with pytest.raises(Deliberate):
-        with journal.holding("render", [SOURCE]):
-            raise Deliberate("the device is gone; exiting on purpose")
+    with pytest.raises(Deliberate), journal.holding("render", [SOURCE]):
+        raise Deliberate("the device is gone; exiting on purpose")
     journal.close()
     assert CrashJournal(tmp_path, "w").strikes(SOURCE) == 0

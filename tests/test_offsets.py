@@ -7,7 +7,7 @@ from processors.offsets import OffsetTracker
 TP = ("req.high", 0)
 
 
-def tracked(*offsets: int, tp=TP) -> OffsetTracker:
+def tracked(*offsets: int, tp: tuple[str, int] = TP) -> OffsetTracker:
     tracker = OffsetTracker()
     for offset in offsets:
         tracker.track(*tp, offset)

@@ -95,7 +95,7 @@ def test_bad_input_fails_cleanly_and_good_requests_around_it_render(pipeline):
     prod = pipeline.producer(**{"message.max.bytes": 2_000_000})
     prod.produce(topic, single_object(schema, good[0]), good[0]["request_id"].encode())
     prod.produce(topic, garbage, b"garbage")
-    for name, r in bad.items():
+    for r in bad.values():
         prod.produce(topic, single_object(schema, r), r["request_id"].encode())
     prod.produce(topic, single_object(schema, good[1]), good[1]["request_id"].encode())
     prod.produce(topic, unknown_schema, b"unknown")
@@ -134,7 +134,7 @@ def _dlq_reader(pipeline):
 
 
 def _drain(consumer, expected: int, timeout_s: float = 60):
-    out = []
+    out: list[tuple] = []  # (key, value, headers)
     deadline = time.monotonic() + timeout_s
     while len(out) < expected and time.monotonic() < deadline:
         msg = consumer.poll(0.5)

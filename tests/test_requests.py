@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ def complete(**overrides):
 def test_a_complete_request_passes_and_keeps_its_values():
     request = complete()
     before = dict(request)
-    assert validate(request, Limits(), MODELS) is None
+    validate(request, Limits(), MODELS)  # raises nothing
     assert request == before  # checked, never rewritten
     assert settings_of(request) == RenderSettings(width=64, height=64, steps=4, guidance=3.5)
     assert image_seeds(request) == [7, 8, 9]
@@ -45,7 +46,7 @@ def test_a_complete_request_passes_and_keeps_its_values():
 
 def test_every_field_at_its_cap_passes_and_one_past_it_is_refused():
     limits = Limits()
-    at_caps = {
+    at_caps: dict[str, Any] = {
         "request_id": "r" * limits.max_request_id_chars, "tenant": "t" * limits.max_tenant_chars,
         "sku_id": "s" * limits.max_sku_id_chars, "prompt": "p" * limits.max_prompt_chars,
         "negative_prompt": "n" * limits.max_prompt_chars,
@@ -54,7 +55,7 @@ def test_every_field_at_its_cap_passes_and_one_past_it_is_refused():
     }
     assert sum(len(k) + len(v) for k, v in at_caps["metadata"].items()) == limits.max_metadata_bytes
     validate(complete(**at_caps), limits, MODELS)
-    past = {field: value + "x" for field, value in at_caps.items() if isinstance(value, str)}
+    past: dict[str, Any] = {field: value + "x" for field, value in at_caps.items() if isinstance(value, str)}
     past["metadata"] = dict(at_caps["metadata"], k00=at_caps["metadata"]["k00"] + "x")
     for field, value in past.items():
         with pytest.raises(InvalidRequest, match=field):
@@ -152,6 +153,7 @@ def test_any_malformed_value_raises_only_invalid_request():
     rng = random.Random(7)
     limits, refused = Limits(), 0
     for _ in range(4000):
+        request: Any  # any value at all: not even a mapping, some draws
         if rng.random() < 0.1:
             request = rng.choice([None, [], "request", 5, {}, {"request_id": "r"}])
         else:

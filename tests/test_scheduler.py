@@ -1,5 +1,6 @@
 import itertools
 import random
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,8 @@ def req(rid: str, priority: str = "normal", at: float = 0.0, key: CompatKey = KE
 
 
 def make(**overrides) -> Scheduler:
-    settings = dict(max_batch_size=4, max_wait_s=0.1, capacity_per_priority=100_000, min_share={}, aging_s=None)
+    settings: dict[str, Any] = dict(max_batch_size=4, max_wait_s=0.1, capacity_per_priority=100_000, min_share={},
+                                    aging_s=None)
     settings.update(overrides)
     counter = itertools.count()
     return Scheduler(SchedulerConfig(**settings), new_batch_id=lambda: f"w1-{next(counter)}")
@@ -86,7 +88,7 @@ def simulate_saturating_high(s: Scheduler, batches: int, lower: tuple[str, ...])
     now = 0.0
     counter = itertools.count()
     for _ in range(batches):
-        for priority in ("high",) + lower:
+        for priority in ("high", *lower):
             while s.queue_lengths()[priority] < 12:
                 s.offer(req(f"{priority}-{next(counter)}", priority, at=now, cost=rng.randint(1, 2)))
         batch = s.next_batch(now, flush=True)
@@ -236,7 +238,8 @@ def test_a_batch_never_mixes_compat_keys():
     rng = random.Random(11)
     keys = [KEY, OTHER_KEY, CompatKey("z-image-turbo", "v1", 1024, 1024, 8, 0.0, extra=("long-prompt",))]
     s = make(max_batch_size=5, max_wait_s=0.2, min_share={"normal": 0.2, "low": 0.1}, aging_s=3.0)
-    offered, served, now = set(), [], 0.0
+    offered: set[str] = set()
+    served, now = [], 0.0
     for step in range(400):
         now += 0.05
         for _ in range(rng.randint(0, 3)):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ADDRESS_SPACE_LIMIT = 1024 * 1024 * 1024
 CHILD_SECONDS = 30
 SYNC = bytes(range(16))
-REQUEST = {"request_id": "r-1", "tenant": "t", "sku_id": None, "prompt": "a lamp", "negative_prompt": None,
-           "model": "z-image-turbo", "width": 64, "height": 64, "steps": 2, "guidance": 0.0, "seed": None,
-           "num_images": 1, "priority": "NORMAL", "callback_url": None, "deadline": None, "submitted_at": 1,
-           "metadata": {}}
+REQUEST: dict[str, Any] = {
+    "request_id": "r-1", "tenant": "t", "sku_id": None, "prompt": "a lamp", "negative_prompt": None,
+    "model": "z-image-turbo", "width": 64, "height": 64, "steps": 2, "guidance": 0.0, "seed": None,
+    "num_images": 1, "priority": "NORMAL", "callback_url": None, "deadline": None, "submitted_at": 1,
+    "metadata": {}}
 
 
 def zigzag(n: int) -> bytes:
@@ -162,7 +164,7 @@ def decode_in_child(tmp_path: Path, data: bytes, mode: str) -> dict[str, Any]:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-HOSTILE = {
+HOSTILE: dict[str, Callable[[], bytes]] = {
     "recursive record nested 50 KB deep": recursive_record_50k_deep,
     "schema nested 2,000 deep": lambda: container(deep_record_schema(2000), b"\x00"),
     "array<null> of 2**62 items": null_array_bomb,
@@ -182,7 +184,7 @@ def test_hostile_container_files_fail_fast_with_a_serde_error(tmp_path: Path, na
 def test_the_hostile_records_are_what_they_claim() -> None:
     assert len(deep_record_schema(2000)) > 50_000
     assert len(deflate_bomb()) < 400 * 1024
-    assert b"Obj\x01" == null_array_bomb()[:4]
+    assert null_array_bomb()[:4] == b"Obj\x01"
 
 
 def test_each_hostile_record_gets_the_reason_it_is_refused() -> None:

@@ -164,7 +164,9 @@ def s3_endpoint() -> Iterator[tuple[str, str]]:
             yield configured, os.environ.get("ZIMAGE_S3_BUCKET", "zimage")
             return
         port = _free_port()
-        log = tempfile.TemporaryFile()  # not a pipe: moto logs every request and would block on a full one
+        # Not a pipe: moto logs every request and would block on a full one. Closed in the `finally` below,
+        # once the server writing to it has ended.
+        log = tempfile.TemporaryFile()  # noqa: SIM115
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                   stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -219,7 +221,8 @@ def test_s3_missing_object_and_bad_keys(s3_store: S3ObjectStore) -> None:
 def test_s3_store_from_a_thread_pool(s3_store: S3ObjectStore) -> None:
     payloads = {f"batch/{i}.png": PNG + bytes([i]) for i in range(24)}
     with ThreadPoolExecutor(max_workers=8) as pool:
-        uris = dict(zip(payloads, pool.map(lambda kv: s3_store.put(kv[0], kv[1], "image/png"), payloads.items())))
+        stored = pool.map(lambda kv: s3_store.put(kv[0], kv[1], "image/png"), payloads.items())
+        uris = dict(zip(payloads, stored, strict=True))
     with ThreadPoolExecutor(max_workers=8) as pool:
         fetched = list(pool.map(s3_store.get, uris.values()))
     assert fetched == list(payloads.values())

@@ -5,7 +5,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from connectors.kafka import (
     OutRecord,
@@ -36,14 +36,15 @@ def setup(**step_options):
 def fail_once(mock_method, error):
     """Make the first call of `mock_method` raise `error`, later ones behave as before."""
     original = mock_method.side_effect
+    failed = False
 
     def side_effect(*args, **kwargs):
-        if side_effect.failed:
+        nonlocal failed
+        if failed:
             return original(*args, **kwargs)
-        side_effect.failed = True
+        failed = True
         raise error
 
-    side_effect.failed = False
     mock_method.side_effect = side_effect
 
 
@@ -70,7 +71,7 @@ def test_an_abortable_error_at_each_call_aborts_and_demands_a_rewind(call):
     with pytest.raises(RewindRequired):  # a commit from a revocation or shutdown commits nothing
         step.commit(RECORDS, {(TOPIC, 0): 1}, consumer.mock)
     assert producer.produce.call_count == produced and kafka.committed == {}
-    forgotten = []
+    forgotten: list[tuple[str, int]] = []
     step.rewind(consumer.mock, forgotten.extend)
     assert not step.needs_rewind and forgotten == [(TOPIC, 0)]
     step.commit(RECORDS, OFFSETS, consumer.mock)
@@ -88,7 +89,7 @@ def test_a_retriable_error_is_retried_within_the_deadline(call):
 
 
 def test_retries_share_one_deadline_below_the_transaction_timeout():
-    kafka, producer, consumer, step = setup(deadline_s=0.3)
+    _kafka, producer, consumer, step = setup(deadline_s=0.3)
     producer.commit_transaction.side_effect = kafka_error(retriable=True)
     started = time.monotonic()
     with pytest.raises(TransactionAborted):
@@ -111,7 +112,7 @@ def test_a_fatal_error_at_each_call_means_a_new_process(call):
 
 
 def test_an_abort_that_fails_is_stuck():
-    kafka, producer, consumer, step = setup()
+    _kafka, producer, consumer, step = setup()
     fail_once(producer.commit_transaction, kafka_error(abortable=True))
     producer.abort_transaction.side_effect = kafka_error(KafkaError._STATE)
     with pytest.raises(TransactionStuck, match="abort"):
@@ -119,7 +120,7 @@ def test_an_abort_that_fails_is_stuck():
 
 
 def test_aborts_in_a_row_end_in_stuck():
-    kafka, producer, consumer, step = setup(max_aborts_in_a_row=3)
+    _kafka, producer, consumer, step = setup(max_aborts_in_a_row=3)
     producer.commit_transaction.side_effect = kafka_error(abortable=True)
     for _ in range(2):
         with pytest.raises(TransactionAborted):
@@ -137,7 +138,7 @@ def test_init_failure_is_stuck():
 
 
 def test_rewind_seeks_to_committed_and_never_falls_back_on_an_error():
-    kafka, producer, consumer, step = setup()
+    kafka, _producer, consumer, _step = setup()
     kafka.committed[(TOPIC, 0)] = 5
     consumer.mock.committed.side_effect = lambda tps, timeout=None: [
         TopicPartition(TOPIC, 0, 5), TopicPartition(TOPIC, 1, -1001)]
@@ -149,19 +150,19 @@ def test_rewind_seeks_to_committed_and_never_falls_back_on_an_error():
     broken = SimpleNamespace(topic=TOPIC, partition=1, offset=-1001,
                              error=KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE))
     consumer.mock.committed.side_effect = lambda tps, timeout=None: [TopicPartition(TOPIC, 0, 5), broken]
-    with pytest.raises(Exception):
+    with pytest.raises(KafkaException):
         rewind_to_committed(consumer.mock, [(TOPIC, 0), (TOPIC, 1)])
     assert all(c.args[0].offset != OFFSET_BEGINNING for c in consumer.mock.seek.call_args_list)
 
 
 def test_a_failed_rewind_keeps_commits_refused():
-    kafka, producer, consumer, step = setup()
+    _kafka, producer, consumer, step = setup()
     fail_once(producer.commit_transaction, kafka_error(abortable=True))
     with pytest.raises(TransactionAborted):
         step.commit(RECORDS, OFFSETS, consumer.mock)
     consumer.mock.assignment.side_effect = lambda: [TopicPartition(TOPIC, 0)]
     consumer.mock.committed.side_effect = kafka_error(KafkaError._FENCED, fatal=True)
-    with pytest.raises(Exception):
+    with pytest.raises(KafkaException):
         step.rewind(consumer.mock, lambda parts: None)
     assert step.needs_rewind
     with pytest.raises(RewindRequired):

@@ -71,7 +71,7 @@ class Rig:
     def ingest(self, offsets: range) -> None:
         for offset in offsets:
             key, value = self.kafka.logs[TP][offset]
-            self.worker._ingest(FakeMessage(TOPIC, 0, offset, value, key))
+            self.worker._ingest(FakeMessage(TOPIC, 0, offset, value, key))  # type: ignore[arg-type]  # a Message
         deadline = time.monotonic() + 10
         while True:  # until the render stage has finished all of them
             with self.worker._lock:
