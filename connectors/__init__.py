@@ -1,1 +1,2 @@
-"""The I/O edges: Kafka, object storage, Redis, HTTP. They carry records and bytes; they do not decide."""
+"""The I/O edges: Kafka clients and the transactional step, topic administration, object storage, the retry policy.
+They carry records and bytes; they do not decide."""

@@ -2,7 +2,6 @@
 group lag."""
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +13,8 @@ from confluent_kafka.admin import (
     NewTopic,
     ResourceType,
 )
+
+from connectors.retry import until_done
 
 
 @dataclass(frozen=True)
@@ -132,16 +133,13 @@ def _set_configs(admin: AdminClient, topic: str, values: dict[str, str], timeout
 
 
 def wait_for_broker(base: dict[str, str], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            AdminClient(dict(base)).list_topics(timeout=2)
-            return
-        except KafkaException as exc:
-            last = exc
-            time.sleep(0.5)
-    raise RuntimeError(f"Kafka at {base.get('bootstrap.servers')} did not answer within {timeout_s:.0f}s: {last}")
+    try:
+        until_done(lambda: AdminClient(dict(base)).list_topics(timeout=2),
+                   is_infrastructure=lambda exc: isinstance(exc, KafkaException),
+                   on_retry=lambda exc, attempt: None, within_s=timeout_s)
+    except KafkaException as exc:
+        raise RuntimeError(f"Kafka at {base.get('bootstrap.servers')} did not answer within {timeout_s:.0f}s: "
+                           f"{exc}") from exc
 
 
 def group_lag(base: dict[str, str], group_id: str, topics: Sequence[str], timeout_s: float = 10.0) -> dict[str, int]:

@@ -1,1 +1,1 @@
-"""Decisions and computation, no sockets: validation, scheduling, batching, rendering, publication."""
+"""Decisions and computation, no sockets: validation, scheduling, batching, rendering, event shapes."""

@@ -32,7 +32,7 @@ class CompatKey:
     height: int
     steps: int
     guidance: float
-    extra: tuple = ()  # whatever else the renderer needs equal, e.g. a prompt-length bucket
+    extra: tuple = ()  # a record's own coordinates when it must render alone (a worker died holding it)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Stable names for model weights: what goes into model_version, so a changed model never reuses old images."""
+"""Stable names for model weights: what goes into model_version, so that batches never mix model versions and every
+event names the exact weights and numerics."""
 from __future__ import annotations
 
 import hashlib

@@ -9,8 +9,8 @@ committed. A result behind an unfinished earlier offset is held back until that 
 The prefix is over tracked offsets, not integers: transactional topics (control records) and compacted topics
 leave gaps, and a gap is not a missing record.
 
-On a failed transaction the caller aborts, rewinds the consumer to the committed offsets and calls `clear()`;
-results already released are not put back.
+On a failed transaction the transactional step aborts and rewinds the consumer to the committed offsets; the
+caller then forgets every assigned partition with `revoke()`. Results already released are not put back.
 """
 from __future__ import annotations
 

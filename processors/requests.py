@@ -34,7 +34,7 @@ class Limits:
     size_multiple: int = 16  # the VAE downsamples by 8 and the transformer patches by 2
     max_request_id_chars: int = 256
     # Every field below is copied into ImageRendered, ImageReady or RequestFailed: their caps bound the size of
-    # the outputs (streams.topology sizes the output topics from them).
+    # the outputs (streams.topology.largest_output_bytes; the settings refuse caps whose outputs would not fit).
     max_tenant_chars: int = 128
     max_sku_id_chars: int = 256
     max_metadata_entries: int = 32

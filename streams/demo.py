@@ -91,7 +91,9 @@ def _wait(follower: EventFollower, wanted: dict[str, dict], t0: float, timeout_s
     deadline = time.monotonic() + timeout_s
     while len(outcomes) < len(wanted) and time.monotonic() < deadline and all(p.poll() is None for p in procs):
         for name, value, _raw in follower.events(idle_timeout_s=5.0):  # ends after 5 idle seconds
-            rid = value.get("request_id") if value is not None else None
+            if value is None:
+                continue
+            rid = value.get("request_id")
             if rid in wanted and rid not in outcomes:
                 seconds = time.monotonic() - t0
                 outcomes[rid] = (name, value, seconds)

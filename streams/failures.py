@@ -1,8 +1,9 @@
 """What a refused request turns into: a RequestFailed event and a dead letter that keeps the original record.
 
 The dead letter is the consumed record as it was (key, value, headers, timestamp), as Kafka Connect's dead-letter
-queue keeps it, plus `zimage.*` headers that say why, where and when: the key is often the only thing that
-names an undecodable record for an operator.
+queue keeps it, plus `zimage.*` headers that say why, where and when: the key is often the only thing that names
+an undecodable record for an operator. A value too large for the topic is cut, with a `zimage.truncated_from`
+header.
 """
 from __future__ import annotations
 

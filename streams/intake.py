@@ -93,9 +93,8 @@ class Intake:
         return Outcome(self._failures(code, reason, origin, request), priority, code)
 
     def poison(self, origin: Origin, priority: str, strikes: int) -> Outcome:
-        """A record at which the worker died `strikes` times: dead-lettered undecoded, reported by one pool."""
-        if not self._reports_unroutable:
-            return Outcome([], priority, None)
+        """A record at which the worker died `strikes` times: dead-lettered undecoded. Each pool whose workers it
+        killed reports it (undecoded, its model is unknown): better twice than never."""
         return self.failed("poison_record", f"the worker died {strikes} times while handling this record",
                            origin, None, priority)
 

@@ -12,7 +12,8 @@ INFERENCE_LATENCY = Histogram(
     "zimage_inference_latency_seconds", "Wall time of one renderer call (one batch)",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64))
 BATCH_SIZE = Histogram("zimage_batch_size", "Images per renderer call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
-QUEUE_LENGTH = Gauge("zimage_queue_length", "Requests not yet finished: the group's lag, by priority", ["priority"])
+QUEUE_LENGTH = Gauge("zimage_queue_length",
+                     "Lag of this worker's assigned partitions, by priority (from committed offsets)", ["priority"])
 GPU_UTILIZATION = Gauge("zimage_gpu_utilization", "Fraction of the last minute the renderer was busy")
 ERRORS = Counter("zimage_errors_total", "Errors by type", ["type"])
 READY = Gauge("zimage_worker_ready", "1 once the model is loaded and warmed up")

@@ -33,7 +33,8 @@ class PublicationRelay:
         self.topology = settings.topology
         self._serde = serde
         self._batch = batch
-        self._failures = FailureRecords(self.topology, serde, stage="processors:publication")
+        self._failures = FailureRecords(self.topology, serde, stage="processors:publication",
+                                        limits=settings.limits())
         self._stop = threading.Event()
         self.group_id = f"{settings.topic_prefix}-publication"
         self._max_ready_bytes = self.topology.max_bytes(self.topology.images_ready)

@@ -6,6 +6,7 @@ errors (exit code CONFIG_ERROR) are not retried: a new process would fail the sa
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -23,10 +24,8 @@ PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     """The child gets SIGKILL when the supervisor dies, however it dies (no orphaned workers)."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def supervise(argv: list[str], name: str, *, max_backoff_s: float = 30.0, stable_after_s: float = 60.0) -> int:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from confluent_kafka import (
     Consumer,
     KafkaError,
-    KafkaException,
     Message,
     TopicPartition,
 )
@@ -31,7 +30,7 @@ from processors.batching import Batch, CompatKey, Pending
 from processors.offsets import OffsetTracker
 from processors.scheduler import Scheduler, SchedulerConfig
 from schemas.serde import AvroSerde
-from streams import metrics
+from streams import lag, metrics
 from streams.crash_journal import CrashJournal
 from streams.failures import FailureRecords, Origin
 from streams.intake import Admit, Finish, Hold, Intake, Outcome
@@ -259,23 +258,12 @@ class RenderWorker:
 
     def _report_unfetched(self, now: float) -> None:
         """Tells the scheduler which classes still have records in Kafka that this worker has not read, so that a
-        lower class does not start a batch ahead of them (lock held). A partition whose end offset or position is
-        not known yet (just assigned) counts as waiting; the scheduler bounds how long that holds others back."""
-        mine = [TopicPartition(t, p) for t, p in self._assigned if (t, p) not in self._held]
-        try:
-            positions = self._consumer.position(mine) if mine else []
-        except KafkaException:
+        lower class does not start a batch ahead of them (lock held). A partition just assigned counts as
+        waiting; the scheduler bounds how long that holds others back. A paused class has a full buffer anyway."""
+        waiting = lag.unfetched(self._consumer, [tp for tp in self._assigned if tp not in self._held],
+                                self._priority_of_topic, {p: p in self._paused for p in self._overflow})
+        if waiting is None:
             return
-        waiting = {p: p in self._paused for p in self._overflow}  # a paused class has a full buffer anyway
-        for tp in positions:
-            priority = self._priority_of_topic[tp.topic]
-            if waiting[priority]:
-                continue
-            try:
-                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            except KafkaException:
-                high = -1
-            waiting[priority] = high < 0 or tp.offset < 0 or tp.offset < high
         for priority, has_lag in waiting.items():
             self._scheduler.set_unfetched(priority, has_lag, now)
         if any(self._unfetched.get(p) and not has_lag for p, has_lag in waiting.items()):
@@ -394,14 +382,6 @@ class RenderWorker:
 
     def _update_gauges(self) -> None:
         metrics.GPU_UTILIZATION.set(self._stage.busy.fraction())
-        lag = {p: 0 for p in self._overflow}
-        for topic, part in list(self._assigned):
-            try:
-                _low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
-            except KafkaException:
-                continue
-            done = self._committed.get((topic, part))
-            if high >= 0 and done is not None:
-                lag[self._priority_of_topic[topic]] += max(0, high - done)
-        for priority, value in lag.items():
+        mine = {tp: done for tp, done in self._committed.items() if tp in self._assigned}
+        for priority, value in lag.committed_lag(self._consumer, mine, self._priority_of_topic).items():
             metrics.QUEUE_LENGTH.labels(priority).set(value)

@@ -1,4 +1,5 @@
-"""A request travels the real path: Kafka -> render worker (diffusers, tiny model) -> storage -> faust -> ImageReady."""
+"""A request travels the real path: Kafka -> render worker (diffusers, tiny model) -> storage -> publication relay
+-> ImageReady."""
 from __future__ import annotations
 
 import hashlib

@@ -14,7 +14,7 @@ import pytest
 
 from bench.simulated import MemoryStore
 from connectors.kafka import TransactionalStep, TransactionStuck
-from schemas.serde import AvroSerde
+from schemas.serde import AvroSerde, RegistryUnavailable
 from streams.crash_journal import CrashJournal
 from streams.settings import Settings
 from streams.submit import build_request
@@ -198,3 +198,30 @@ def test_a_record_the_worker_died_with_twice_is_dead_lettered_undecoded(tmp_path
     assert letters == [(b"poison-key", b"\xc3\x01 whatever made the decoder crash")]
     assert rig.kafka.committed[TP] == 6
     rig.worker._stage.stop()
+
+
+def test_a_schema_registry_outage_holds_the_partition_and_dead_letters_nothing(tmp_path):
+    rig = Rig(tmp_path, count=10)
+    serde = rig.worker._intake._serde
+    outage = {"left": 3}
+
+    class RegistryDown:
+        def decode(self, *args, **kwargs):
+            if outage["left"]:
+                outage["left"] -= 1
+                raise RegistryUnavailable("Schema Registry unreachable: connection refused")
+            return serde.decode(*args, **kwargs)
+
+    rig.worker._intake._serde = RegistryDown()  # type: ignore[assignment]  # decode() is all intake calls
+    runner = threading.Thread(target=rig.worker.run)
+    runner.start()
+    deadline = time.monotonic() + 30
+    while rig.kafka.committed.get(TP, 0) < len(rig.ids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rig.worker.stop()
+    runner.join(30)
+    assert outage["left"] == 0
+    assert rig.kafka.committed.get(TP) == len(rig.ids)
+    rig.assert_offsets_match_outputs()
+    assert not [t for t, _k, _v in rig.kafka.outputs if t.endswith((".failed", ".dlq"))]
+    assert rig.consumer.mock.seek.called and not rig.consumer.paused  # held, read again, resumed

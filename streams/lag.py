@@ -1,0 +1,48 @@
+"""What a consumer still has to read, from its cached end offsets: no request to the broker.
+
+`unfetched` feeds the scheduler (a class with records still in Kafka holds lower classes back for a bounded
+time); `committed_lag` feeds the queue-length gauge.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+TP = tuple[str, int]
+
+
+def _end_offset(consumer: Consumer, topic: str, partition: int) -> int:
+    """The partition's end offset as of the last fetch; -1 when not known yet (just assigned, never fetched)."""
+    try:
+        return consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)[1]
+    except KafkaException:
+        return -1
+
+
+def unfetched(consumer: Consumer, partitions: Iterable[TP], class_of: Mapping[str, str],
+              waiting: dict[str, bool]) -> dict[str, bool] | None:
+    """Per class, whether any of `partitions` has records not yet handed to the application (or an unknown end
+    or position, which counts as waiting). `waiting` holds classes already known to be waiting (it is updated
+    and returned); None when the positions are not available."""
+    mine = [TopicPartition(t, p) for t, p in partitions]
+    try:
+        positions = consumer.position(mine) if mine else []
+    except KafkaException:
+        return None
+    for tp in positions:
+        cls = class_of[tp.topic]
+        if not waiting[cls]:
+            high = _end_offset(consumer, tp.topic, tp.partition)
+            waiting[cls] = high < 0 or tp.offset < 0 or tp.offset < high
+    return waiting
+
+
+def committed_lag(consumer: Consumer, committed: Mapping[TP, int], class_of: Mapping[str, str]) -> dict[str, int]:
+    """Per class, end offsets minus committed offsets over the partitions in `committed`."""
+    lag = dict.fromkeys(class_of.values(), 0)
+    for (topic, partition), done in list(committed.items()):
+        high = _end_offset(consumer, topic, partition)
+        if high >= 0:
+            lag[class_of[topic]] += max(0, high - done)
+    return lag
