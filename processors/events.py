@@ -52,8 +52,14 @@ def dead_letter_headers(*, code: str, reason: str, stage: str, source: Source, n
 
 def image_rendered(*, request: Mapping[str, Any], images: Sequence[Mapping[str, Any]], model_id: str,
                    model_version: str, timings_ms: Mapping[str, float], batch_id: str, batch_size: int,
-                   worker_id: str, source: Source, now_ms: int) -> dict[str, Any]:
+                   worker_id: str, source: Source, now_ms: int, generation: str | None = None,
+                   cache_key: str | None = None, attempt: int = 0, replay_id: str | None = None,
+                   sku_version: int | None = None, view: str | None = None) -> dict[str, Any]:
+    """The ImageRendered of one request. `generation` and `cache_key` left None are taken from the gate's
+    admission on the request when it carries one (else "" and None); `sku_version` and `view` left None are
+    taken from the request's own fields of those names when it has them."""
     topic, partition, offset = source
+    admission = request.get("admission") or {}
     return {
         "request_id": request["request_id"],
         "tenant": request["tenant"],
@@ -76,11 +82,22 @@ def image_rendered(*, request: Mapping[str, Any], images: Sequence[Mapping[str, 
         "submitted_at": request["submitted_at"],
         "rendered_at": now_ms,
         "metadata": dict(request.get("metadata") or {}),
+        "generation": admission.get("generation", "") if generation is None else generation,
+        "cache_key": admission.get("cache_key") if cache_key is None else cache_key,
+        "attempt": attempt,
+        "replay_id": replay_id,
+        "sku_version": request.get("sku_version") if sku_version is None else sku_version,
+        "view": request.get("view") if view is None else view,
     }
 
 
-def image_ready(rendered: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
-    """ImageRendered -> ImageReady: what subscribers see, with the request's lineage."""
+def image_ready(rendered: Mapping[str, Any], now_ms: int, *, version: int = 1, supersedes: int | None = None,
+                cached: bool = False, safety: Mapping[str, Any] | None = None,
+                quality: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """ImageRendered -> ImageReady: what subscribers see, with the request's lineage. Generation, callback URL,
+    replay id and SKU lineage are copied from `rendered` (absent in a v1 ImageRendered: their defaults);
+    `safety` is a SafetyVerdict record (processors.safety.SafetyVerdict.as_record) or None when no safety stage
+    ran; `version`/`supersedes` come from processors.publication_state."""
     images = sorted(rendered["images"], key=lambda i: i["index"])
     if not images:
         raise ValueError(f"ImageRendered {rendered['request_id']!r} carries no images")
@@ -112,4 +129,14 @@ def image_ready(rendered: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
         "submitted_at": rendered["submitted_at"],
         "published_at": now_ms,
         "metadata": dict(rendered.get("metadata") or {}),
+        "generation": rendered.get("generation") or "",
+        "version": version,
+        "supersedes": supersedes,
+        "cached": cached,
+        "safety": None if safety is None else dict(safety),
+        "quality": {name: float(score) for name, score in (quality or {}).items()},
+        "callback_url": rendered.get("callback_url"),
+        "replay_id": rendered.get("replay_id"),
+        "sku_version": rendered.get("sku_version"),
+        "view": rendered.get("view"),
     }

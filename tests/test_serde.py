@@ -99,6 +99,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "timings": {"render": 12.5, "store": 1.25}, "batch_id": "b-1", "batch_size": 4, "worker_id": "w-1",
         "source": {"topic": "zimage.requests.high", "partition": 3, "offset": 2**40},
         "callback_url": None, "submitted_at": T0, "rendered_at": T0 + 900, "metadata": {},
+        "generation": "abc123", "cache_key": "c" * 64, "attempt": 2, "replay_id": "backfill-7",
+        "sku_version": 12, "view": "front",
     },
     "ImageReady": {
         "request_id": "req-1", "tenant": "acme", "sku_id": "SKU-9", "image_uri": "file:///tmp/k0.png",
@@ -109,6 +111,10 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "lineage": {"source_topic": "zimage.requests.high", "source_partition": 3, "source_offset": 99,
                     "batch_id": "b-1", "worker_id": "w-1"},
         "submitted_at": T0, "published_at": T0 + 1500, "metadata": {"k": "v"},
+        "generation": "abc123+tpl-3", "version": 2, "supersedes": 1, "cached": True,
+        "safety": {"decision": "REVIEW", "scanned": True, "top_label": "violence", "top_score": 0.625},
+        "quality": {"sharpness": 412.5, "contrast": 48.0}, "callback_url": "https://h/cb", "replay_id": "r-1",
+        "sku_version": 12, "view": "front",
     },
     "RequestFailed": {
         "request_id": None, "tenant": None, "reason_code": "undecodable", "reason": "garbage", "stage": "worker",
@@ -378,3 +384,47 @@ def test_registry_writer_of_another_version_is_resolved(registry: Any) -> None:
     schema_id = registry.register_schema("zimage.requests.normal-value", Schema(json.dumps(v2), "AVRO"))
     data = b"\x00" + schema_id.to_bytes(4, "big") + plain_body(v2, dict(SAMPLES["GenerationRequest"], style="ink"))
     assert AvroSerde(registry_client=registry).decode("GenerationRequest", data) == SAMPLES["GenerationRequest"]
+
+
+# ---- ImageRendered and ImageReady v2: v1 stays readable, and v2 data is readable by a v1 reader ------------
+
+V1_ONLY = {"ImageRendered": ("generation", "cache_key", "attempt", "replay_id", "sku_version", "view"),
+           "ImageReady": ("generation", "version", "supersedes", "cached", "safety", "quality", "callback_url",
+                          "replay_id", "sku_version", "view")}
+V2_DEFAULTS = {"ImageRendered": {"generation": "", "cache_key": None, "attempt": 0, "replay_id": None,
+                                 "sku_version": None, "view": None},
+               "ImageReady": {"generation": "", "version": 1, "supersedes": None, "cached": False, "safety": None,
+                              "quality": {}, "callback_url": None, "replay_id": None, "sku_version": None,
+                              "view": None}}
+
+
+def history_avsc(name: str, label: str) -> dict[str, Any]:
+    return json.loads((SCHEMA_DIR / "history" / f"{name}.{label}.avsc").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(V1_ONLY))
+def test_data_written_with_v1_reads_into_v2_with_the_defaults(serde: AvroSerde, name: str) -> None:
+    v1 = history_avsc(name, "v1")
+    written = {key: value for key, value in SAMPLES[name].items() if key not in V1_ONLY[name]}
+    decoded = serde.decode(name, spec_header(v1) + plain_body(v1, written))
+    assert decoded == dict(written, **V2_DEFAULTS[name])
+
+
+@pytest.mark.parametrize("name", sorted(V1_ONLY))
+def test_data_written_with_v2_reads_into_a_v1_reader(serde: AvroSerde, name: str, tmp_path: Path) -> None:
+    for path in SCHEMA_DIR.glob("*.avsc"):
+        shutil.copy(path, tmp_path / path.name)
+    shutil.copy(SCHEMA_DIR / "history" / f"{name}.v1.avsc", tmp_path / f"{name}.avsc")
+    v1_reader = AvroSerde(schema_dir=tmp_path)
+    data = serde.encode(name, SAMPLES[name])
+    v1_reader.register_writer_schema(avsc(name), "v2")
+    assert v1_reader.decode(name, data) == {k: v for k, v in SAMPLES[name].items() if k not in V1_ONLY[name]}
+
+
+@pytest.mark.parametrize("name", sorted(V1_ONLY))
+def test_v2_only_adds_fields_with_defaults_to_v1(name: str) -> None:
+    v1_fields = {field["name"]: field for field in history_avsc(name, "v1")["fields"]}
+    v2_fields = {field["name"]: field for field in avsc(name)["fields"]}
+    assert {k: v2_fields[k] for k in v1_fields} == v1_fields
+    added = set(v2_fields) - set(v1_fields)
+    assert added == set(V1_ONLY[name]) and all("default" in v2_fields[k] for k in added)
