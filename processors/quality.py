@@ -1,0 +1,149 @@
+"""Quality scoring of a rendered image, and the re-render rule for an image that fails it.
+
+Scores are computed with numpy alone on the image's luminance (ITU-R BT.601 weights, 0-255 scale, as
+OpenCV's grayscale conversion): sharpness is the variance of its 3x3 Laplacian (the kernel of OpenCV's
+`Laplacian` with ksize=1, over the interior pixels), exposure its mean, contrast its standard deviation."""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from processors.requests import MAX_SEED, derived_seed
+
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+DEFAULT_MAX_RERENDERS = 2
+# A PNG from our own workers is at most Limits.max_width x max_height; this only stops a decompression bomb.
+DECODE_MAX_PIXELS = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class QualityPolicy:
+    """What an image must reach to be published without review.
+
+    `sharpness_min` is a Laplacian variance (100 is the usual blur cut-off on 8-bit images). The minimum size is
+    off by default (a catalogue policy sets e.g. 512x512). Exposure bounds the mean luminance, so an image that is
+    nearly all black or all white fails; a packshot on white sits well below the upper bound."""
+
+    sharpness_min: float = 100.0
+    min_width: int | None = None
+    min_height: int | None = None
+    luminance_min: float = 15.0
+    luminance_max: float = 245.0
+    contrast_min: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.luminance_min <= self.luminance_max <= 255.0:
+            raise ValueError(f"expected 0 <= luminance_min <= luminance_max <= 255, got "
+                             f"{self.luminance_min}, {self.luminance_max}")
+        for name in ("sharpness_min", "contrast_min"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    passed: bool
+    scores: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # codes: blurry, wrong_size, too_small, dark, bright, flat
+
+
+def luminance(pixels: np.ndarray) -> np.ndarray:
+    """HxW float64 luminance of an HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA: alpha ignored) uint8 image."""
+    if pixels.ndim == 2:
+        return pixels.astype(np.float64)
+    if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+        return pixels[:, :, :3].astype(np.float64) @ LUMA_WEIGHTS
+    raise ValueError(f"expected an HxW, HxWx3 or HxWx4 image, got shape {pixels.shape}")
+
+
+def laplacian_variance(luma: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian over the interior pixels; 0 for an image under 3x3."""
+    if luma.shape[0] < 3 or luma.shape[1] < 3:
+        return 0.0
+    centre = luma[1:-1, 1:-1]
+    laplacian = luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:] - 4.0 * centre
+    return float(laplacian.var())
+
+
+def score_image(pixels: np.ndarray, requested: tuple[int, int], policy: QualityPolicy) -> QualityReport:
+    """Scores of one image against `policy`. `requested` is (width, height) as the request asked.
+
+    Scores: sharpness, width, height, size_match (1 or 0), mean_luminance, contrast."""
+    height, width = int(pixels.shape[0]), int(pixels.shape[1])
+    luma = luminance(pixels)
+    scores = {
+        "sharpness": laplacian_variance(luma),
+        "width": float(width),
+        "height": float(height),
+        "size_match": 1.0 if (width, height) == tuple(requested) else 0.0,
+        "mean_luminance": float(luma.mean()) if luma.size else 0.0,
+        "contrast": float(luma.std()) if luma.size else 0.0,
+    }
+    failures = []
+    if scores["sharpness"] < policy.sharpness_min:
+        failures.append("blurry")
+    if not scores["size_match"]:
+        failures.append("wrong_size")
+    if width < (policy.min_width or 0) or height < (policy.min_height or 0):
+        failures.append("too_small")
+    if scores["mean_luminance"] < policy.luminance_min:
+        failures.append("dark")
+    if scores["mean_luminance"] > policy.luminance_max:
+        failures.append("bright")
+    if scores["contrast"] < policy.contrast_min:
+        failures.append("flat")
+    return QualityReport(passed=not failures, scores=scores, failures=failures)
+
+
+def request_report(reports: Iterable[QualityReport]) -> QualityReport:
+    """The report of a request from those of its images, in index order: it passes when every image passes; its
+    scores (what the event carries) are those of the first failing image, else of the least sharp one, plus
+    `images_failed`."""
+    listed = list(reports)
+    if not listed:
+        raise ValueError("a request has at least one image report")
+    failing = [r for r in listed if not r.passed]
+    shown = failing[0] if failing else min(listed, key=lambda r: r.scores.get("sharpness", math.inf))
+    failures = sorted({code for r in failing for code in r.failures})
+    return QualityReport(passed=not failing, scores={**shown.scores, "images_failed": float(len(failing))},
+                         failures=failures)
+
+
+def decode_png(data: bytes, max_pixels: int = DECODE_MAX_PIXELS) -> np.ndarray:
+    """HxWx3 uint8 RGB pixels of a PNG (or any image Pillow reads); ValueError for bytes that are not one or
+    that declare more than `max_pixels` pixels (checked before the pixels are decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > max_pixels:
+                raise ValueError(f"image of {image.width}x{image.height} exceeds {max_pixels} pixels")
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ValueError(f"not a decodable image: {exc}") from exc
+
+
+def next_attempt(request_seed_given: bool, attempt: int,
+                 max_rerenders: int = DEFAULT_MAX_RERENDERS) -> Literal["rerender", "review"]:
+    """What follows a quality failure of render `attempt` (0 for the first render). A request that gave its own
+    seed goes to review at once: its bytes are what the caller asked for. Otherwise it is re-rendered until
+    `max_rerenders` re-renders have failed too."""
+    if request_seed_given or attempt >= max_rerenders:
+        return "review"
+    return "rerender"
+
+
+def rerender_seed(request_id: str, attempt: int) -> int:
+    """The base seed of render `attempt` of a request that gave no seed: attempt 0 is the request's own
+    derived seed, each later attempt a new one, stable across replays and workers."""
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    if attempt == 0:
+        return derived_seed(request_id)
+    digest = hashlib.sha256(f"{request_id}\x00rerender\x00{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & MAX_SEED
