@@ -1,0 +1,311 @@
+"""Prompt moderation by rules: normalization that undoes trivial evasion, categories of terms and patterns in
+English and Chinese, and a per-tenant policy that maps each category to allow, review or block.
+
+Normalization: NFKC (full-width and compatibility forms), accents and other combining marks dropped, zero-width
+and other format or control characters removed, case folded, Cyrillic and Greek look-alikes read as Latin, and a
+second reading with digits and symbols read as letters ("p0rn", "$ex"). Latin terms match whole words (so
+"therapist" never matches "rapist"), with any separators, or none, between the words of a term; letters spaced
+out one separator apart ("p o r n", "p.o.r.n") are read as one word. CJK terms match as substrings of the text
+with every separator removed.
+
+Only the positive prompt is moderated: a negative prompt lists what the image should avoid, so its words
+("gore, blood, nudity") are not a request for them. The image safety stage after rendering checks what a
+negative prompt may still have steered.
+"""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from processors.moderation_policy import (
+    Category,
+    ClassifierThresholds,
+    ModerationPolicy,
+    PolicyError,
+    TenantPolicy,
+    default_categories,
+)
+from schemas.moderation import (
+    Action,
+    ImageModerator,
+    ImageVerdict,
+    TextModerator,
+    Verdict,
+    combine,
+    strictness,
+)
+
+__all__ = [
+    "Action", "Category", "ClassifierThresholds", "ImageModerator", "ImageVerdict", "ModerationPolicy",
+    "ModeratorChain", "PolicyError", "RuleModerator", "TenantPolicy", "TextModerator", "Verdict", "combine",
+    "load_policy", "normalize", "text_to_moderate",
+]
+
+TENANT_BLOCKED = "tenant_blocked"
+TENANT_REVIEW = "tenant_review"
+
+
+def text_to_moderate(prompt: str, negative_prompt: str | None = None) -> str:
+    """The text the gate moderates for a request: the prompt alone (see the module's doc for why the negative
+    prompt is left out)."""
+    del negative_prompt
+    return prompt
+
+
+# ---------------------------------------------------------------------------------------------- normalization
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+_WHITESPACE_CONTROLS = frozenset("\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85")
+# Cyrillic and Greek letters that look like Latin ones, written as escapes so that the source shows which is which.
+_LOOKALIKES = str.maketrans(
+    "\u0430\u0432\u0435\u0451\u043a\u043c\u043d\u043e\u0440\u0441\u0442\u0443\u0445\u0456\u0458\u0455"
+    "\u0501\u0261\u03b1\u03b2\u03b5\u03b9\u03ba\u03bd\u03bf\u03c1\u03c4\u03c5\u03c7",
+    "abeekmhopctyxijsdgabeikvoptux",
+)
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
+_LEET_TOKEN = re.compile(r"[a-z0-9@$!]*[a-z][a-z0-9@$!]*")  # in words with a letter: a bare number stays one
+# Three or more letters each followed by one separator: "p o r n", "p.o.r.n", "p-o-r-n".
+_SPACED_LETTERS = re.compile(r"(?<![a-z0-9])(?:[a-z0-9@$!][ .\-_*·|/\\,+~:;'\"]){2,}[a-z0-9@$!](?![a-z0-9])")
+_SEPARATOR_RUN = re.compile(r"[\W_]+")
+_BETWEEN_WORDS = r"[\W_]*"
+
+
+def normalize(text: str) -> str:
+    """Compatibility forms folded (NFKC), combining marks, format and control characters removed (whitespace
+    controls become spaces), case folded, runs of whitespace made one space."""
+    kept: list[str] = []
+    for char in unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text)):
+        if char in _WHITESPACE_CONTROLS:
+            kept.append(" ")
+        elif unicodedata.category(char) not in ("Mn", "Me", "Cf", "Cc", "Co", "Cs"):
+            kept.append(char)
+    return " ".join(unicodedata.normalize("NFC", "".join(kept)).casefold().split())
+
+
+@dataclass(frozen=True)
+class _Readings:
+    latin: tuple[str, ...]  # the text as written, and with digits and symbols read as letters
+    spaced_runs: tuple[str, ...]  # letters spaced one separator apart, joined
+    compact: str  # every separator removed, for CJK terms
+
+    @classmethod
+    def of(cls, text: str) -> _Readings:
+        base = normalize(text)
+        latin = base.translate(_LOOKALIKES)
+        leet = _LEET_TOKEN.sub(lambda m: m.group().translate(_LEET), latin)
+        runs = {_SEPARATOR_RUN.sub("", m.group()) for m in _SPACED_LETTERS.finditer(latin)}
+        runs |= {_SEPARATOR_RUN.sub("", m.group()).translate(_LEET) for m in _SPACED_LETTERS.finditer(latin)}
+        readings = (latin,) if leet == latin else (latin, leet)
+        return cls(readings, tuple(sorted(runs)), _SEPARATOR_RUN.sub("", base))
+
+
+# ---------------------------------------------------------------------------------------------------- matching
+
+def _is_cjk(term: str) -> bool:
+    return bool(_CJK.search(term))
+
+
+def _latin_words(term: str) -> list[str]:
+    words = [w for w in re.split(r"[^a-z0-9*]+", normalize(term).translate(_LOOKALIKES)) if w.strip("*")]
+    if not words:
+        raise PolicyError(f"term {term!r} has no letters to match")
+    return words
+
+
+def _word_regex(word: str) -> str:
+    return re.escape(word.rstrip("*")) + ("[a-z]*" if word.endswith("*") else "")
+
+
+@dataclass(frozen=True)
+class _Matcher:
+    """The compiled terms and patterns of one category."""
+
+    category: str
+    whole_words: re.Pattern[str] | None
+    inside_runs: re.Pattern[str] | None
+    cjk_terms: tuple[tuple[str, str], ...]  # (compacted, as written)
+    patterns: tuple[tuple[re.Pattern[str], str], ...]
+    term_of: Mapping[str, str]  # regex group name -> term as written
+
+    @classmethod
+    def build(cls, category: str, terms: Sequence[str], patterns: Sequence[str]) -> _Matcher:
+        whole, loose, cjk, names = [], [], [], {}
+        for index, term in enumerate(terms):
+            if _is_cjk(term):
+                cjk.append((_SEPARATOR_RUN.sub("", normalize(term)), term))
+                continue
+            words = [_word_regex(w) for w in _latin_words(term)]
+            names[f"t{index}"] = term
+            whole.append(f"(?P<t{index}>(?<![a-z0-9]){_BETWEEN_WORDS.join(words)}(?![a-z0-9]))")
+            loose.append(f"(?P<t{index}>{''.join(words)})")
+        compiled = []
+        for index, pattern in enumerate(patterns):
+            try:
+                compiled.append((re.compile(pattern), f"pattern{index}"))
+            except re.error as error:
+                raise PolicyError(f"category {category!r}: pattern {pattern!r} is not a valid expression: "
+                                  f"{error}") from error
+        return cls(category, re.compile("|".join(whole)) if whole else None,
+                   re.compile("|".join(loose)) if loose else None, tuple(cjk), tuple(compiled), names)
+
+    def first_match(self, readings: _Readings) -> str | None:
+        """The term or pattern that matches, or None."""
+        for text in readings.latin:
+            if self.whole_words and (found := self.whole_words.search(text)):
+                return self.term_of[str(found.lastgroup)]
+        for run in readings.spaced_runs:
+            if self.inside_runs and (found := self.inside_runs.search(run)):
+                return self.term_of[str(found.lastgroup)]
+        for compacted, term in self.cjk_terms:
+            if compacted and compacted in readings.compact:
+                return term
+        for pattern, name in self.patterns:
+            if any(pattern.search(text) for text in readings.latin):
+                return name
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ policy file
+
+def load_policy(path: str | Path) -> ModerationPolicy:
+    """A policy from a JSON file: the default categories, changed and extended by the file.
+
+    {"categories": {"violence": {"action": "review", "terms": ["more", "terms"], "patterns": ["regex"]},
+                    "brand": {"severity": "medium", "action": "review", "terms": ["rival brand"]}},
+     "classifier": {"review_at": 0.8, "block_at": 0.97},
+     "tenants": {"acme": {"actions": {"election_manipulation": "allow"}, "blocked_terms": ["..."],
+                          "review_terms": ["..."], "classifier": {"review_at": 0.9, "block_at": null}}}}
+
+    Terms and patterns in the file add to a default category's; a new category needs a severity and an action.
+    Raises PolicyError naming the file and what is wrong."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PolicyError(f"moderation policy {path}: cannot be read as JSON: {error}") from error
+    try:
+        return policy_from_mapping(document)
+    except PolicyError as error:
+        raise PolicyError(f"moderation policy {path}: {error}") from error
+
+
+def policy_from_mapping(document: object) -> ModerationPolicy:
+    root = _mapping(document, "the document", {"categories", "classifier", "tenants"})
+    categories = {c.name: c for c in default_categories()}
+    for name, spec in _mapping(root.get("categories", {}), "categories").items():
+        where = f"categories.{name}"
+        spec = _mapping(spec, where, {"severity", "action", "terms", "patterns", "locked"})
+        terms, patterns = _strings(spec.get("terms", []), f"{where}.terms"), \
+            _strings(spec.get("patterns", []), f"{where}.patterns")
+        if name in categories:
+            known = categories[name]
+            categories[name] = replace(known, severity=spec.get("severity", known.severity),
+                                       action=spec.get("action", known.action), terms=known.terms + terms,
+                                       patterns=known.patterns + patterns,
+                                       locked=known.locked or bool(spec.get("locked", False)))
+        elif "severity" not in spec or "action" not in spec:
+            raise PolicyError(f"{where}: a new category needs a severity and an action")
+        else:
+            categories[name] = Category(name, spec["severity"], spec["action"], terms, patterns,
+                                        bool(spec.get("locked", False)))
+    tenants = {}
+    for tenant, spec in _mapping(root.get("tenants", {}), "tenants").items():
+        where = f"tenants.{tenant}"
+        spec = _mapping(spec, where, {"actions", "blocked_terms", "review_terms", "classifier"})
+        tenants[tenant] = TenantPolicy(
+            actions=dict(_mapping(spec.get("actions", {}), f"{where}.actions")),
+            blocked_terms=_strings(spec.get("blocked_terms", []), f"{where}.blocked_terms"),
+            review_terms=_strings(spec.get("review_terms", []), f"{where}.review_terms"),
+            classifier=_thresholds(spec["classifier"], f"{where}.classifier") if "classifier" in spec else None)
+    classifier = _thresholds(root["classifier"], "classifier") if "classifier" in root else ClassifierThresholds()
+    policy = ModerationPolicy(tuple(categories.values()), classifier, tenants)
+    RuleModerator(policy)  # compiles every term and pattern now, so that a bad one fails the load
+    return policy
+
+
+def _mapping(value: object, where: str, allowed: set[str] | None = None) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise PolicyError(f"{where} must be a JSON object")
+    unknown = set(value) - allowed if allowed is not None else set()
+    if unknown:
+        raise PolicyError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(allowed or ())}")
+    return value
+
+
+def _strings(value: object, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise PolicyError(f"{where} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _thresholds(value: object, where: str) -> ClassifierThresholds:
+    spec = _mapping(value, where, {"review_at", "block_at"})
+    default = ClassifierThresholds()
+    for key, number in spec.items():
+        if number is not None and (isinstance(number, bool) or not isinstance(number, int | float)):
+            raise PolicyError(f"{where}.{key} must be a number or null")
+    try:
+        return ClassifierThresholds(float(spec.get("review_at", default.review_at)),
+                                    spec.get("block_at", default.block_at))
+    except PolicyError as error:
+        raise PolicyError(f"{where}: {error}") from error
+
+
+# --------------------------------------------------------------------------------------------------- moderators
+
+class RuleModerator:
+    """TextModerator by the policy's categories and the tenant's own terms. Pure: no I/O."""
+
+    provider = "rules"
+
+    def __init__(self, policy: ModerationPolicy | None = None) -> None:
+        self.policy = policy or ModerationPolicy()
+        self._matchers = tuple(_Matcher.build(c.name, c.terms, c.patterns) for c in self.policy.categories)
+        self._tenant_matchers = {tenant: self._build_tenant(p) for tenant, p in self.policy.tenants.items()}
+
+    @staticmethod
+    def _build_tenant(policy: TenantPolicy) -> tuple[tuple[_Matcher, Action], ...]:
+        matchers: list[tuple[_Matcher, Action]] = []
+        if policy.blocked_terms:
+            matchers.append((_Matcher.build(TENANT_BLOCKED, policy.blocked_terms, ()), "block"))
+        if policy.review_terms:
+            matchers.append((_Matcher.build(TENANT_REVIEW, policy.review_terms, ()), "review"))
+        return tuple(matchers)
+
+    def check(self, text: str, tenant: str) -> Verdict:
+        readings = _Readings.of(text)
+        candidates: list[tuple[_Matcher, Action]] = [
+            (m, self.policy.action_for(m.category, tenant)) for m in self._matchers]
+        candidates += self._tenant_matchers.get(tenant, ())
+        # Strictest first: the first match is then the verdict, and allowed categories are never searched.
+        candidates.sort(key=lambda pair: -strictness(pair[1]))
+        for matcher, action in candidates:
+            if action == "allow":
+                break
+            hit = matcher.first_match(readings)
+            if hit is not None:
+                return Verdict(action, f"{matcher.category}:{hit}", matcher.category, None, self.provider)
+        return Verdict("allow", None, None, None, self.provider)
+
+
+class ModeratorChain:
+    """Asks each moderator in turn and keeps the strictest verdict. With `stop_at_block` (the default) it stops
+    at the first block, so that slower or paid moderators placed later are not asked about a prompt the rules
+    already refuse."""
+
+    def __init__(self, moderators: Sequence[TextModerator], stop_at_block: bool = True) -> None:
+        self.moderators = tuple(moderators)
+        self.stop_at_block = stop_at_block
+
+    def check(self, text: str, tenant: str) -> Verdict:
+        verdicts = []
+        for moderator in self.moderators:
+            verdict = moderator.check(text, tenant)
+            verdicts.append(verdict)
+            if self.stop_at_block and verdict.action == "block":
+                break
+        return combine(verdicts)
