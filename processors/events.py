@@ -53,7 +53,7 @@ def dead_letter_headers(*, code: str, reason: str, stage: str, source: Source, n
 def image_rendered(*, request: Mapping[str, Any], images: Sequence[Mapping[str, Any]], model_id: str,
                    model_version: str, timings_ms: Mapping[str, float], batch_id: str, batch_size: int,
                    worker_id: str, source: Source, now_ms: int, generation: str | None = None,
-                   cache_key: str | None = None, attempt: int = 0, replay_id: str | None = None,
+                   cache_key: str | None = None, attempt: int = 0, replay_id: str | None = None, cached: bool = False,
                    sku_version: int | None = None, view: str | None = None) -> dict[str, Any]:
     """The ImageRendered of one request. `generation` and `cache_key` left None are taken from the gate's
     admission on the request when it carries one (else "" and None); `sku_version` and `view` left None are
@@ -85,6 +85,7 @@ def image_rendered(*, request: Mapping[str, Any], images: Sequence[Mapping[str, 
         "generation": admission.get("generation", "") if generation is None else generation,
         "cache_key": admission.get("cache_key") if cache_key is None else cache_key,
         "attempt": attempt,
+        "cached": cached,
         "replay_id": replay_id,
         "sku_version": request.get("sku_version") if sku_version is None else sku_version,
         "view": request.get("view") if view is None else view,
@@ -92,10 +93,11 @@ def image_rendered(*, request: Mapping[str, Any], images: Sequence[Mapping[str, 
 
 
 def image_ready(rendered: Mapping[str, Any], now_ms: int, *, version: int = 1, supersedes: int | None = None,
-                cached: bool = False, safety: Mapping[str, Any] | None = None,
+                cached: bool | None = None, safety: Mapping[str, Any] | None = None,
                 quality: Mapping[str, float] | None = None) -> dict[str, Any]:
     """ImageRendered -> ImageReady: what subscribers see, with the request's lineage. Generation, callback URL,
-    replay id and SKU lineage are copied from `rendered` (absent in a v1 ImageRendered: their defaults);
+    replay id, SKU lineage and, unless `cached` is given, `cached` are copied from `rendered` (absent in a v1
+    ImageRendered: their defaults);
     `safety` is a SafetyVerdict record (processors.safety.SafetyVerdict.as_record) or None when no safety stage
     ran; `version`/`supersedes` come from processors.publication_state."""
     images = sorted(rendered["images"], key=lambda i: i["index"])
@@ -132,7 +134,7 @@ def image_ready(rendered: Mapping[str, Any], now_ms: int, *, version: int = 1, s
         "generation": rendered.get("generation") or "",
         "version": version,
         "supersedes": supersedes,
-        "cached": cached,
+        "cached": bool(rendered.get("cached", False)) if cached is None else cached,
         "safety": None if safety is None else dict(safety),
         "quality": {name: float(score) for name, score in (quality or {}).items()},
         "callback_url": rendered.get("callback_url"),

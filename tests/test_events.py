@@ -1,6 +1,8 @@
 """The shape of published events, checked against the Avro contracts: pure, no broker."""
 from __future__ import annotations
 
+from typing import Any
+
 import fastavro
 
 from processors.events import (
@@ -88,3 +90,58 @@ def test_reasons_are_cut_and_always_valid_utf8():
     failed["reason"].encode("utf-8")  # raises for a lone surrogate
     headers = dict(dead_letter_headers(code="c", reason=reason, stage="s", source=("t", 0, 1), now_ms=1))
     assert headers["zimage.reason"].decode("utf-8") == failed["reason"]
+
+
+def test_rendered_and_ready_without_the_new_arguments_take_the_schema_defaults():
+    rendered = rendered_event()
+    assert {k: rendered[k] for k in ("generation", "cache_key", "attempt", "replay_id", "sku_version", "view")} == {
+        "generation": "", "cache_key": None, "attempt": 0, "replay_id": None, "sku_version": None, "view": None}
+    ready = image_ready(rendered, now_ms=rendered["rendered_at"] + 1)
+    assert {k: ready[k] for k in ("generation", "version", "supersedes", "cached", "safety", "quality",
+                                  "replay_id", "sku_version", "view")} == {
+        "generation": "", "version": 1, "supersedes": None, "cached": False, "safety": None, "quality": {},
+        "replay_id": None, "sku_version": None, "view": None}
+
+
+def test_rendered_takes_generation_and_cache_key_from_the_gate_admission_unless_given():
+    req = build_request({"request_id": "r-9", "prompt": "a vase", "width": 64, "height": 64, "steps": 2})
+    req["admission"] = {"source_topic": "zimage.requests.high", "source_partition": 1, "source_offset": 9,
+                        "generation": "m-7", "cache_key": "k" * 64, "pool": "turbo", "admitted_at": 1}
+    image = {"index": 0, "uri": "u", "sha256": "0" * 64, "seed": 1, "size_bytes": 1}
+    common: dict[str, Any] = {
+              "request": req, "images": [image],
+              "model_id": "tiny", "model_version": "m-7", "timings_ms": {}, "batch_id": "b", "batch_size": 1,
+              "worker_id": "w", "source": ("zimage.render.turbo.high", 0, 3), "now_ms": 5}
+    admitted = image_rendered(**common)
+    assert (admitted["generation"], admitted["cache_key"]) == ("m-7", "k" * 64)
+    rerendered = image_rendered(**common, generation="m-7+t2", cache_key="c", attempt=2, replay_id="backfill-1",
+                                sku_version=4, view="front")
+    assert {k: rerendered[k] for k in ("generation", "cache_key", "attempt", "replay_id", "sku_version", "view")} == {
+        "generation": "m-7+t2", "cache_key": "c", "attempt": 2, "replay_id": "backfill-1", "sku_version": 4,
+        "view": "front"}
+    assert fastavro.validate(rerendered, fastavro.parse_schema(load_schema("ImageRendered")))
+
+
+def test_ready_copies_lineage_from_rendered_and_carries_the_publication_fields():
+    rendered = dict(rendered_event(), generation="m-7", replay_id="backfill-1", sku_version=4, view="side",
+                    callback_url="https://hooks.example.com/cb")
+    ready = image_ready(rendered, now_ms=rendered["rendered_at"] + 1, version=3, supersedes=2, cached=True,
+                        safety={"decision": "PASS", "scanned": False, "top_label": None, "top_score": None},
+                        quality={"sharpness": 250, "contrast": 31.5})
+    assert {k: ready[k] for k in ("generation", "replay_id", "sku_version", "view", "callback_url", "version",
+                                  "supersedes", "cached")} == {
+        "generation": "m-7", "replay_id": "backfill-1", "sku_version": 4, "view": "side",
+        "callback_url": "https://hooks.example.com/cb", "version": 3, "supersedes": 2, "cached": True}
+    assert image_ready(dict(rendered, cached=True), now_ms=rendered["rendered_at"])["cached"] is True
+    assert image_ready(dict(rendered, cached=True), now_ms=rendered["rendered_at"], cached=False)["cached"] is False
+    assert ready["quality"] == {"sharpness": 250.0, "contrast": 31.5} and ready["safety"]["scanned"] is False
+    assert fastavro.validate(ready, fastavro.parse_schema(load_schema("ImageReady")))
+
+
+def test_ready_built_from_a_v1_rendered_event_has_the_defaults():
+    rendered = rendered_event()
+    for field in ("generation", "cache_key", "attempt", "replay_id", "sku_version", "view"):
+        del rendered[field]
+    ready = image_ready(rendered, now_ms=rendered["rendered_at"] + 1)
+    assert (ready["generation"], ready["sku_version"], ready["view"], ready["replay_id"]) == ("", None, None, None)
+    assert fastavro.validate(ready, fastavro.parse_schema(load_schema("ImageReady")))

@@ -1,0 +1,166 @@
+"""Versioned, idempotent publication: what has been published, rebuilt from the ImageReady events themselves.
+
+ImageReady is published at most once per (tenant, request_id, generation, image sha256s). A new generation or
+new content for the same (tenant, request_id) is published as the next version, superseding the previous one.
+The same events, read again from offset 0, rebuild the state: it holds nothing that is not on the topic.
+
+The state is bounded by a window on published_at (30 days by default): a request whose latest publication is
+older than the window is forgotten as a whole, so a replay older than the window publishes again."""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DAY_MS = 24 * 3600 * 1000
+DEFAULT_WINDOW_MS = 30 * DAY_MS
+
+
+def _digest(*parts: str) -> bytes:
+    """16 bytes that stand for the parts: the state keeps these rather than the strings, to stay small."""
+    return hashlib.blake2b(json.dumps(parts, ensure_ascii=False).encode(), digest_size=16).digest()
+
+
+def image_hashes(event: Mapping[str, Any]) -> tuple[str, ...]:
+    """The sha256 of every image of an ImageRendered or ImageReady, in index order."""
+    return tuple(image["sha256"] for image in sorted(event["images"], key=lambda image: image["index"]))
+
+
+def publication_key(event: Mapping[str, Any]) -> tuple[str, str, str, tuple[str, ...]]:
+    """(tenant, request_id, generation, image sha256s): what is published at most once."""
+    return event["tenant"], event["request_id"], event.get("generation") or "", image_hashes(event)
+
+
+@dataclass(frozen=True)
+class Decision:
+    publish: bool
+    version: int
+    supersedes: int | None
+
+
+@dataclass
+class _Request:
+    versions: dict[bytes, tuple[int, int | None]]  # content digest -> (version, supersedes)
+    latest_version: int
+    latest_at: int  # published_at of the newest publication, in ms
+
+
+class PublicationState:
+    """What has been published per (tenant, request_id), within a window on published_at."""
+
+    def __init__(self, window_ms: int = DEFAULT_WINDOW_MS) -> None:
+        if window_ms <= 0:
+            raise ValueError(f"window_ms must be > 0, got {window_ms}")
+        self.window_ms = window_ms
+        self._requests: dict[bytes, _Request] = {}
+        self._expiry: list[tuple[int, bytes]] = []  # (published_at, request digest), a heap; stale entries skipped
+
+    def __len__(self) -> int:
+        """How many requests the state remembers."""
+        return len(self._requests)
+
+    @staticmethod
+    def _keys(event: Mapping[str, Any]) -> tuple[bytes, bytes]:
+        tenant, request_id, generation, hashes = publication_key(event)
+        return _digest(tenant, request_id), _digest(generation, *hashes)
+
+    def decide(self, rendered_like: Mapping[str, Any], now_ms: int) -> Decision:
+        """Whether an ImageRendered (or anything with tenant, request_id, generation and images) is to be
+        published, and as which version. A repeat of a published key publishes nothing and names the version
+        already published. Entries older than the window as of `now_ms` do not count."""
+        request_key, content_key = self._keys(rendered_like)
+        known = self._requests.get(request_key)
+        if known is not None and known.latest_at < now_ms - self.window_ms:
+            known = None
+        if known is None:
+            return Decision(publish=True, version=1, supersedes=None)
+        published = known.versions.get(content_key)
+        if published is not None:
+            return Decision(publish=False, version=published[0], supersedes=published[1])
+        return Decision(publish=True, version=known.latest_version + 1, supersedes=known.latest_version)
+
+    def apply(self, ready: Mapping[str, Any]) -> None:
+        """Take in a published ImageReady: after producing it, and for every record when restoring from the topic.
+        Applying the same event again changes nothing. A v1 event (no version) counts as version 1."""
+        request_key, content_key = self._keys(ready)
+        version = int(ready.get("version") or 1)
+        supersedes = ready.get("supersedes")
+        published_at = int(ready["published_at"])
+        known = self._requests.get(request_key)
+        if known is None:
+            known = self._requests[request_key] = _Request({}, 0, published_at)
+        known.versions.setdefault(content_key, (version, supersedes))
+        known.latest_version = max(known.latest_version, version)
+        if published_at >= known.latest_at:
+            known.latest_at = published_at
+            heapq.heappush(self._expiry, (published_at, request_key))
+
+    def evict(self, now_ms: int) -> int:
+        """Forget every request whose latest publication is older than the window; returns how many."""
+        cutoff = now_ms - self.window_ms
+        evicted = 0
+        while self._expiry and self._expiry[0][0] < cutoff:
+            published_at, request_key = heapq.heappop(self._expiry)
+            known = self._requests.get(request_key)
+            if known is not None and known.latest_at == published_at:
+                del self._requests[request_key]
+                evicted += 1
+        return evicted
+
+
+# ---- the latest image per (tenant, SKU, view) -----------------------------------------------------------------
+
+SkuOrder = tuple[int, int, int, str]
+
+
+def sku_order(ready: Mapping[str, Any]) -> SkuOrder:
+    """How two ImageReady of one (tenant, SKU, view) compare: the higher SKU version wins (none counts lowest),
+    then the newer generation, taken as the later published_at (a generation string has no order of its own), then
+    the higher request version, then the request_id, so every instance and every replay agrees."""
+    sku_version = ready.get("sku_version")
+    return (-1 if sku_version is None else int(sku_version), int(ready["published_at"]),
+            int(ready.get("version") or 1), str(ready["request_id"]))
+
+
+def by_sku_key(ready: Mapping[str, Any]) -> bytes | None:
+    """The record key on the by-SKU topic: (tenant, sku_id, view) as a JSON array, or None when the event is
+    not of a SKU. A missing view is the empty string."""
+    if ready.get("sku_id") is None:
+        return None
+    return json.dumps([ready["tenant"], ready["sku_id"], ready.get("view") or ""], ensure_ascii=False).encode()
+
+
+class SkuLatest:
+    """The order of the latest ImageReady per (tenant, SKU, view); one entry per catalogue image, so it is bounded
+    by the catalogue. It is rebuilt by feeding every record of the by-SKU topic (or of images.ready) to
+    by_sku_update."""
+
+    def __init__(self) -> None:
+        self._latest: dict[bytes, SkuOrder] = {}
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def latest(self, key: bytes) -> SkuOrder | None:
+        return self._latest.get(key)
+
+    def offer(self, ready: Mapping[str, Any]) -> bool:
+        """See by_sku_update."""
+        key = by_sku_key(ready)
+        if key is None:
+            return False
+        order = sku_order(ready)
+        current = self._latest.get(key)
+        if current is not None and order <= current:
+            return False
+        self._latest[key] = order
+        return True
+
+
+def by_sku_update(state: SkuLatest, ready: Mapping[str, Any]) -> bool:
+    """Whether `ready` becomes the latest image of its (tenant, SKU, view), recording it when it does. An event
+    that is not of a SKU, older than the latest, or the latest itself again, returns False."""
+    return state.offer(ready)
