@@ -70,6 +70,25 @@ class SafetyVerdict:
 UNSCANNED = SafetyVerdict("PASS", scanned=False)
 
 
+# Classes of NudeNet's detector (nudenet, an opt-in extra) that are not unsafe on their own: the thresholds of
+# a deployment that uses it ignore them.
+NUDENET_BENIGN_LABELS = frozenset({
+    "FACE_FEMALE", "FACE_MALE", "FEET_EXPOSED", "FEET_COVERED", "BELLY_COVERED", "BELLY_EXPOSED", "ARMPITS_COVERED",
+    "ARMPITS_EXPOSED", "MALE_BREAST_EXPOSED", "FEMALE_BREAST_COVERED", "BUTTOCKS_COVERED", "ANUS_COVERED",
+    "FEMALE_GENITALIA_COVERED",
+})
+
+
+def scores_of_detections(detections: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Per-label scores from an object detector's boxes (`{"class": label, "score": s, ...}`, as NudeNet gives
+    them): the highest score of each label."""
+    scores: dict[str, float] = {}
+    for detection in detections:
+        label, score = str(detection["class"]), float(detection["score"])
+        scores[label] = max(score, scores.get(label, score))
+    return scores
+
+
 def verdict(scores: Mapping[str, float] | None, thresholds: SafetyThresholds) -> SafetyVerdict:
     """The decision for one image. `scores` is None when no detector is configured: PASS, unscanned.
 

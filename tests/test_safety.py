@@ -6,11 +6,13 @@ import pytest
 
 from processors.events import image_ready
 from processors.safety import (
+    NUDENET_BENIGN_LABELS,
     SAFETY_LABEL_MAX_CHARS,
     UNSCANNED,
     SafetyThresholds,
     SafetyVerdict,
     parse_label_thresholds,
+    scores_of_detections,
     verdict,
     worst,
 )
@@ -99,3 +101,14 @@ def test_the_verdict_travels_in_image_ready() -> None:
     assert fastavro.validate(ready, fastavro.parse_schema(load_schema("ImageReady")))
     unscanned = image_ready(rendered, now_ms=rendered["rendered_at"] + 1, safety=UNSCANNED.as_record())
     assert unscanned["safety"]["scanned"] is False
+
+
+def test_detector_boxes_become_the_highest_score_per_label() -> None:
+    boxes = [{"class": "FACE_FEMALE", "score": 0.9, "box": [0, 0, 5, 5]},
+             {"class": "BUTTOCKS_EXPOSED", "score": 0.55, "box": [1, 1, 2, 2]},
+             {"class": "BUTTOCKS_EXPOSED", "score": 0.9, "box": [3, 3, 2, 2]}]
+    scores = scores_of_detections(boxes)
+    assert scores == {"FACE_FEMALE": 0.9, "BUTTOCKS_EXPOSED": 0.9}
+    assert verdict(scores, SafetyThresholds(ignored=NUDENET_BENIGN_LABELS)) == SafetyVerdict(
+        "BLOCK", True, "BUTTOCKS_EXPOSED", 0.9)
+    assert verdict(scores_of_detections([]), SafetyThresholds()) == SafetyVerdict("PASS", True)
