@@ -177,9 +177,9 @@ def load_policy(path: str | Path) -> ModerationPolicy:
 
     {"categories": {"violence": {"action": "review", "terms": ["more", "terms"], "patterns": ["regex"]},
                     "brand": {"severity": "medium", "action": "review", "terms": ["rival brand"]}},
-     "classifier": {"review_at": 0.8, "block_at": 0.97},
+     "classifier": {"review_at": 0.9, "block_at": null},
      "tenants": {"acme": {"actions": {"election_manipulation": "allow"}, "blocked_terms": ["..."],
-                          "review_terms": ["..."], "classifier": {"review_at": 0.9, "block_at": null}}}}
+                          "review_terms": ["..."], "classifier": {"review_at": 0.8, "block_at": 0.99}}}}
 
     Terms and patterns in the file add to a default category's; a new category needs a severity and an action.
     Raises PolicyError naming the file and what is wrong."""

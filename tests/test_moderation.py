@@ -221,7 +221,8 @@ def test_combine_keeps_the_strictest_and_the_first_among_equals() -> None:
 
 class Recording:
     def __init__(self, action: str) -> None:
-        self.action, self.texts = action, []
+        self.action = action
+        self.texts: list[str] = []
 
     def check(self, text: str, tenant: str) -> Verdict:
         self.texts.append(text)
@@ -242,3 +243,60 @@ def test_a_chain_returns_a_later_moderators_review() -> None:
 
 def test_only_the_positive_prompt_is_moderated() -> None:
     assert text_to_moderate("a clean kitchen", "gore, blood, nudity") == "a clean kitchen"
+
+
+# ------------------------------------------------------------------------------------------------- classifier
+
+class FakeModel:
+    def __init__(self, scores: dict[str, float]) -> None:
+        self.scores = scores
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts):
+        self.calls.append(list(texts))
+        return [self.scores[t] for t in texts]
+
+
+def test_classifier_scores_map_by_the_tenants_thresholds_in_one_batch() -> None:
+    from processors.text_classifier import ClassifierModerator
+
+    model = FakeModel({"mild": 0.5, "rude": 0.93, "vile": 0.995})
+    policy = ModerationPolicy(tenants={"strict": TenantPolicy(classifier=ClassifierThresholds(0.4, 0.99))})
+    moderator = ClassifierModerator(policy, predict=model)
+    verdicts = moderator.check_many([("mild", "shop"), ("rude", "shop"), ("vile", "shop"), ("", "shop"),
+                                     ("mild", "strict"), ("vile", "strict")])
+    assert [x.action for x in verdicts] == ["allow", "review", "review", "allow", "review", "block"]
+    assert model.calls == [["mild", "rude", "vile", "mild", "vile"]]  # one call, the empty text not scored
+    assert verdicts[1].score == 0.93 and verdicts[1].rule == "classifier:offensive_language>=0.9"
+    assert verdicts[5].rule == "classifier:offensive_language>=0.99"
+
+
+def test_the_shipped_classifier_flags_a_toxic_prompt_and_passes_a_clean_one() -> None:
+    pytest.importorskip("profanity_check", reason="alt-profanity-check is not installed")
+    from processors.text_classifier import ClassifierModerator
+
+    policy = ModerationPolicy(tenants={"strict": TenantPolicy(classifier=ClassifierThresholds(0.5, 0.9))})
+    moderator = ClassifierModerator(policy)
+    clean = moderator.check("a red leather handbag on a white background, studio light", "shop")
+    toxic = moderator.check("you are a fucking idiot, stupid ugly bitch", "shop")
+    assert clean.action == "allow" and clean.score is not None and clean.score < 0.3
+    assert toxic.action == "review" and toxic.score is not None and toxic.score > 0.95
+    assert moderator.check("you are a fucking idiot, stupid ugly bitch", "strict").action == "block"
+
+
+def test_the_shipped_classifier_loads_and_scores_with_sockets_refused() -> None:
+    pytest.importorskip("profanity_check", reason="alt-profanity-check is not installed")
+    import subprocess
+    import sys
+
+    script = (
+        "import socket\n"
+        "def refuse(*a, **k):\n    raise OSError('network refused by the test')\n"
+        "socket.socket.connect = refuse\nsocket.create_connection = refuse\nsocket.getaddrinfo = refuse\n"
+        "import json\nfrom processors.text_classifier import load_profanity_model\n"
+        "print(json.dumps(load_profanity_model()(['shit', 'a lamp'])))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    toxic, clean = json.loads(done.stdout)
+    assert toxic > 0.9 > clean

@@ -1,0 +1,70 @@
+"""TextModerator by a local text classifier whose model ships inside its package, so nothing is downloaded.
+
+The model is alt-profanity-check's (MIT licence): a scikit-learn linear classifier over character and word
+n-grams, trained on English offensive language. It scores insults, slurs and profanity, not every kind of unsafe
+request, and it knows no Chinese: the rules and the cloud adapters cover the rest. Its score is the
+probability of offensive language, in [0, 1]; the policy's thresholds (per tenant) turn it into an action.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from processors.moderation_policy import ModerationPolicy
+from schemas.moderation import Verdict
+
+Predict = Callable[[Sequence[str]], Sequence[float]]
+
+CATEGORY = "offensive_language"
+PACKAGE = "alt-profanity-check"
+
+
+class ClassifierUnavailable(RuntimeError):
+    """The classifier's package is not installed."""
+
+
+def load_profanity_model() -> Predict:
+    """alt-profanity-check's predict_prob. Loading it reads the model files from the package (about 1 MB) and
+    imports scikit-learn, which takes a second or two: do it once, at start."""
+    try:
+        from profanity_check import predict_prob
+    except ImportError as error:
+        raise ClassifierUnavailable(
+            f"the text classifier needs the {PACKAGE} package (pip install '{PACKAGE}==1.9.1')") from error
+
+    def predict(texts: Sequence[str]) -> list[float]:
+        return [float(score) for score in predict_prob(list(texts))]
+
+    return predict
+
+
+class ClassifierModerator:
+    """Scores texts with the classifier and maps each score by the tenant's thresholds. `check_many` scores a
+    batch in one call, which costs about as much as one text."""
+
+    provider = f"classifier:{PACKAGE}"
+
+    def __init__(self, policy: ModerationPolicy | None = None, predict: Predict | None = None) -> None:
+        self.policy = policy or ModerationPolicy()
+        self._predict = predict or load_profanity_model()
+
+    def check(self, text: str, tenant: str) -> Verdict:
+        return self.check_many([(text, tenant)])[0]
+
+    def check_many(self, items: Sequence[tuple[str, str]]) -> list[Verdict]:
+        """One verdict per (text, tenant), in order."""
+        scored = [i for i, (text, _) in enumerate(items) if text.strip()]
+        scores = dict(zip(scored, self._predict([items[i][0] for i in scored]), strict=True)) if scored else {}
+        verdicts = []
+        for index, (_, tenant) in enumerate(items):
+            score = scores.get(index)
+            if score is None:  # nothing to score: an empty text offends no one
+                verdicts.append(Verdict("allow", None, None, None, self.provider))
+                continue
+            action = self.policy.classifier_for(tenant).action_for(score)
+            rule = f"classifier:{CATEGORY}>={self._threshold(action, tenant)}" if action != "allow" else None
+            verdicts.append(Verdict(action, rule, CATEGORY if rule else None, score, self.provider))
+        return verdicts
+
+    def _threshold(self, action: str, tenant: str) -> float | None:
+        thresholds = self.policy.classifier_for(tenant)
+        return thresholds.block_at if action == "block" else thresholds.review_at
