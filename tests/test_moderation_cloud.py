@@ -230,3 +230,21 @@ def test_the_factory_builds_the_named_providers_in_order() -> None:
 def test_a_provider_policy_refuses_an_unknown_failure_action() -> None:
     with pytest.raises(ValueError, match="on_timeout"):
         ProviderPolicy(on_timeout="allow")  # type: ignore[arg-type]
+
+
+def test_moderators_from_config_puts_local_moderators_first_and_reads_the_policy(tmp_path) -> None:
+    from streams.moderators import moderators_from_config
+
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text('{"tenants": {"acme": {"blocked_terms": ["rival"]}}}', encoding="utf-8")
+    comprehend = aws("comprehend")
+    clients = {"comprehend": comprehend, "rekognition": aws("rekognition")}
+    moderators = moderators_from_config(("aws", "rules"), str(policy_file), clients=clients)
+    assert [m.provider for m in moderators.text.moderators] == ["rules", "aws-comprehend"]  # type: ignore[attr-defined]
+    assert [m.provider for m in moderators.images] == ["aws-rekognition"]  # type: ignore[attr-defined]
+    with Stubber(comprehend):  # no response queued: the rules' block must spare the cloud call
+        assert moderators.text.check("the rival logo", "acme").rule == "tenant_blocked:rival"
+    with pytest.raises(ValueError, match="each must be one of"):
+        moderators_from_config(("rules", "rules"))
+    with pytest.raises(ValueError, match="each must be one of"):
+        moderators_from_config(("azure",))
