@@ -141,7 +141,7 @@ class _Matcher:
                 continue
             words = [_word_regex(w) for w in _latin_words(term)]
             names[f"t{index}"] = term
-            whole.append(f"(?P<t{index}>(?<![a-z0-9]){_BETWEEN_WORDS.join(words)}(?![a-z0-9]))")
+            whole.append(f"(?P<t{index}>{_BETWEEN_WORDS.join(words)})")
             loose.append(f"(?P<t{index}>{''.join(words)})")
         compiled = []
         for index, pattern in enumerate(patterns):
@@ -150,7 +150,8 @@ class _Matcher:
             except re.error as error:
                 raise PolicyError(f"category {category!r}: pattern {pattern!r} is not a valid expression: "
                                   f"{error}") from error
-        return cls(category, re.compile("|".join(whole)) if whole else None,
+        # The word boundaries stand outside the alternation, so that the search gives up at once inside a word.
+        return cls(category, re.compile(f"(?<![a-z0-9])(?:{'|'.join(whole)})(?![a-z0-9])") if whole else None,
                    re.compile("|".join(loose)) if loose else None, tuple(cjk), tuple(compiled), names)
 
     def first_match(self, readings: _Readings) -> str | None:
