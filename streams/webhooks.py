@@ -7,11 +7,11 @@ delivery's idempotency key; their offsets commit only after that changelog write
 producer before every commit). A dispatcher task takes the due entries of the partitions this worker owns and
 attempts them concurrently, so a slow or failing receiver delays no other delivery. A failed attempt moves the
 entry's due time (processors.webhook_delivery.RetryPolicy); success, a refused destination, a final refusal by
-the receiver or giving up remove it. Every attempt's outcome is a WebhookDelivery event on
-`<prefix>.webhooks.deliveries`.
+the receiver or giving up mark it done, and done marks are removed after `done_retention_s`. Every attempt's
+outcome is a WebhookDelivery event on `<prefix>.webhooks.deliveries`.
 
-Delivery is at least once: a crash after a successful POST and before the entry's removal is written repeats the
-POST, with the same Idempotency-Key. Before each attempt the host is resolved again and every address checked
+Delivery is at least once: a crash after a successful POST and before its done mark is written repeats the POST,
+with the same Idempotency-Key. Before each attempt the host is resolved again and every address checked
 (processors.address_guard), and the connection goes to a checked address (connectors.http.post_pinned).
 """
 from __future__ import annotations
@@ -94,6 +94,9 @@ class WebhookOptions:
     tick_s: float = 1.0  # how often due retries are looked for; a new delivery wakes the dispatcher at once
     timeout_s: float = 10.0  # one attempt, connection to last byte of the status line
     max_in_flight: int = 64
+    # How long a finished delivery is remembered: a source record read again after a crash (its offset not yet
+    # committed) finds the mark and is not delivered a second time. Minutes cover any commit interval.
+    done_retention_s: float = 600.0
 
 
 async def checked_addresses(url: str, allowlist: tuple[str, ...]) -> tuple[str, ...]:
@@ -127,6 +130,8 @@ class WebhookDispatcher:
             topic_replication_factor=settings.replication_factor or 1,
             consumer_auto_offset_reset="earliest",  # a first start delivers what was published before it
             producer_acks=-1,
+            # a killed worker's partitions move after 10 s instead of faust's 60 s: its retries wait meanwhile
+            broker_session_timeout=10.0,
         )
         # keys and values travel as JSON (faust's default for a table without types)
         self.pending = self.app.Table("pending", default=None, partitions=partitions)
@@ -167,10 +172,11 @@ class WebhookDispatcher:
             record = self.serde.decode(record_name, event.value, topic=message.topic)
         except SerdeError as exc:
             log.warning("webhooks: skipping undecodable %s at %s[%d]@%d: %s", record_name, message.topic,
-                        message.partition, message.offset, exc)
+                        message.partition, message.offset, short_error(str(exc)))
             return
         delivery = delivery_for(event_type, record)
-        if delivery is None or delivery.delivery_id in self.pending:  # no callback, or read again after a crash
+        # no callback, or a record read again after a crash: its delivery is pending or done already
+        if delivery is None or delivery.delivery_id in self.pending:
             return
         self.pending[delivery.delivery_id] = {
             "request_id": delivery.request_id, "tenant": delivery.tenant, "event_type": delivery.event_type,
@@ -201,7 +207,13 @@ class WebhookDispatcher:
         for key, entry in list(self.pending.data.items()):
             if len(self._in_flight) >= self.options.max_in_flight:
                 break
-            if key in self._in_flight or entry["due_ms"] > now or entry["partition"] not in owned:
+            if key in self._in_flight or entry["partition"] not in owned:
+                continue
+            if "done_ms" in entry:
+                if now - entry["done_ms"] > self.options.done_retention_s * 1000:
+                    self._forget(key, entry["partition"])
+                continue
+            if entry["due_ms"] > now:
                 continue
             self._in_flight.add(key)
             self._spawn(self._attempt(key, entry))
@@ -227,7 +239,7 @@ class WebhookDispatcher:
             if due_ms is not None:
                 self._store(key, {**entry, "attempts": attempt, "first_ms": first_ms, "due_ms": due_ms})
             else:
-                self._forget(key, entry["partition"])
+                self._store(key, {"partition": entry["partition"], "done_ms": now, "outcome": outcome})
             record = outcome_event(delivery, attempt=attempt, outcome=outcome, result=result, now_ms=now)
             level = logging.INFO if outcome in ("delivered", "retrying") else logging.WARNING
             log.log(level, "webhooks: %s %s attempt %d -> %s (status %s, %s)", delivery.event_type, key, attempt,
@@ -267,10 +279,10 @@ class WebhookDispatcher:
 
 
 def run_webhooks(settings: Settings, *, secret: str, allowlist: tuple[str, ...], policy: RetryPolicy | None = None,
-                 tick_s: float = 1.0, timeout_s: float = 10.0) -> None:
+                 tick_s: float = 1.0, timeout_s: float = 10.0, max_in_flight: int = 64) -> None:
     """The webhooks process: runs until SIGTERM/SIGINT."""
     if not secret:
         raise ValueError("webhooks need a signing secret")
     options = WebhookOptions(secret=secret, allowlist=tuple(allowlist), policy=policy or RetryPolicy(),
-                             tick_s=tick_s, timeout_s=timeout_s)
+                             tick_s=tick_s, timeout_s=timeout_s, max_in_flight=max_in_flight)
     WebhookDispatcher(settings, options).run()
