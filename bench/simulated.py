@@ -16,6 +16,8 @@ from processors.render_settings import RenderItem, RenderSettings
 class SimulatedRenderer:
     model_id = "simulated"
     model_version = "sim-1"
+    max_side = 4096
+    size_multiple = 16
 
     def __init__(self, a_s: float, b_s: float, on_batch=None):
         self.a, self.b = a_s, b_s

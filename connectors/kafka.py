@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -47,6 +47,7 @@ class OutRecord:
     key: bytes | None = None
     headers: Headers = field(default_factory=list)
     timestamp: int | None = None  # ms since the epoch; None: the producer's clock (dead letters keep the original)
+    partition: int | None = None  # None: by key; set where state must sit beside its input (a changelog)
 
 
 def consumer(base: dict[str, str], group_id: str, **overrides: object) -> Consumer:
@@ -197,13 +198,14 @@ class TransactionalStep:
             raise TransactionStuck(f"could not abort the transaction: {exc}") from exc
 
     def _produce(self, r: OutRecord, deadline: float) -> None:
+        extra: dict[str, Any] = {}
+        if r.timestamp is not None:
+            extra["timestamp"] = r.timestamp
+        if r.partition is not None:
+            extra["partition"] = r.partition
         while True:
             try:
-                if r.timestamp is None:
-                    self._producer.produce(r.topic, r.value, r.key, headers=r.headers or None)
-                else:
-                    self._producer.produce(r.topic, r.value, r.key, headers=r.headers or None,
-                                           timestamp=r.timestamp)
+                self._producer.produce(r.topic, r.value, r.key, headers=r.headers or None, **extra)
                 return
             except BufferError:  # local queue full: serve delivery reports, then retry
                 if time.monotonic() > deadline:
@@ -211,7 +213,12 @@ class TransactionalStep:
                 self._producer.poll(0.05)
 
     def close(self) -> None:
-        self._producer.flush(self._deadline_s)
+        """Delivers what is queued outside transactions. Never raises: it runs while a process ends, often because
+        of the very error it would raise again, and must not hide that one."""
+        try:
+            self._producer.flush(self._deadline_s)
+        except KafkaException as exc:
+            log.warning("closing the producer: %s", exc)
 
 
 def rewind_to_committed(consumer: Consumer, partitions: Sequence[TP], timeout_s: float = 120.0) -> None:

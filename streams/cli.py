@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 from streams.settings import InvalidSettings, Settings, load_settings
-from streams.supervise import CONFIG_ERROR, supervise
+from streams.supervise import CONFIG_ERROR, supervise, supervise_all
 
+PROCESSORS = ("gate", "publication", "webhooks")
 RESTART = click.option("--restart/--no-restart", default=True, show_default=True,
                        help="Start a new process when this one crashes (configuration errors are not retried).")
 
@@ -45,7 +46,7 @@ def _settings() -> Settings:
 def _supervised(command: str, restart: bool) -> None:
     """Runs `zimage <command>` in a child process that is restarted when it crashes."""
     if restart:
-        sys.exit(supervise([sys.executable, "-m", "streams.cli", command, "--no-restart"], command))
+        sys.exit(supervise([sys.executable, "-m", "streams.cli", *command.split(), "--no-restart"], command))
 
 
 def _logging(level: str) -> None:
@@ -141,18 +142,26 @@ def worker(restart: bool) -> None:
 
 @main.command()
 @RESTART
-def processors(restart: bool) -> None:
-    """Run the stream processors (publication of ImageReady) until SIGTERM/SIGINT."""
-    from schemas.serde import AvroSerde
-    from streams.publication import PublicationRelay
-
+@click.option("--only", type=click.Choice(PROCESSORS), default=None,
+              help="Run one processor only (to scale it by partitions, or to debug it).")
+def processors(restart: bool, only: str | None) -> None:
+    """Run the stream processors until SIGTERM/SIGINT, each in its own process: the gate, publication, and the
+    webhooks when ZIMAGE_WEBHOOK_SECRET is set."""
     s = _settings()
-    _supervised("processors", restart)
+    if only is None:
+        names = [n for n in PROCESSORS if n != "webhooks" or s.webhook_secret is not None]
+        sys.exit(supervise_all({name: [sys.executable, "-m", "streams.cli", "processors", "--only", name,
+                                       "--no-restart"] for name in names}, restart=restart))
+    if only == "webhooks" and s.webhook_secret is None:
+        raise ConfigError("ZIMAGE_WEBHOOK_SECRET is not set: webhooks are signed with it")
+    _supervised(f"processors --only {only}", restart)
     _logging(s.log_level)
-    relay = PublicationRelay(s, AvroSerde(registry_url=s.schema_registry_url))
-    signal.signal(signal.SIGTERM, lambda *_: relay.stop())
-    signal.signal(signal.SIGINT, lambda *_: relay.stop())
-    relay.run()
+    from streams.processes import build_processor
+
+    runner = build_processor(only, s)
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    signal.signal(signal.SIGINT, lambda *_: runner.stop())
+    runner.run()
 
 
 @main.command()

@@ -16,6 +16,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from connectors.kafka import Headers, OutRecord
 from processors.events import dead_letter_headers, request_failed
 from processors.requests import Limits
+from processors.status import request_status, status_key
 from schemas.serde import AvroSerde
 from streams.topology import Topology
 
@@ -68,7 +69,13 @@ class FailureRecords:
         if len(value) > room:  # a compressed batch can carry a value larger than any topic takes uncompressed
             why.append(("zimage.truncated_from", str(len(value)).encode()))
             value = value[:max(0, room - 64)]
-        return [
+        records = [
             OutRecord(failed, self._serde.encode("RequestFailed", event, topic=failed), key),
             OutRecord(dlq, value, origin.key, [*origin.headers, *why], origin.timestamp),
         ]
+        if event["request_id"] and event["tenant"]:  # the final status of a request that can be named
+            status = request_status(request=event, status="failed", stage=self._stage, now_ms=ts, final=True,
+                                    detail=f"{code}: {reason}")
+            records.append(OutRecord(self._topology.status, self._serde.encode("RequestStatus", status),
+                                     status_key(event["tenant"], event["request_id"])))
+        return records

@@ -1,14 +1,14 @@
-"""Intake of a render worker: one consumed record in, one decision out. It never raises for a record.
+"""Intake of a render worker: one record of its pool's render topics in, one decision out. It never raises for
+a record.
 
-- `Admit`: a request of this pool, to be scheduled;
-- `Finish`: the record's outcome is known now (a RequestFailed plus dead letter, or nothing to produce because
-  another pool renders it);
+- `Admit`: a request to schedule;
+- `Finish`: the record's outcome is known now (a RequestFailed plus dead letter);
 - `Hold`: an infrastructure fault (the Schema Registry) stopped the decoding; the record is not at fault and
   must be read again later.
 
-Any exception while decoding or checking one record becomes RequestFailed (`internal_error` when it is not a
-known kind) plus a dead letter. Exactly one pool reports a failure: the pool of the request's model, or the
-first pool for a record that names no served model (undecodable, invalid, unknown model).
+The gate checked every request before routing it here; the worker checks again what it trusts least (the
+decoding, the limits) and what only its loaded model can tell. Any exception while decoding or checking one
+record becomes RequestFailed (`internal_error` when it is not a known kind) plus a dead letter.
 """
 from __future__ import annotations
 
@@ -58,27 +58,21 @@ class Intake:
         self._renderer = renderer
         self._failures = failures
         self._limits = settings.limits()
-        self._all_models = tuple(m for ms in settings.pool_table.values() for m in ms)
-        self._my_models = frozenset(settings.pool_models)
-        self._reports_unroutable = settings.reports_unroutable
+        self._my_models = settings.pool_models
 
     def decide(self, origin: Origin, priority: str) -> Admit | Finish | Hold:
         request: dict[str, Any] | None = None
         try:
             request = self._serde.decode("GenerationRequest", origin.value, topic=origin.topic)
-            validate(request, self._limits, self._all_models)
-            if request["model"] in self._my_models:
-                self._renderer.check_settings(settings_of(request))
+            validate(request, self._limits, self._my_models)  # another pool's model: misrouted
+            self._renderer.check_settings(settings_of(request))
         except RegistryUnavailable as exc:
             return Hold(str(exc))
         except (SerdeError, InvalidRequest, UnsupportedSettings) as exc:
-            return Finish(self._refused(_code_of(exc), str(exc), origin, request, priority))
+            return Finish(self.failed(_code_of(exc), str(exc), origin, request, priority))
         except Exception as exc:  # a record never ends the process (logged with its traceback)
             log.exception("unexpected error on %s[%d]@%d", origin.topic, origin.partition, origin.offset)
-            return Finish(self._refused("internal_error", f"{type(exc).__name__}: {exc}", origin, request,
-                                        priority))
-        if request["model"] not in self._my_models:
-            return Finish(Outcome([], priority, None))  # another pool's group renders it
+            return Finish(self.failed("internal_error", f"{type(exc).__name__}: {exc}", origin, request, priority))
         deadline = request.get("deadline")
         now_ms = int(time.time() * 1000)
         if deadline is not None and deadline <= now_ms:
@@ -93,19 +87,9 @@ class Intake:
         return Outcome(self._failures(code, reason, origin, request), priority, code)
 
     def poison(self, origin: Origin, priority: str, strikes: int) -> Outcome:
-        """A record at which the worker died `strikes` times: dead-lettered undecoded. Each pool whose workers it
-        killed reports it (undecoded, its model is unknown): better twice than never."""
+        """A record at which the worker died `strikes` times: dead-lettered undecoded."""
         return self.failed("poison_record", f"the worker died {strikes} times while handling this record",
                            origin, None, priority)
-
-    def _refused(self, code: str, reason: str, origin: Origin, request: dict[str, Any] | None,
-                 priority: str) -> Outcome:
-        model = request.get("model") if isinstance(request, dict) else None
-        mine = model in self._my_models
-        unowned = model not in self._all_models
-        if mine or (unowned and self._reports_unroutable):
-            return self.failed(code, reason, origin, request, priority)  # RequestFailed keeps only the fields that pass
-        return Outcome([], priority, None)
 
 
 def _code_of(exc: Exception) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import faulthandler
 import itertools
 import json
+import logging
 import os
 import sys
 import threading
@@ -20,6 +21,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class Deadlines:
@@ -65,26 +68,31 @@ class Heartbeat:
     def beat(self, loop: str) -> None:
         """`loop` went round; cheap enough for every iteration (the file is written at most once a second)."""
         now = time.time()
-        with self._lock:
+        with self._lock:  # one writer at a time: the loops of several threads beat into one file
             self._beats[loop] = now
             if now - self._written < self._interval:
                 return
             self._written = now
-            beats = dict(self._beats)
-        self._write(beats)
+            self._write(dict(self._beats))
 
     def _write(self, beats: dict[str, float]) -> None:
         if self._path is None:
             return
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"worker_id": self._worker_id, "pid": os.getpid(), "beats": beats}) + "\n")
-        os.replace(tmp, self._path)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"worker_id": self._worker_id, "pid": os.getpid(), "beats": beats}) + "\n")
+            os.replace(tmp, self._path)
+        except OSError as exc:  # a probe goes stale; the work itself goes on
+            log.warning("health file %s not written: %s", self._path, exc)
 
     def ready(self) -> None:
-        self._written = 0.0
+        with self._lock:
+            self._written = 0.0
         self.beat("ready")
 
     def clear(self) -> None:
-        if self._path is not None:
-            self._path.unlink(missing_ok=True)
+        with self._lock:
+            self._written = float("inf")  # no beat after this writes the file again
+            if self._path is not None:
+                self._path.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ import numpy as np
 from connectors.kafka import OutRecord
 from connectors.retry import Stopping, backoff_delay, until_done
 from connectors.storage import ObjectStore, UnsafeKey
+from processors.admission import lineage_source
 from processors.batching import Batch, Pending
 from processors.events import image_rendered
 from processors.fault_isolation import render_isolating_faults
@@ -47,6 +48,12 @@ class BatchRenderer(Protocol):
 
     @property
     def model_version(self) -> str: ...
+
+    @property
+    def max_side(self) -> int: ...  # largest width or height the model places
+
+    @property
+    def size_multiple(self) -> int: ...  # width and height must be multiples of this
 
     def render(self, items: Sequence[RenderItem], settings: RenderSettings) -> list[np.ndarray]: ...
 
@@ -259,7 +266,7 @@ class RenderStage:
             timings_ms={"queue": (batch.formed_at - pending.enqueued_at) * 1000, "render": render_ms,
                         "encode": (t1 - t0) * 1000, "store": (t2 - t1) * 1000},
             batch_id=batch.id, batch_size=len(batch.items), worker_id=self._worker_id,
-            source=pending.source, now_ms=int(time.time() * 1000))
+            source=lineage_source(request, pending.source), now_ms=int(time.time() * 1000))
         value = self._encode(event)
         if len(value) > self._max_bytes:
             raise OutputTooLarge(f"ImageRendered would be {len(value)} bytes; {self._topic} takes at most "

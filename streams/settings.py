@@ -72,14 +72,30 @@ class Settings(BaseSettings):
     # Extra librdkafka settings: a JSON object, or key=value,key=value. See parse_kafka_extra.
     kafka_extra: Annotated[dict[str, str | SecretStr], NoDecode] = Field(default_factory=dict)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    cache_ttl_s: float = Field(24 * 3600.0, gt=0)  # how long the L1 cache answers a repeat
+    publication_window_days: float = Field(30.0, gt=0)  # how long a published (request, generation) is remembered
+    # --- prompt moderation at the gate ---
+    # rules and classifier run here; aws, alibaba, google call those vendors (their credentials: the usual chains)
+    text_moderators: Annotated[tuple[Literal["rules", "classifier", "aws", "alibaba", "google"], ...], NoDecode] = (
+        "rules", "classifier")
+    aws_moderation_region: str | None = None
+
+    # --- webhooks (run by `zimage processors` only when a signing secret is set) ---
+    webhook_secret: SecretStr | None = None
+    webhook_retry_base_s: float = Field(5.0, gt=0)
+    webhook_retry_max_delay_s: float = Field(900.0, gt=0)
+    webhook_give_up_after_s: float = Field(7200.0, ge=0)  # about 2 hours of retries, then gave_up
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_max_in_flight: int = Field(64, ge=1)
+    moderation_policy_file: str | None = None  # JSON: per-tenant categories, actions, terms, classifier thresholds
     storage_url: str = "out/objects"  # a folder, file:///abs/path, or s3://bucket/prefix
     s3_endpoint_url: str | None = None
     s3_bucket: str = Field("zimage", pattern=BUCKET_NAME.pattern)
 
     # --- the model a worker serves ---
     pool: str = "turbo"
-    # Routing table shared by every worker: pool -> the model its workers load. The first pool also reports
-    # requests that no pool can take (undecodable, invalid, unknown model), so each gets exactly one RequestFailed.
+    # Routing table of the gate, shared by every process: pool -> the model its workers load. The gate routes
+    # each request to the pool of its model, on that pool's render topics.
     pools: Annotated[dict[str, tuple[str, ...]], NoDecode] = Field(
         default_factory=lambda: {"turbo": tuple[str, ...](["z-image-turbo"])})
     model_source: str = Field("tiny", min_length=1)  # 'tiny', a Hugging Face id or a local folder
@@ -135,7 +151,7 @@ class Settings(BaseSettings):
         return None if isinstance(v, str) and v.strip().lower() in ("", "none", "off", "0") else v
 
     @field_validator("schema_registry_url", "s3_endpoint_url", "model_revision", "health_file",
-                     "replication_factor", "min_insync_replicas", mode="before")
+                     "moderation_policy_file", "replication_factor", "min_insync_replicas", mode="before")
     @classmethod
     def _unset_words(cls, v: object) -> object:
         return _none_word(v)
@@ -159,6 +175,20 @@ class Settings(BaseSettings):
     @classmethod
     def _allowlist_parse(cls, v: object) -> object:
         return parse_allowlist(v) if isinstance(v, (str, tuple, list)) else v
+
+    @field_validator("text_moderators", mode="before")
+    @classmethod
+    def _names_parse(cls, v: object) -> object:
+        return tuple(n.strip() for n in v.split(",") if n.strip()) if isinstance(v, str) else v
+
+    @field_validator("moderation_policy_file")
+    @classmethod
+    def _policy_file(cls, v: str | None) -> str | None:
+        if v is not None:
+            from processors.moderation import load_policy  # a bad policy is a bad setting: refused at start-up
+
+            load_policy(v)
+        return v
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -210,6 +240,8 @@ class Settings(BaseSettings):
                             f"not ZIMAGE_DEVICE={self.device!r}")
         if self.model_revision and self.model_source == "tiny":
             problems.append("ZIMAGE_MODEL_REVISION applies to Hugging Face models, not ZIMAGE_MODEL_SOURCE='tiny'")
+        if self.webhook_retry_max_delay_s < self.webhook_retry_base_s:
+            problems.append("ZIMAGE_WEBHOOK_RETRY_MAX_DELAY_S must be at least ZIMAGE_WEBHOOK_RETRY_BASE_S")
         rf, isr = self.replication_factor, self.min_insync_replicas
         if rf is not None and isr is not None and isr > rf:
             problems.append(f"ZIMAGE_MIN_INSYNC_REPLICAS={isr} is above ZIMAGE_REPLICATION_FACTOR={rf}: "
@@ -233,7 +265,7 @@ class Settings(BaseSettings):
 
     @cached_property
     def topology(self) -> Topology:
-        return Topology(self.topic_prefix, self.request_partitions, self.output_partitions)
+        return Topology(self.topic_prefix, self.request_partitions, self.output_partitions, tuple(self.pools))
 
     @property
     def pool_table(self) -> dict[str, tuple[str, ...]]:
@@ -242,10 +274,6 @@ class Settings(BaseSettings):
     @property
     def pool_models(self) -> tuple[str, ...]:
         return self.pools[self.pool]
-
-    @property
-    def reports_unroutable(self) -> bool:
-        return next(iter(self.pools)) == self.pool
 
     @property
     def callback_allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

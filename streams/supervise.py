@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 log = logging.getLogger("zimage.supervise")
 
@@ -28,15 +29,35 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def supervise(argv: list[str], name: str, *, max_backoff_s: float = 30.0, stable_after_s: float = 60.0) -> int:
-    child: subprocess.Popen | None = None
+@dataclass
+class _Child:
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    backoff: float = 1.0
+    restart_at: float | None = None
+
+
+def supervise(argv: list[str], name: str) -> int:
+    """Runs one command, restarted when it crashes (see supervise_all)."""
+    return supervise_all({name: argv})
+
+
+def supervise_all(commands: dict[str, list[str]], *, restart: bool = True, max_backoff_s: float = 30.0,
+                  stable_after_s: float = 60.0) -> int:
+    """Runs each command in a child process and starts a new one, with backoff, whenever one crashes (or, without
+    `restart`, ends them all). SIGTERM and SIGINT go to every child. A child that exits with CONFIG_ERROR ends
+    them all: nothing would start again. Returns CONFIG_ERROR, a crashed child's code without `restart`, or 0
+    once every child has stopped after a signal."""
+    children = {name: _Child(argv) for name, argv in commands.items()}
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
+        for child in children.values():
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -44,20 +65,40 @@ def supervise(argv: list[str], name: str, *, max_backoff_s: float = 30.0, stable
     # dead one and aborts its open transaction at once instead of after transaction.timeout.ms.
     env = {**os.environ}
     env.setdefault("ZIMAGE_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}")
-    backoff = 1.0
+
+    def start(child: _Child) -> None:
+        child.started, child.restart_at = time.monotonic(), None
+        child.proc = subprocess.Popen(child.argv, preexec_fn=_die_with_parent, env=env)
+
+    for child in children.values():
+        start(child)
     while True:
-        started = time.monotonic()
-        child = subprocess.Popen(argv, preexec_fn=_die_with_parent, env=env)
-        code = child.wait()
-        if stopping or code in (0, CONFIG_ERROR):
-            return code
-        if time.monotonic() - started > stable_after_s:
-            backoff = 1.0
-        log.error("%s exited with code %s; starting a new one in %.0fs", name, code, backoff)
-        print(f"zimage: {name} exited with code {code}; restarting in {backoff:.0f}s", file=sys.stderr, flush=True)
-        deadline = time.monotonic() + backoff
-        while time.monotonic() < deadline and not stopping:
-            time.sleep(0.1)
-        if stopping:
-            return code
-        backoff = min(max_backoff_s, backoff * 2)
+        now = time.monotonic()
+        for name, child in children.items():
+            if child.restart_at is not None and now >= child.restart_at and not stopping:
+                start(child)
+            code = child.proc.poll() if child.proc is not None and child.restart_at is None else None
+            if code is None:
+                continue  # running, or waiting to be started again
+            if code == CONFIG_ERROR or (not restart and not stopping):
+                forward(signal.SIGTERM, None)
+                _wait_all(children)
+                return code
+            if stopping:
+                continue
+            if now - child.started > stable_after_s:
+                child.backoff = 1.0
+            log.error("%s exited with code %s; starting a new one in %.0fs", name, code, child.backoff)
+            print(f"zimage: {name} exited with code {code}; restarting in {child.backoff:.0f}s", file=sys.stderr,
+                  flush=True)
+            child.restart_at = now + child.backoff
+            child.backoff = min(max_backoff_s, child.backoff * 2)
+        if stopping and all(c.proc is None or c.proc.poll() is not None for c in children.values()):
+            return 0
+        time.sleep(0.1)
+
+
+def _wait_all(children: dict[str, _Child]) -> None:
+    for child in children.values():
+        if child.proc is not None:
+            child.proc.wait()

@@ -1,7 +1,6 @@
 """Every topic of the pipeline, declared once: name, partitions, configuration, who writes and who reads it.
 
 `zimage topics apply` creates them idempotently and reports drift; `zimage topology` prints this table.
-Moving the render workers behind a gate is a change of `render_input_topics` alone.
 """
 from __future__ import annotations
 
@@ -65,6 +64,7 @@ class Topology:
     prefix: str = "zimage"
     request_partitions: int = 6
     output_partitions: int = 6
+    pools: tuple[str, ...] = ("turbo",)
 
     def request_topic(self, priority: str) -> str:
         if priority not in PRIORITIES:
@@ -75,13 +75,41 @@ class Topology:
     def request_topics(self) -> tuple[str, ...]:
         return tuple(self.request_topic(p) for p in PRIORITIES)
 
-    def render_input_topics(self) -> dict[str, str]:
-        """Priority -> topic the render workers consume."""
-        return {p: self.request_topic(p) for p in PRIORITIES}
+    def render_input_topics(self, pool: str) -> dict[str, str]:
+        """Priority -> topic the render workers of `pool` consume: what the gate admitted for that pool."""
+        return {p: self.render_topic(pool, p) for p in PRIORITIES}
+
+    def render_topic(self, pool: str, priority: str) -> str:
+        """Admitted requests of one pool and priority: the gate writes them, that pool's workers read them."""
+        if pool not in self.pools:
+            raise ValueError(f"unknown pool {pool!r}; expected one of {self.pools}")
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {priority!r}; expected one of {PRIORITIES}")
+        return f"{self.prefix}.render.{pool}.{priority}"
+
+    @property
+    def pool_announcements(self) -> str:
+        return f"{self.prefix}.pools"
+
+    @property
+    def gate_changelog(self) -> str:
+        return f"{self.prefix}.gate.changelog"
 
     @property
     def rendered(self) -> str:
         return f"{self.prefix}.rendered"
+
+    @property
+    def images_by_sku(self) -> str:
+        return f"{self.prefix}.images.by-sku"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}.status"
+
+    @property
+    def webhook_deliveries(self) -> str:
+        return f"{self.prefix}.webhooks.deliveries"
 
     @property
     def images_ready(self) -> str:
@@ -114,7 +142,7 @@ class Topology:
             TopicSpec(
                 self.request_topic(p), self.request_partitions,
                 {"retention.ms": week, "cleanup.policy": "delete", "max.message.bytes": str(REQUEST_MAX_BYTES)},
-                writers=("producers", "zimage submit", "sku connector"), readers=("render worker",),
+                writers=("producers", "zimage submit"), readers=("gate",),
                 value="GenerationRequest",
             )
             for p in PRIORITIES
@@ -122,20 +150,51 @@ class Topology:
         output_bytes = str(OUTPUT_MAX_BYTES)
         specs += [
             TopicSpec(self.rendered, self.output_partitions, {"retention.ms": week, "max.message.bytes": output_bytes},
-                      writers=("render worker",), readers=("processors: publication",), value="ImageRendered"),
+                      writers=("render worker", "gate (cache hits)"), readers=("processors: publication",),
+                      value="ImageRendered"),
             # Kept long: a new subscriber reads the whole history of published images.
             TopicSpec(self.images_ready, self.output_partitions,
                       {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
-                      writers=("processors: publication",), readers=("subscribers", "zimage tail"),
-                      value="ImageReady"),
+                      writers=("processors: publication",),
+                      readers=("subscribers", "zimage tail", "webhooks", "publication (restore)"), value="ImageReady"),
             TopicSpec(self.failed, self.output_partitions,
                       {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
-                      writers=("render worker", "processors"), readers=("subscribers",), value="RequestFailed"),
+                      writers=("gate", "render worker", "processors"), readers=("subscribers", "webhooks"),
+                      value="RequestFailed"),
             TopicSpec(self.dlq, 1, {"retention.ms": str(30 * DAY_MS), "max.message.bytes": str(DLQ_MAX_BYTES)},
-                      writers=("render worker", "processors"), readers=("operators",),
+                      writers=("gate", "render worker", "processors"), readers=("operators",),
                       value="original bytes + reason headers"),
             TopicSpec(self.sku_changes, self.request_partitions, {"retention.ms": week},
-                      writers=("catalogue services",), readers=("sku connector",), value="SkuChanged"),
+                      writers=("catalogue services",), readers=("sku connector (planned)",), value="SkuChanged"),
+        ]
+        compacted = {"cleanup.policy": "compact", "max.message.bytes": output_bytes}
+        specs += [
+            TopicSpec(self.render_topic(pool, p), self.request_partitions,
+                      {"retention.ms": week, "max.message.bytes": output_bytes},
+                      writers=("gate",), readers=(f"render worker ({pool})",), value="GenerationRequest")
+            for pool in self.pools for p in PRIORITIES
+        ]
+        specs += [
+            TopicSpec(self.pool_announcements, 1, dict(compacted), writers=("render worker",), readers=("gate",),
+                      value="PoolAnnouncement"),
+            TopicSpec(self.gate_changelog, self.request_partitions, dict(compacted), writers=("gate",),
+                      readers=("gate (restore)",), value="idempotency state"),
+            TopicSpec(self.images_by_sku, self.output_partitions, dict(compacted),
+                      writers=("processors: publication",), readers=("subscribers", "publication (restore)"),
+                      value="ImageReady"),
+            TopicSpec(self.status, self.output_partitions, dict(compacted),
+                      writers=("gate", "render worker", "processors"), readers=("subscribers",),
+                      value="RequestStatus"),
+            TopicSpec(self.webhook_deliveries, self.output_partitions,
+                      {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
+                      writers=("processors: webhooks",), readers=("operators",), value="WebhookDelivery"),
+            # faust's own: the changelog of the pending-deliveries table (it must match the source topics'
+            # partitions), and its assignor's leader topic
+            TopicSpec(f"{self.prefix}-webhooks-pending-changelog", self.output_partitions,
+                      {"cleanup.policy": "compact"}, writers=("processors: webhooks",),
+                      readers=("processors: webhooks (restore)",), value="pending deliveries (faust table)"),
+            TopicSpec(f"{self.prefix}-webhooks-__assignor-__leader", 1, {},
+                      writers=("processors: webhooks",), readers=("processors: webhooks",), value="faust internal"),
         ]
         return specs
 

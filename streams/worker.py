@@ -23,8 +23,7 @@ from confluent_kafka import (
 )
 
 from connectors import kafka
-from connectors.kafka import TransactionAborted, TransactionalStep
-from connectors.retry import backoff_delay
+from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.storage import ObjectStore
 from processors.batching import Batch, CompatKey, Pending
 from processors.offsets import OffsetTracker
@@ -33,6 +32,7 @@ from schemas.serde import AvroSerde
 from streams import lag, metrics
 from streams.crash_journal import CrashJournal
 from streams.failures import FailureRecords, Origin
+from streams.holds import PartitionHolds
 from streams.intake import Admit, Finish, Hold, Intake, Outcome
 from streams.liveness import Deadlines, Heartbeat
 from streams.rendering import Admitted, BatchRenderer, RenderStage, StageLimits
@@ -53,11 +53,12 @@ class RenderWorker:
         self.s = settings
         self.topology = settings.topology
         self._renderer = renderer
+        self._serde = serde
         self._consumer_factory = consumer_factory
         self._step_factory = step_factory
         self._commit_interval = commit_interval_s
         self._consume_batch = consume_batch
-        self._priority_of_topic = {t: p for p, t in self.topology.render_input_topics().items()}
+        self._priority_of_topic = {t: p for p, t in self.topology.render_input_topics(settings.pool).items()}
         self._lock = threading.Condition()
         self._scheduler = Scheduler(SchedulerConfig(
             max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
@@ -70,10 +71,11 @@ class RenderWorker:
         self._overflow: dict[str, list[Pending]] = {p: [] for p in self._priority_of_topic.values()}
         self._paused: set[str] = set()
         self._unfetched: dict[str, bool] = {}  # last reported to the scheduler: records of the class wait in Kafka
-        self._held: dict[TP, tuple[float, int]] = {}  # partition -> (resume at, attempt): a registry outage
+        self._held = PartitionHolds()  # partitions to read again once the registry answers
         self._assigned: set[TP] = set()
         self._committed: dict[TP, int] = {}
         self._commits_allowed = True
+        self._announced = False  # until the pool's announcement commits, the gate routes nothing here
         self._intake = Intake(settings, serde, renderer, FailureRecords(
             self.topology, serde, stage=f"worker:{settings.pool}", limits=settings.limits()))
         self._stop = threading.Event()
@@ -129,12 +131,29 @@ class RenderWorker:
                     last_commit = now
                 if self._step.needs_rewind:
                     self._rewind()
+                elif not self._announced:
+                    self._announce()
                 if now - last_gauges >= 1.0:
                     self._update_gauges()
                     last_gauges = now
             clean = True
         finally:
             self._shutdown(clean)
+
+    def _announce(self) -> None:
+        """Tells the gate what this pool has loaded (model version, sizes), on the compacted pools topic."""
+        r = self._renderer
+        event = {"pool": self.s.pool, "model": self.s.pool_models[0], "model_id": r.model_id,
+                 "model_version": r.model_version, "max_side": r.max_side, "size_multiple": r.size_multiple,
+                 "worker_id": self.s.worker_id, "announced_at": int(time.time() * 1000)}
+        topic = self.topology.pool_announcements
+        try:
+            self._step.commit([OutRecord(topic, self._serde.encode("PoolAnnouncement", event, topic=topic),
+                                         self.s.pool.encode())], {}, self._consumer)
+        except TransactionAborted as exc:
+            log.warning("announcing the pool failed (%s); trying again", exc)
+            return
+        self._announced = True
 
     def _shutdown(self, clean: bool) -> None:
         log.info("worker %s stopping: finishing the batch in hand", self.s.worker_id)
@@ -175,9 +194,12 @@ class RenderWorker:
             return
         with self._journal.holding("intake", [origin.source]):
             decision = self._intake.decide(origin, priority)
-        if isinstance(decision, Hold):
-            self._hold(tp, origin.offset, decision.reason)
-        elif isinstance(decision, Finish):
+        if isinstance(decision, Hold):  # the registry, not the record, failed
+            metrics.ERRORS.labels("schema_registry").inc()
+            self._held.hold(self._consumer, tp, origin.offset, decision.reason)
+            return
+        self._held.decided(tp)
+        if isinstance(decision, Finish):
             self._track_finished(origin, decision.outcome)
         else:
             self._admit(origin, priority, decision, solo=strikes > 0)
@@ -209,16 +231,6 @@ class RenderWorker:
             else:
                 self._lock.notify()
 
-    def _hold(self, tp: TP, offset: int, reason: str) -> None:
-        """Reads the partition again from `offset` after a backoff: the registry, not the record, failed."""
-        attempt = self._held.get(tp, (0.0, 0))[1] + 1
-        metrics.ERRORS.labels("schema_registry").inc()
-        delay = backoff_delay(attempt)
-        log.warning("%s[%d]@%d waits %.1fs: %s", tp[0], tp[1], offset, delay, reason)
-        self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
-        self._consumer.pause([TopicPartition(*tp)])
-        self._held[tp] = (time.monotonic() + delay, attempt)
-
     # ------------------------------------------------------------------ scheduling (shared with the render thread)
 
     def _take_batch(self, timeout_s: float) -> Batch | None:
@@ -232,11 +244,7 @@ class RenderWorker:
             return batch
 
     def _housekeeping(self, now: float) -> None:
-        for tp, (resume_at, _attempt) in list(self._held.items()):
-            if now >= resume_at:
-                del self._held[tp]
-                if self._priority_of_topic[tp[0]] not in self._paused:
-                    self._consumer.resume([TopicPartition(*tp)])
+        self._held.resume_due(self._consumer, lambda tp: self._priority_of_topic[tp[0]] not in self._paused)
         with self._lock:
             self._report_unfetched(now)
             expired = self._scheduler.expire(now)
@@ -281,7 +289,7 @@ class RenderWorker:
                                if (tp.topic, tp.partition) not in self._held])
 
     def _partitions_of(self, priority: str) -> list[TopicPartition]:
-        topic = self.topology.render_input_topics()[priority]
+        topic = self.topology.render_input_topics(self.s.pool)[priority]
         return [TopicPartition(t, p) for t, p in self._assigned if t == topic]
 
     # ------------------------------------------------------------------ completion and commits
@@ -375,7 +383,7 @@ class RenderWorker:
             self._assigned.difference_update(parts)
             for tp in parts:
                 self._committed.pop(tp, None)
-                self._held.pop(tp, None)
+            self._held.drop(parts)
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in parts))
 
     # ------------------------------------------------------------------ gauges

@@ -56,6 +56,7 @@ def test_a_permanent_error_is_not_retried():
 
 class Renderer:
     model_id, model_version = "fake", "fake-1"
+    max_side, size_multiple = 1024, 16
 
     def __init__(self, device_failures: int = 0):
         self.device_failures = device_failures

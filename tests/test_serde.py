@@ -91,6 +91,23 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "negative_prompt": "blurry", "model": "z-image-base", "width": 768, "height": 512, "steps": 28,
         "guidance": 3.5, "seed": -42, "num_images": 2, "priority": "HIGH", "callback_url": "https://h/cb",
         "deadline": T0 + 60_000, "submitted_at": T0, "metadata": {"campaign": "spring"},
+        "admission": {"source_topic": "zimage.requests.high", "source_partition": 2, "source_offset": 2**40,
+                      "generation": "tiny-1+fp32-cpu", "cache_key": "ab" * 32, "pool": "turbo",
+                      "admitted_at": T0 + 5},
+    },
+    "PoolAnnouncement": {
+        "pool": "turbo", "model": "z-image-turbo", "model_id": "Tongyi-MAI/Z-Image-Turbo",
+        "model_version": "Tongyi-MAI/Z-Image-Turbo@0123+bf16-cuda", "max_side": 2048, "size_multiple": 16,
+        "worker_id": "w-1", "announced_at": T0,
+    },
+    "WebhookDelivery": {
+        "delivery_id": "d" * 64, "request_id": "req-1", "tenant": "acme", "event_type": "image.ready",
+        "url": "https://hooks.example.com/zimage", "attempt": 3, "outcome": "delivered", "http_status": 200,
+        "error": "timeout after 10s", "at": T0,
+    },
+    "RequestStatus": {
+        "tenant": "acme", "request_id": "req-1", "status": "admitted", "final": True, "detail": "routed to turbo",
+        "generation": "tiny-1+fp32-cpu", "stage": "gate", "at": T0,
     },
     "ImageRendered": {
         "request_id": "req-1", "tenant": "acme", "sku_id": None, "prompt": "a red chair", "priority": "HIGH",
@@ -280,7 +297,8 @@ def test_confluent_round_trip_registers_under_topic_subject(registry: Any) -> No
     data = serde.encode("GenerationRequest", SAMPLES["GenerationRequest"], topic="zimage.requests.high")
     registered = registry.get_latest_version("zimage.requests.high-value")
     assert data[0] == 0 and int.from_bytes(data[1:5], "big") == registered.schema_id
-    assert json.loads(registered.schema.schema_str)["fields"][-2]["type"]["logicalType"] == "timestamp-millis"
+    fields = {f["name"]: f for f in json.loads(registered.schema.schema_str)["fields"]}
+    assert fields["submitted_at"]["type"]["logicalType"] == "timestamp-millis"  # the .avsc as written
     assert data[5:] == plain_body(avsc("GenerationRequest"), SAMPLES["GenerationRequest"])
     # A fresh serde has no cache: it must fetch the writer schema by id.
     assert AvroSerde(registry_client=registry).decode("GenerationRequest", data) == SAMPLES["GenerationRequest"]

@@ -162,7 +162,6 @@ def test_pools_are_parsed_once_into_one_model_per_pool(monkeypatch):
     s = settings_from(monkeypatch, pools="turbo=z-image-turbo, base=z-image", pool="base")
     assert s.pools == {"turbo": ("z-image-turbo",), "base": ("z-image",)}
     assert s.pool_table is s.pools and s.pool_models == ("z-image",)
-    assert not s.reports_unroutable  # the first pool reports what no pool can take
     assert s.masked()["pools"] == "turbo=z-image-turbo,base=z-image"
 
 

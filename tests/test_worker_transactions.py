@@ -22,13 +22,15 @@ from streams.worker import RenderWorker
 from tests.fake_kafka import FakeKafka, FakeMessage, kafka_error
 
 PREFIX = "tw"
-TOPIC = f"{PREFIX}.requests.normal"
+TOPIC = f"{PREFIX}.render.turbo.normal"
 TP = (TOPIC, 0)
 
 
 class InstantRenderer:
     model_id = "instant"
     model_version = "instant-1"
+    max_side = 1024
+    size_multiple = 16
 
     def render(self, items, settings):
         return [np.full((16, 16, 3), item.seed % 251, np.uint8) for item in items]

@@ -1,0 +1,60 @@
+"""Redis as a best-effort store: the L1 cache of rendered images (references, never bytes).
+
+Redis is never on the path that decides whether a request is rendered or published: every call answers None or
+False when Redis fails, and the caller counts what it skipped. After a failure Redis is left alone for a few
+seconds, so an outage costs one timeout, not one per request.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import redis
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 5.0
+
+
+def cache_entry_key(topic_prefix: str, cache_key: str) -> str:
+    """Where the L1 cache keeps one entry: per deployment (its topic prefix and object store), never shared."""
+    return f"zimage:{topic_prefix}:cache:{cache_key}"
+
+
+class RedisStore:
+    def __init__(self, url: str, timeout_s: float = 0.25, client: redis.Redis | None = None):
+        self._client = client if client is not None else redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._down_until = 0.0
+        self.failures = 0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
+        """The values of `keys` in order (None where absent), or None when Redis cannot be asked."""
+        if not keys or not self.available:
+            return None if keys else []
+        try:
+            found = self._client.mget(list(keys))
+            return [v.encode() if isinstance(v, str) else v for v in found]
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return None
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> bool:
+        if not self.available:
+            return False
+        try:
+            self._client.set(key, value, px=max(1, int(ttl_s * 1000)))
+            return True
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return False
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self._down_until = time.monotonic() + RETRY_AFTER_S
+        log.warning("Redis unavailable (%s); going on without it for %.0fs", exc, RETRY_AFTER_S)

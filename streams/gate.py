@@ -1,0 +1,234 @@
+"""`zimage processors --only gate`: the gate between the request topics and the render topics of each pool.
+
+A transactional processor on the shared step: it reads committed requests, and everything it decides for a
+batch (routed requests, cache answers, failures, status, its own changelog) commits with the batch's offsets.
+Its stages, in order, for each request:
+
+1. intake checks: decode and validation (streams/intake.py rules), then what the pool's announced model can
+   place; a refused request gets RequestFailed plus a dead letter;
+2. idempotency on (tenant, request_id, generation): a repeat within a generation renders and publishes nothing;
+3. prompt moderation: a blocked prompt gets RequestFailed(`blocked`) and never reaches a render topic;
+4. the L1 cache (Redis): a hit becomes an ImageRendered with zero GPU time, published like any other;
+5. routing: the request, with its admission (lineage, generation, cache key), goes to its pool's render topic of
+   its own priority.
+
+A Schema Registry that does not answer, or a pool that has not announced its model yet, holds the partition (read
+again after a backoff): not the request's fault. Redis down means no cache, never a failed request.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+
+from connectors import kafka
+from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
+from connectors.redis_store import RedisStore, cache_entry_key
+from processors.admission import admission, cache_key, check_against_pool, idempotency_key, pool_of
+from processors.events import image_rendered
+from processors.requests import InvalidRequest, priority_of, validate
+from processors.status import request_status, status_key
+from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
+from streams import metrics
+from streams.failures import FailureRecords, Origin
+from streams.gate_state import AdmittedKeys, PoolDirectory
+from streams.holds import PartitionHolds
+from streams.liveness import Deadlines
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+COMMIT_LIMIT_S = 60.0
+TP = tuple[str, int]
+# (prompt, negative prompt, tenant) -> (action "allow" | "review" | "block", what decided it)
+Moderate = Callable[[str, str | None, str], tuple[str, str | None]]
+
+
+class Hold(Exception):
+    """The record cannot be decided now, through no fault of its own: read it again later."""
+
+
+class Gate:
+    def __init__(self, settings: Settings, serde: AvroSerde, *, moderate: Moderate, cache: RedisStore | None,
+                 consumer_factory: Callable[..., Consumer] = kafka.consumer,
+                 step_factory: Callable[..., TransactionalStep] = TransactionalStep, batch: int = 500):
+        self.s = settings
+        self.topology = settings.topology
+        self._serde = serde
+        self._moderate = moderate
+        self._cache = cache
+        self._consumer_factory = consumer_factory
+        self._step_factory = step_factory
+        self._batch = batch
+        self._limits = settings.limits()
+        self._all_models = tuple(m for ms in settings.pools.values() for m in ms)
+        self._failures = FailureRecords(self.topology, serde, stage="gate", limits=self._limits)
+        self._held = PartitionHolds()
+        self._stop = threading.Event()
+        self.group_id = f"{settings.topic_prefix}-gate"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        conf = self.s.kafka_config()
+        self._consumer = self._consumer_factory(conf, self.group_id)
+        self._step = self._step_factory(conf, f"{self.group_id}-{self.s.worker_id}")
+        self._admitted = AdmittedKeys(conf, self.topology.gate_changelog)
+        self._pools = PoolDirectory(conf, self.topology.pool_announcements, self._serde)
+        deadlines = Deadlines()
+        self._consumer.subscribe(list(self.topology.request_topics), on_revoke=self._on_revoke,
+                                 on_lost=self._on_revoke)
+        log.info("gate of %s in group %s", ", ".join(self.topology.request_topics), self.group_id)
+        clean = False
+        try:
+            while not self._stop.is_set():
+                self._pools.refresh()
+                self._held.resume_due(self._consumer)
+                msgs = self._consumer.consume(self._batch, timeout=0.05)
+                if self._step.needs_rewind:
+                    self._rewind()
+                    continue
+                assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+                msgs = [m for m in msgs if _usable(m) and (m.topic(), m.partition()) in assigned]
+                if not msgs:
+                    continue
+                records, offsets = self.decide(msgs)
+                if not offsets:
+                    continue
+                try:
+                    with deadlines.guard("a transaction commit", COMMIT_LIMIT_S):
+                        self._step.commit(records, offsets, self._consumer)
+                except TransactionAborted as exc:
+                    metrics.ERRORS.labels("transaction").inc()
+                    log.warning("transaction aborted (%s); reading again from the committed offsets", exc)
+                    self._rewind()
+            clean = True
+        finally:
+            if clean:
+                self._consumer.close()
+            self._pools.close()
+            self._step.close()
+
+    # ------------------------------------------------------------------ deciding
+
+    def decide(self, msgs: list[Message]) -> tuple[list[OutRecord], dict[TP, int]]:
+        records: list[OutRecord] = []
+        offsets: dict[TP, int] = {}
+        for msg in msgs:
+            origin = Origin.of(msg)
+            tp = (origin.topic, origin.partition)
+            if tp in self._held:
+                continue  # read again from the held offset once the hold ends
+            try:
+                out = self._decide_one(origin)
+            except Hold as why:
+                self._held.hold(self._consumer, tp, origin.offset, str(why))
+                continue
+            records += out
+            offsets[tp] = origin.offset + 1
+            self._held.decided(tp)
+        return records, offsets
+
+    def _decide_one(self, origin: Origin) -> list[OutRecord]:
+        request: dict[str, Any] | None = None
+        try:
+            request = self._serde.decode("GenerationRequest", origin.value, topic=origin.topic)
+            validate(request, self._limits, self._all_models)
+            pool = pool_of(request["model"], self.s.pools)
+            assert pool is not None  # validate() refused unknown models
+            info = self._pools.pools.get(pool)
+            if info is None:
+                raise Hold(f"pool {pool} has not announced its model yet")
+            check_against_pool(request, info)
+        except (Hold, RegistryUnavailable) as exc:
+            raise Hold(str(exc)) from exc
+        except (SerdeError, InvalidRequest) as exc:
+            code = exc.code if isinstance(exc, InvalidRequest) else (
+                "unknown_schema" if isinstance(exc, UnknownSchema) else "undecodable")
+            return self._failed(code, str(exc), origin, request)
+        except Exception as exc:  # a record never ends the process
+            log.exception("unexpected error on %s[%d]@%d", origin.topic, origin.partition, origin.offset)
+            return self._failed("internal_error", f"{type(exc).__name__}: {exc}", origin, request)
+        return self._admit(origin, request, pool, info.model_version, info.model_id)
+
+    def _admit(self, origin: Origin, request: dict[str, Any], pool: str, generation: str,
+               model_id: str) -> list[OutRecord]:
+        now_ms = int(time.time() * 1000)
+        deadline = request.get("deadline")
+        if deadline is not None and deadline <= now_ms:
+            return self._failed("deadline_exceeded", f"deadline passed {now_ms - deadline} ms before the gate read "
+                                "the request", origin, request)
+        key = idempotency_key(request["tenant"], request["request_id"], generation)
+        if self._admitted.seen(origin.partition, key, now_ms):
+            metrics.GATE.labels("duplicate").inc()
+            return [self._status(request, "duplicate", generation, now_ms, final=True,
+                                 detail="already admitted in this generation: the first outcome stands")]
+        out = [self._admitted.admit(origin.partition, key, now_ms)]
+        action, why = self._moderate(request["prompt"], request.get("negative_prompt"), request["tenant"])
+        if action == "block":
+            metrics.GATE.labels("blocked").inc()
+            return out + self._failed("blocked", f"prompt blocked by {why}", origin, request, dead_letter=False)
+        flagged = f"prompt flagged for review by {why}" if action == "review" else None
+        ckey = cache_key(request, generation)
+        hit = self._cached(ckey)
+        if hit is not None:
+            metrics.GATE.labels("cached").inc()
+            rendered = image_rendered(
+                request=request, images=hit["images"], model_id=hit["model_id"], model_version=generation,
+                timings_ms={"render": 0.0}, batch_id="cache", batch_size=0, worker_id="gate",
+                source=origin.source, now_ms=now_ms, generation=generation, cache_key=ckey, cached=True)
+            value = self._serde.encode("ImageRendered", rendered, topic=self.topology.rendered)
+            return [*out, OutRecord(self.topology.rendered, value, request["request_id"].encode()),
+                    self._status(request, "cached", generation, now_ms, detail=flagged)]
+        metrics.GATE.labels("admitted").inc()
+        routed = {**request, "admission": admission(source=origin.source, generation=generation, cache_key=ckey,
+                                                    pool=pool, now_ms=now_ms)}
+        topic = self.topology.render_topic(pool, priority_of(request))
+        value = self._serde.encode("GenerationRequest", routed, topic=topic)
+        return [*out, OutRecord(topic, value, request["request_id"].encode(), list(origin.headers)),
+                self._status(request, "admitted", generation, now_ms, detail=flagged)]
+
+    def _cached(self, key: str) -> dict[str, Any] | None:
+        if self._cache is None:
+            return None
+        found = self._cache.get_many([cache_entry_key(self.s.topic_prefix, key)])
+        if found is None:
+            metrics.GATE.labels("cache_skipped").inc()  # Redis down: rendered as if never seen
+            return None
+        return json.loads(found[0]) if found[0] else None
+
+    def _failed(self, code: str, reason: str, origin: Origin, request: dict[str, Any] | None,
+                dead_letter: bool = True) -> list[OutRecord]:
+        records = self._failures(code, reason, origin, request)
+        return records if dead_letter else [r for r in records if r.topic != self.topology.dlq]
+
+    def _status(self, request: dict[str, Any], status: str, generation: str | None, now_ms: int,
+                final: bool = False, detail: str | None = None) -> OutRecord:
+        event = request_status(request=request, status=status, stage="gate", generation=generation, now_ms=now_ms,
+                               final=final, detail=detail)
+        return OutRecord(self.topology.status, self._serde.encode("RequestStatus", event),
+                         status_key(request["tenant"], request["request_id"]))
+
+    # ------------------------------------------------------------------ holds, rewinds, rebalances
+
+    def _rewind(self) -> None:
+        self._step.rewind(self._consumer, lambda parts: self._admitted.forget({p for _t, p in parts}))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._held.drop(gone)
+        still = {tp.partition for tp in consumer.assignment() if (tp.topic, tp.partition) not in gone}
+        self._admitted.forget({p for _t, p in gone} - still)
+
+
+def _usable(msg: Message) -> bool:
+    err = msg.error()
+    if err is not None and err.code() != KafkaError._PARTITION_EOF:
+        log.warning("consume error: %s", err)
+    return err is None

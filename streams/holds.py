@@ -1,0 +1,50 @@
+"""Partitions held back through no fault of their records (a Schema Registry that does not answer, a pool that
+has not announced its model): sought back to the record that could not be decided, paused, and read again after
+a backoff that grows until a record there is decided."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from confluent_kafka import Consumer, TopicPartition
+
+from connectors.retry import backoff_delay
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+
+
+class PartitionHolds:
+    def __init__(self) -> None:
+        self._until: dict[TP, float] = {}
+        self._attempts: dict[TP, int] = {}
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self._until
+
+    def hold(self, consumer: Consumer, tp: TP, offset: int, reason: str) -> None:
+        attempt = self._attempts[tp] = self._attempts.get(tp, 0) + 1
+        delay = backoff_delay(attempt)
+        log.warning("%s[%d]@%d read again in %.1fs: %s", tp[0], tp[1], offset, delay, reason)
+        consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        consumer.pause([TopicPartition(*tp)])
+        self._until[tp] = time.monotonic() + delay
+
+    def decided(self, tp: TP) -> None:
+        """A record of `tp` was decided: the next hold there starts from the shortest backoff again."""
+        self._attempts.pop(tp, None)
+
+    def resume_due(self, consumer: Consumer, may_resume: Callable[[TP], bool] = lambda tp: True) -> None:
+        now = time.monotonic()
+        for tp, until in list(self._until.items()):
+            if now >= until:
+                del self._until[tp]
+                if may_resume(tp):
+                    consumer.resume([TopicPartition(*tp)])
+
+    def drop(self, partitions: Iterable[TP]) -> None:
+        for tp in partitions:
+            self._until.pop(tp, None)
+            self._attempts.pop(tp, None)

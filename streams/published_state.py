@@ -1,0 +1,69 @@
+"""The publication relay's state, kept in Kafka and restored from it: what each partition published (from
+images.ready) and the latest image of each SKU and view (from images.by-sku).
+
+images.ready is keyed by request id and has as many partitions as zimage.rendered, so the state of rendered
+partition p is read from images.ready partition p when p is first used, and forgotten when p is revoked or a
+transaction aborts (then read again). The SKU view spans every partition: it is read whole on first use.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from processors.publication_state import DAY_MS, PublicationState, SkuLatest
+from schemas.serde import AvroSerde
+from streams.gate_state import read_to_end
+from streams.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class PublishedState:
+    def __init__(self, base: dict[str, str], topology: Topology, serde: AvroSerde, window_days: float):
+        self._base = base
+        self._topology = topology
+        self._serde = serde
+        self._window_ms = int(window_days * DAY_MS)
+        self._partitions: dict[int, PublicationState] = {}
+        self._sku: SkuLatest | None = None
+
+    def of_partition(self, partition: int) -> PublicationState:
+        state = self._partitions.get(partition)
+        if state is None:
+            started = time.monotonic()
+            state = self._partitions[partition] = PublicationState(self._window_ms)
+
+            def restore(_key: bytes | None, value: bytes | None) -> None:
+                if value is not None:
+                    state.apply(self._ready(value))
+
+            read_to_end(self._base, self._topology.images_ready, [partition], restore)
+            state.evict(int(time.time() * 1000))
+            log.info("restored the publications of partition %d (%d requests) in %.2fs", partition, len(state),
+                     time.monotonic() - started)
+        return state
+
+    def sku_latest(self) -> SkuLatest:
+        if self._sku is None:
+            sku = self._sku = SkuLatest()
+
+            def restore(_key: bytes | None, value: bytes | None) -> None:
+                if value is not None:
+                    sku.offer(self._ready(value))
+
+            read_to_end(self._base, self._topology.images_by_sku, list(range(self._topology.output_partitions)),
+                        restore)
+        return self._sku
+
+    def forget(self, partitions: Iterable[int] | None = None) -> None:
+        """Drops the state of these partitions (all of it when None): it is read again from the topics."""
+        if partitions is None:
+            self._partitions.clear()
+            self._sku = None
+            return
+        for partition in partitions:
+            self._partitions.pop(partition, None)
+
+    def _ready(self, value: bytes) -> dict:
+        return self._serde.decode("ImageReady", value)

@@ -1,0 +1,163 @@
+"""The gate's decisions, in process: routing with lineage, idempotency, moderation, the cache, holds."""
+from __future__ import annotations
+
+import json
+from unittest.mock import create_autospec
+
+import pytest
+import redis
+
+from connectors.redis_store import RedisStore
+from processors.admission import PoolInfo, cache_key
+from schemas.serde import AvroSerde
+from streams.gate import Gate
+from streams.gate_state import AdmittedKeys
+from streams.settings import Settings
+from streams.submit import build_request
+from tests.fake_kafka import FakeKafka, FakeMessage
+
+PREFIX = "tg"
+POOL = PoolInfo("turbo", "z-image-turbo", "tiny", "tiny-v1+fp32-cpu", max_side=1024, size_multiple=16)
+
+
+class Pools:
+    def __init__(self, pools):
+        self.pools = pools
+
+    def refresh(self, timeout_s=0.0):
+        pass
+
+
+def moderate(prompt, negative_prompt, tenant):
+    return ("block", "rule:violence/en") if "gore" in prompt else ("allow", None)
+
+
+class Rig:
+    def __init__(self, cache=None, pools=None):
+        self.serde = AvroSerde()
+        self.kafka = FakeKafka()
+        self.consumer = self.kafka.consumer()
+        self.settings = Settings(_env_file=None, topic_prefix=PREFIX, request_partitions=3, output_partitions=3,
+                                 worker_id="g1")
+        self.gate = Gate(self.settings, self.serde, moderate=moderate, cache=cache)
+        self.gate._consumer = self.consumer.mock
+        self.gate._admitted = AdmittedKeys({}, self.settings.topology.gate_changelog, restore=lambda p: {})
+        self.gate._pools = Pools({"turbo": POOL} if pools is None else pools)  # type: ignore[assignment]
+        self.offset = 0
+
+    def message(self, request, priority="normal", partition=1):
+        value = self.serde.encode("GenerationRequest", request)
+        self.offset += 1
+        return FakeMessage(f"{PREFIX}.requests.{priority}", partition, self.offset, value,
+                           request["request_id"].encode())
+
+    def decide(self, *messages):
+        records, offsets = self.gate.decide(list(messages))
+        by_topic: dict[str, list] = {}
+        for r in records:
+            by_topic.setdefault(r.topic.removeprefix(f"{PREFIX}."), []).append(r)
+        return by_topic, offsets
+
+
+def req(**fields):
+    return build_request({"prompt": "a red chair", "seed": 5, "width": 64, "height": 64, "steps": 2,
+                          "tenant": "acme", **fields})
+
+
+def test_a_valid_request_is_routed_to_its_pool_with_its_lineage_and_generation():
+    rig = Rig()
+    request = req(priority="high")
+    out, offsets = rig.decide(rig.message(request, "high", partition=2))
+    [routed] = out["render.turbo.high"]
+    value = rig.serde.decode("GenerationRequest", routed.value)
+    assert value["request_id"] == request["request_id"] and routed.key == request["request_id"].encode()
+    assert value["admission"]["source_topic"] == f"{PREFIX}.requests.high"
+    assert (value["admission"]["source_partition"], value["admission"]["source_offset"]) == (2, 1)
+    assert value["admission"]["generation"] == POOL.model_version
+    assert value["admission"]["cache_key"] == cache_key(request, POOL.model_version)
+    [changelog] = out["gate.changelog"]
+    assert changelog.partition == 2  # beside the partition it was read from
+    [status] = out["status"]
+    assert rig.serde.decode("RequestStatus", status.value)["status"] == "admitted"
+    assert offsets == {(f"{PREFIX}.requests.high", 2): 2}
+
+
+def test_a_repeat_within_a_generation_is_not_rendered_again():
+    rig = Rig()
+    request = req()
+    first, _ = rig.decide(rig.message(request))
+    again, _ = rig.decide(rig.message(request), rig.message(dict(request)))
+    assert "render.turbo.normal" in first and "render.turbo.normal" not in again
+    statuses = [rig.serde.decode("RequestStatus", r.value)["status"] for r in again["status"]]
+    assert statuses == ["duplicate", "duplicate"]
+    other_tenant, _ = rig.decide(rig.message({**request, "tenant": "globex"}))
+    assert "render.turbo.normal" in other_tenant  # the key is (tenant, request_id, generation)
+
+
+def test_a_new_generation_is_rendered_again():
+    rig = Rig()
+    request = req()
+    rig.decide(rig.message(request))
+    rig.gate._pools = Pools({"turbo": PoolInfo("turbo", "z-image-turbo", "tiny", "tiny-v2+fp32-cpu", 1024, 16)})  # type: ignore[assignment]
+    out, _ = rig.decide(rig.message(request))
+    [routed] = out["render.turbo.normal"]
+    assert rig.serde.decode("GenerationRequest", routed.value)["admission"]["generation"] == "tiny-v2+fp32-cpu"
+
+
+def test_a_blocked_prompt_never_reaches_a_render_topic():
+    rig = Rig()
+    out, offsets = rig.decide(rig.message(req(prompt="a scene full of gore")))
+    assert not any(topic.startswith("render.") for topic in out)
+    [failed] = out["requests.failed"]
+    event = rig.serde.decode("RequestFailed", failed.value)
+    assert event["reason_code"] == "blocked" and "rule:violence/en" in event["reason"]
+    assert offsets  # its offset commits: the request has its outcome
+
+
+def test_a_cache_hit_is_answered_without_a_render_and_never_across_tenants():
+    request = req()
+    key = cache_key(request, POOL.model_version)
+    entry = {"model_id": "tiny", "images": [{"index": 0, "uri": "s3://b/images/acme-x/ab/ab.png",
+                                             "sha256": "ab" * 32, "seed": 5, "size_bytes": 10}]}
+    client = create_autospec(redis.Redis, instance=True)
+    client.mget.side_effect = lambda keys: [json.dumps(entry).encode() if k == f"zimage:{PREFIX}:cache:{key}" else None
+                                            for k in keys]
+    rig = Rig(cache=RedisStore("redis://unused", client=client))
+    out, _ = rig.decide(rig.message(request))
+    assert "render.turbo.normal" not in out
+    [rendered] = out["rendered"]
+    event = rig.serde.decode("ImageRendered", rendered.value)
+    assert event["images"][0]["sha256"] == "ab" * 32 and event["worker_id"] == "gate"
+    assert event["source"]["topic"] == f"{PREFIX}.requests.normal"
+    out, _ = rig.decide(rig.message({**request, "tenant": "globex", "request_id": "other"}))
+    assert "render.turbo.normal" in out  # another tenant's identical request is rendered
+
+
+def test_redis_down_means_no_cache_never_a_failed_request():
+    client = create_autospec(redis.Redis, instance=True)
+    client.mget.side_effect = redis.ConnectionError("connection refused")
+    cache = RedisStore("redis://unused", client=client)
+    rig = Rig(cache=cache)
+    out, _ = rig.decide(rig.message(req()), rig.message(req()))
+    assert len(out["render.turbo.normal"]) == 2 and "requests.failed" not in out
+    assert cache.failures == 1  # asked once, then left alone for a while: no timeout per request
+
+
+def test_a_pool_that_has_not_announced_holds_the_partition():
+    rig = Rig(pools={})
+    m1, m2 = rig.message(req()), rig.message(req())
+    out, offsets = rig.decide(m1, m2)
+    assert out == {} and offsets == {}
+    rig.consumer.mock.seek.assert_called_once()
+    assert rig.consumer.mock.seek.call_args.args[0].offset == m1.offset()
+    assert (f"{PREFIX}.requests.normal", 1) in rig.consumer.paused
+
+
+@pytest.mark.parametrize(("change", "code"), [({"width": 0}, "invalid_request"), ({"model": "nope"}, "unknown_model"),
+                                              ({"width": 2048, "height": 2048}, "invalid_request")])
+def test_refused_requests_fail_with_a_dead_letter(change, code):
+    rig = Rig()
+    out, _ = rig.decide(rig.message(req(**change)))
+    [failed] = out["requests.failed"]
+    assert rig.serde.decode("RequestFailed", failed.value)["reason_code"] == code
+    assert len(out["dlq"]) == 1 and not any(t.startswith("render.") for t in out)

@@ -1,0 +1,85 @@
+"""The gate on the real stack: moderation before the GPU, idempotency, the L1 cache, and replays that publish
+nothing new."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from confluent_kafka import Producer
+
+from streams.submit import Submitter, build_request
+from tests.test_worker_delivery import committed_values
+
+pytestmark = pytest.mark.stack
+
+SMALL = {"width": 32, "height": 32, "steps": 2, "tenant": "acme"}
+
+
+def submit(pipeline, requests):
+    sub = Submitter(pipeline.settings.kafka_config(), pipeline.topology, pipeline.serde)
+    sub.submit(requests)
+    sub.flush()
+
+
+def test_a_blocked_prompt_is_never_rendered(pipeline):
+    blocked = build_request({"prompt": "a porn scene", **SMALL})
+    fine = build_request({"prompt": "a porcelain vase", **SMALL})
+    submit(pipeline, [blocked, fine])
+    seen = pipeline.collect([blocked["request_id"], fine["request_id"]])
+    [(kind, failed)] = seen[blocked["request_id"]]
+    assert (kind, failed["reason_code"]) == ("RequestFailed", "blocked") and "sexual" in failed["reason"]
+    assert seen[fine["request_id"]][0][0] == "ImageReady"
+    rendered = {v["request_id"] for v in committed_values(pipeline, pipeline.topology.rendered, "ImageRendered")}
+    routed = {v["request_id"] for p in ("high", "normal", "low")
+              for v in committed_values(pipeline, pipeline.topology.render_topic("turbo", p), "GenerationRequest")}
+    assert fine["request_id"] in rendered and blocked["request_id"] not in rendered | routed
+
+
+def test_a_repeat_is_answered_from_the_cache_without_a_render(pipeline):
+    first = build_request({"prompt": f"a cached lamp {uuid.uuid4().hex[:6]}", "seed": 11, **SMALL})
+    submit(pipeline, [first])
+    [(kind, original)] = pipeline.collect([first["request_id"]])[first["request_id"]]
+    assert kind == "ImageReady" and not original["cached"]
+    time.sleep(0.5)  # the cache is filled once the first publication commits
+    again = {**first, "request_id": f"again-{uuid.uuid4().hex[:8]}", "submitted_at": int(time.time() * 1000)}
+    submit(pipeline, [again])
+    [(kind, cached)] = pipeline.collect([again["request_id"]])[again["request_id"]]
+    assert kind == "ImageReady" and cached["cached"]
+    assert cached["sha256"] == original["sha256"] and cached["lineage"]["worker_id"] == "gate"
+    assert cached["timings"]["render"] == 0.0
+    print(f"cache hit published {cached['timings']['total']:.0f} ms after submission")
+    other_tenant = {**again, "request_id": f"other-{uuid.uuid4().hex[:8]}", "tenant": "globex"}
+    submit(pipeline, [other_tenant])
+    [(kind, rendered)] = pipeline.collect([other_tenant["request_id"]])[other_tenant["request_id"]]
+    assert kind == "ImageReady" and not rendered["cached"]  # no hit ever crosses tenants
+
+
+def test_the_same_request_id_submitted_twice_renders_and_publishes_once(pipeline):
+    request = build_request({"prompt": f"a twice-sent chair {uuid.uuid4().hex[:6]}", **SMALL})
+    submit(pipeline, [request])
+    submit(pipeline, [{**request, "submitted_at": int(time.time() * 1000)}])
+    seen = pipeline.collect([request["request_id"]], settle_s=4)
+    assert [kind for kind, _ in seen[request["request_id"]]] == ["ImageReady"]
+    routed = [v for p in ("high", "normal", "low")
+              for v in committed_values(pipeline, pipeline.topology.render_topic("turbo", p), "GenerationRequest")
+              if v["request_id"] == request["request_id"]]
+    assert len(routed) == 1
+
+
+def test_a_replay_of_the_rendered_topic_publishes_nothing_new(pipeline):
+    request = build_request({"prompt": f"a replayed stool {uuid.uuid4().hex[:6]}", **SMALL})
+    submit(pipeline, [request])
+    pipeline.collect([request["request_id"]])
+    topology = pipeline.topology
+    before = committed_values(pipeline, topology.images_ready, "ImageReady")
+    history = committed_values(pipeline, topology.rendered, "ImageRendered")
+    producer = Producer({"bootstrap.servers": pipeline.env["ZIMAGE_BOOTSTRAP_SERVERS"]})
+    for value in history:  # every ImageRendered since offset 0, once more
+        producer.produce(topology.rendered, pipeline.serde.encode("ImageRendered", value),
+                         value["request_id"].encode())
+    assert producer.flush(10) == 0
+    time.sleep(6)
+    after = committed_values(pipeline, topology.images_ready, "ImageReady")
+    assert len(after) == len(before), "a replay published again"
+    pipeline.check_alive()
