@@ -40,7 +40,8 @@ class Scenario:
         self.batches: list[tuple[float, list[str]]] = []  # (start, prompts)
         self.renderer = SimulatedRenderer(a, b, on_batch=lambda t, items: self.batches.append(
             (t, [i.prompt for i in items])))
-        self.submitter = Submitter(self.conf, self.settings.topology, AvroSerde())
+        # straight onto the pool's render topics: these figures are the worker's, without a gate in front
+        self.submitter = Submitter(self.conf, self.settings.topology, AvroSerde(), pool=self.settings.pool)
         self.worker: RenderWorker | None = None
         self.thread: threading.Thread | None = None
 
@@ -68,7 +69,7 @@ class Scenario:
     def wait_drained(self, timeout_s: float = 300) -> float:
         """Waits until the group has committed everything; returns the time it saw that."""
         assert self.worker is not None, "start() first"
-        topics = list(self.settings.topology.request_topics)
+        topics = list(self.settings.topology.render_input_topics(self.settings.pool).values())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             lag = group_lag(self.conf, self.worker.group_id, topics)

@@ -110,10 +110,12 @@ class TransactionalStep:
     """Produces records and commits consumed offsets in one Kafka transaction, or neither."""
 
     def __init__(self, base: dict[str, str], transactional_id: str, *, deadline_s: float = COMMIT_DEADLINE_S,
-                 max_aborts_in_a_row: int = 5, client: Producer | None = None, **overrides: object):
+                 max_aborts_in_a_row: int = 5, client: Producer | None = None,
+                 outcome_wait_s: float = ABORT_DEADLINE_S, **overrides: object):
         if deadline_s * 1000 >= TRANSACTION_TIMEOUT_MS:
             raise ValueError("the commit deadline must stay below transaction.timeout.ms")
         self._deadline_s = deadline_s
+        self._outcome_wait_s = outcome_wait_s  # how long an abort, or the outcome of a late commit, is waited for
         # Aborts with no commit between: past this, something is wrong that a rewind does not cure (a record the
         # broker always refuses), and commit() raises TransactionStuck instead of letting the caller loop.
         self._max_aborts = max_aborts_in_a_row
@@ -142,6 +144,7 @@ class TransactionalStep:
             return
         deadline = time.monotonic() + self._deadline_s
         p = self._producer
+        committing = False
         try:
             p.begin_transaction()
             for record in records:
@@ -151,8 +154,12 @@ class TransactionalStep:
                 metadata = consumer.consumer_group_metadata()
                 self._call("send_offsets_to_transaction",
                            lambda left: p.send_offsets_to_transaction(tps, metadata, left), deadline)
+            committing = True
             self._call("commit_transaction", p.commit_transaction, deadline)
         except (KafkaException, _DeadlinePassed) as exc:
+            if committing and _retriable(exc) and self._commit_finished():
+                self._aborts = 0  # committed after all, only later than the deadline
+                return
             self._needs_rewind = True
             self.aborted_total += 1
             if isinstance(exc, KafkaException) and is_fatal(exc):
@@ -190,10 +197,23 @@ class TransactionalStep:
                           on_retry=lambda exc, n: log.warning("%s failed (%s); retrying", what, exc),
                           within_s=max(0.0, deadline - time.monotonic()))
 
+    def _commit_finished(self) -> bool:
+        """A commit_transaction that ran out of time goes on in the background, and an abort cannot start until it
+        ends: ask for its outcome once more. True: it committed. False: it failed in a way that an abort cures.
+        TransactionStuck: no outcome could be had (the process must end; the next producer fences this one)."""
+        try:
+            self._call("commit_transaction", self._producer.commit_transaction,
+                       time.monotonic() + self._outcome_wait_s)
+            return True
+        except (KafkaException, _DeadlinePassed) as exc:
+            if isinstance(exc, KafkaException) and not is_fatal(exc) and not _retriable(exc):
+                return False
+            raise TransactionStuck(f"the outcome of a commit could not be had: {exc}") from exc
+
     def _abort(self) -> None:
         try:
             self._call("abort_transaction", self._producer.abort_transaction,
-                       time.monotonic() + ABORT_DEADLINE_S)
+                       time.monotonic() + self._outcome_wait_s)
         except (KafkaException, _DeadlinePassed) as exc:
             raise TransactionStuck(f"could not abort the transaction: {exc}") from exc
 

@@ -54,6 +54,7 @@ def image_rendered(*, request: Mapping[str, Any], images: Sequence[Mapping[str, 
                    model_version: str, timings_ms: Mapping[str, float], batch_id: str, batch_size: int,
                    worker_id: str, source: Source, now_ms: int, generation: str | None = None,
                    cache_key: str | None = None, attempt: int = 0, replay_id: str | None = None, cached: bool = False,
+                   quality: Mapping[str, float] | None = None,
                    sku_version: int | None = None, view: str | None = None) -> dict[str, Any]:
     """The ImageRendered of one request. `generation` and `cache_key` left None are taken from the gate's
     admission on the request when it carries one (else "" and None); `sku_version` and `view` left None are
@@ -86,6 +87,7 @@ def image_rendered(*, request: Mapping[str, Any], images: Sequence[Mapping[str, 
         "cache_key": admission.get("cache_key") if cache_key is None else cache_key,
         "attempt": attempt,
         "cached": cached,
+        "quality": {name: float(score) for name, score in (quality or {}).items()},
         "replay_id": replay_id,
         "sku_version": request.get("sku_version") if sku_version is None else sku_version,
         "view": request.get("view") if view is None else view,
@@ -136,7 +138,8 @@ def image_ready(rendered: Mapping[str, Any], now_ms: int, *, version: int = 1, s
         "supersedes": supersedes,
         "cached": bool(rendered.get("cached", False)) if cached is None else cached,
         "safety": None if safety is None else dict(safety),
-        "quality": {name: float(score) for name, score in (quality or {}).items()},
+        "quality": {name: float(score) for name, score in
+                    ((rendered.get("quality") or {}) if quality is None else quality).items()},
         "callback_url": rendered.get("callback_url"),
         "replay_id": rendered.get("replay_id"),
         "sku_version": rendered.get("sku_version"),

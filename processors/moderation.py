@@ -9,8 +9,8 @@ out one separator apart ("p o r n", "p.o.r.n") are read as one word. CJK terms m
 with every separator removed.
 
 Only the positive prompt is moderated: a negative prompt lists what the image should avoid, so its words
-("gore, blood, nudity") are not a request for them. The image safety stage after rendering checks what a
-negative prompt may still have steered.
+("gore, blood, nudity") are not a request for them. What a negative prompt may still steer is for an image
+safety check after rendering, which the pipeline does not run yet.
 """
 from __future__ import annotations
 

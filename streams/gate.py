@@ -79,7 +79,7 @@ class Gate:
         conf = self.s.kafka_config()
         self._consumer = self._consumer_factory(conf, self.group_id)
         self._step = self._step_factory(conf, f"{self.group_id}-{self.s.worker_id}")
-        self._admitted = AdmittedKeys(conf, self.topology.gate_changelog)
+        self._admitted = AdmittedKeys(conf, self.topology.gate_changelog, self.s.idempotency_window_days)
         self._pools = PoolDirectory(conf, self.topology.pool_announcements, self._serde)
         deadlines = Deadlines()
         self._consumer.subscribe(list(self.topology.request_topics), on_revoke=self._on_revoke,

@@ -4,8 +4,8 @@ Admitted keys: the gate writes each to the compacted `gate.changelog` topic, in 
 routed request, on the partition number of the request it came from (request topics are keyed by request id and
 have the same partition count, so one changelog partition covers one partition of every priority). When the gate
 is assigned a partition it reads that changelog partition to its end before it decides anything there; after an
-abort it forgets the partition and reads it again. Entries older than the window are ignored (and expire from
-the topic by its retention), so the state stays bounded.
+abort it forgets the partition and reads it again. Entries older than the window are not loaded, and the topic
+deletes them past its retention (30 days, the default window), so the state stays bounded.
 
 Pools: every worker announces its model on the compacted `pools` topic; the gate reads it from the beginning and
 keeps reading it.
@@ -68,12 +68,15 @@ class AdmittedKeys:
         started = time.monotonic()
         keys: dict[str, int] = {}
 
+        oldest = int(time.time() * 1000) - self._window_ms
+
         def apply(key: bytes | None, value: bytes | None) -> None:
             name = (key or b"").decode()
-            if value is None:
+            at = None if value is None else int(json.loads(value)["at"])
+            if at is None or at < oldest:  # deleted, or past the window: it would not count anyway
                 keys.pop(name, None)
             else:
-                keys[name] = int(json.loads(value)["at"])
+                keys[name] = at
 
         read_to_end(self._base, self._topic, [partition], apply)
         log.info("restored %d admitted keys of partition %d in %.2fs", len(keys), partition,

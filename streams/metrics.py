@@ -15,6 +15,8 @@ BATCH_SIZE = Histogram("zimage_batch_size", "Images per renderer call", buckets=
 QUEUE_LENGTH = Gauge("zimage_queue_length",
                      "Lag of this worker's assigned partitions, by priority (from committed offsets)", ["priority"])
 GPU_UTILIZATION = Gauge("zimage_gpu_utilization", "Fraction of the last minute the renderer was busy")
+QUALITY = Counter("zimage_quality_total", "Rendered requests by quality outcome (re-renders counted apiece)",
+                  ["outcome"])
 GATE = Counter("zimage_gate_requests_total", "Requests decided by the gate, by outcome", ["outcome"])
 ERRORS = Counter("zimage_errors_total", "Errors by type", ["type"])
 READY = Gauge("zimage_worker_ready", "1 once the model is loaded and warmed up")

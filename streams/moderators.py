@@ -1,5 +1,6 @@
-"""Which moderators the gate and the image safety stage use, chosen by name from configuration: "rules" and
-"classifier" run locally, "aws", "alibaba" and "google" call the cloud (connectors/moderation_cloud.py)."""
+"""Which moderators the gate uses on prompts, chosen by name from configuration: "rules" and "classifier" run
+locally, "aws" and "alibaba" call the cloud (connectors/moderation_cloud.py). "aws" and "google" also build image
+moderators, which no stage uses yet."""
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -31,9 +31,10 @@ from processors.batching import Batch, Pending
 from processors.events import image_rendered
 from processors.fault_isolation import render_isolating_faults
 from processors.imaging import encode_png, object_key, sha256_hex
+from processors.quality import QualityPolicy, next_attempt, request_report, rerender_seed, score_image
 from processors.render_settings import RenderItem, RenderSettings, UnsupportedSettings
 from processors.renderer import render_splitting_on_oom
-from processors.requests import image_seeds, settings_of
+from processors.requests import MAX_SEED, image_seeds, settings_of
 from streams import metrics
 from streams.crash_journal import CrashJournal, Deliberate
 from streams.failures import Origin
@@ -86,12 +87,18 @@ OnDone = Callable[[Pending, list[OutRecord], str], None]
 OnFail = Callable[[Pending, str, str], None]
 
 
+class Quality(NamedTuple):
+    scores: dict[str, float]
+    attempt: int  # 0: the first render passed (or nothing more was tried); n: the n-th re-render
+
+
 @dataclass(frozen=True)
 class StageLimits:
     device_fault_exit_s: float = 300.0  # 0: never exit for a device fault
     batch_timeout_factor: float = 10.0  # a batch may run this many times its expected time ...
     batch_timeout_floor_s: float = 120.0  # ... and never less than this before the process is ended
     render_attempts: int = 2  # tries of a request alone after its batch failed
+    max_rerenders: int = 2  # renders with new seeds of a request that gave none, while its quality fails
     post_threads: int = 2
     max_inflight_batches: int = 4
 
@@ -100,7 +107,8 @@ class RenderStage:
     def __init__(self, *, renderer: BatchRenderer, store: ObjectStore, encode_rendered: Callable[[dict], bytes],
                  rendered_topic: str, max_rendered_bytes: int, worker_id: str,
                  take_batch: Callable[[float], Batch | None], on_done: OnDone, on_fail: OnFail,
-                 journal: CrashJournal, deadlines: Deadlines, heartbeat: Heartbeat, limits: StageLimits):
+                 journal: CrashJournal, deadlines: Deadlines, heartbeat: Heartbeat, limits: StageLimits,
+                 quality: QualityPolicy | None = None):
         self._renderer = renderer
         self._store = store
         self._encode = encode_rendered
@@ -114,6 +122,7 @@ class RenderStage:
         self._deadlines = deadlines
         self._heartbeat = heartbeat
         self._limits = limits
+        self._quality = quality or QualityPolicy()
         self._pool = ThreadPoolExecutor(limits.post_threads, thread_name_prefix="zimage-post")
         self._inflight = threading.BoundedSemaphore(limits.max_inflight_batches)
         self._stop = threading.Event()
@@ -167,17 +176,37 @@ class RenderStage:
         started = time.monotonic()
         with self._journal.holding("render", [p.source for p in batch.items]):
             isolated = self._render_until_the_device_works(render, len(batch.items))
+            done = [self._until_good_enough(i, requests[i], seeds, isolated.results[i], render, settings)
+                    for i in sorted(isolated.results)]
         render_ms = (time.monotonic() - started) * 1000
         for index, exc in sorted(isolated.errors.items()):
             metrics.ERRORS.labels("render").inc()
             self._on_fail(batch.items[index], "render_error", f"{type(exc).__name__}: {exc}")
-        done = sorted(isolated.results)
         if not done:
             return
         self._inflight.acquire()  # bounded hand-off: back-pressure when storage falls behind
-        fut = self._pool.submit(self._store_batch, batch, [(batch.items[i], seeds[i], isolated.results[i])
-                                                           for i in done], render_ms)
+        fut = self._pool.submit(self._store_batch, batch, [(batch.items[i], seeds[i], images, quality)
+                                                           for i, images, quality in done], render_ms)
         fut.add_done_callback(self._stored)
+
+    def _until_good_enough(self, index: int, request: dict[str, Any], seeds: list[list[int]],
+                           images: list[np.ndarray], render: Callable, settings: RenderSettings,
+                           ) -> tuple[int, list[np.ndarray], Quality]:
+        """Scores a request's images; a request that gave no seed is rendered again with new derived seeds while
+        it fails, a bounded number of times. What still fails goes out with its scores (`passed` 0)."""
+        attempt = 0
+        while True:
+            report = request_report(score_image(img, (settings.width, settings.height), self._quality)
+                                    for img in images)
+            if report.passed or next_attempt(request.get("seed") is not None, attempt,
+                                             self._limits.max_rerenders) == "review":
+                metrics.QUALITY.labels("passed" if report.passed else "failed").inc()
+                return index, images, Quality({**report.scores, "passed": float(report.passed)}, attempt)
+            attempt += 1
+            metrics.QUALITY.labels("rerendered").inc()
+            base = rerender_seed(request["request_id"], attempt)
+            seeds[index] = [(base + k) & MAX_SEED for k in range(len(seeds[index]))]
+            images = render([index])[0]
 
     def _render_until_the_device_works(self, render: Callable, count: int):
         fault_since: float | None = None
@@ -232,11 +261,11 @@ class RenderStage:
             log.error("storing a batch failed: %r", exc)  # the worker stops loudly rather than stall a partition
             self.failure = exc
 
-    def _store_batch(self, batch: Batch, done: list[tuple[Pending, list[int], list[np.ndarray]]],
+    def _store_batch(self, batch: Batch, done: list[tuple[Pending, list[int], list[np.ndarray], Quality]],
                      render_ms: float) -> None:
-        for pending, seeds, images in done:
+        for pending, seeds, images, quality in done:
             try:
-                record = self._store_request(batch, pending, seeds, images, render_ms)
+                record = self._store_request(batch, pending, seeds, images, quality, render_ms)
             except OutputTooLarge as exc:
                 self._on_fail(pending, "output_too_large", str(exc))
                 continue
@@ -249,7 +278,7 @@ class RenderStage:
             self._on_done(pending, [record], "rendered")
 
     def _store_request(self, batch: Batch, pending: Pending, seeds: list[int], images: list[np.ndarray],
-                       render_ms: float) -> OutRecord:
+                       quality: Quality, render_ms: float) -> OutRecord:
         request = pending.payload.request
         t0 = time.monotonic()
         encoded = [encode_png(img) for img in images]
@@ -266,7 +295,8 @@ class RenderStage:
             timings_ms={"queue": (batch.formed_at - pending.enqueued_at) * 1000, "render": render_ms,
                         "encode": (t1 - t0) * 1000, "store": (t2 - t1) * 1000},
             batch_id=batch.id, batch_size=len(batch.items), worker_id=self._worker_id,
-            source=lineage_source(request, pending.source), now_ms=int(time.time() * 1000))
+            source=lineage_source(request, pending.source), now_ms=int(time.time() * 1000),
+            quality=quality.scores, attempt=quality.attempt)
         value = self._encode(event)
         if len(value) > self._max_bytes:
             raise OutputTooLarge(f"ImageRendered would be {len(value)} bytes; {self._topic} takes at most "

@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_s: float = Field(24 * 3600.0, gt=0)  # how long the L1 cache answers a repeat
     publication_window_days: float = Field(30.0, gt=0)  # how long a published (request, generation) is remembered
+    idempotency_window_days: float = Field(30.0, gt=0, le=30)  # how long the gate remembers an admitted request
+
+    # --- quality scoring of rendered images (in the worker, where the pixels are) ---
+    quality_sharpness_min: float = Field(100.0, ge=0)  # variance of the Laplacian of the luminance
+    quality_min_width: int | None = Field(None, ge=1)  # off by default; a catalogue policy may ask for 512
+    quality_min_height: int | None = Field(None, ge=1)
+    quality_max_rerenders: int = Field(2, ge=0)  # new derived seeds for a request that gave none
     # --- prompt moderation at the gate ---
     # rules and classifier run here; aws, alibaba, google call those vendors (their credentials: the usual chains)
     text_moderators: Annotated[tuple[Literal["rules", "classifier", "aws", "alibaba", "google"], ...], NoDecode] = (
@@ -151,7 +158,8 @@ class Settings(BaseSettings):
         return None if isinstance(v, str) and v.strip().lower() in ("", "none", "off", "0") else v
 
     @field_validator("schema_registry_url", "s3_endpoint_url", "model_revision", "health_file",
-                     "moderation_policy_file", "replication_factor", "min_insync_replicas", mode="before")
+                     "moderation_policy_file", "replication_factor", "min_insync_replicas", "quality_min_width",
+                     "quality_min_height", mode="before")
     @classmethod
     def _unset_words(cls, v: object) -> object:
         return _none_word(v)

@@ -42,18 +42,22 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 class Submitter:
-    """Encodes requests and produces them to the topic of their priority, keyed by request id."""
+    """Encodes requests and produces them to the topic of their priority, keyed by request id: the request topics
+    the gate reads, or (`pool`, for benchmarks of the worker alone) that pool's render topics."""
 
-    def __init__(self, kafka_conf: dict[str, str], topology: Topology, serde: AvroSerde):
+    def __init__(self, kafka_conf: dict[str, str], topology: Topology, serde: AvroSerde, pool: str | None = None):
         self._producer = kafka.producer(kafka_conf, **{"linger.ms": 20})
         self._topology = topology
         self._serde = serde
+        self._pool = pool
         self._errors: list[str] = []
 
     def submit(self, requests: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         sent = []
         for req in requests:
-            topic = self._topology.request_topic(req["priority"].lower())
+            priority = req["priority"].lower()
+            topic = (self._topology.request_topic(priority) if self._pool is None
+                     else self._topology.render_topic(self._pool, priority))
             value = self._serde.encode("GenerationRequest", req, topic=topic)
             self.produce_raw(topic, value, req["request_id"].encode())
             sent.append(req)

@@ -6,8 +6,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from connectors.retry import until_done
 from schemas.serde import AvroSerde, SerdeError
 
 
@@ -32,9 +33,18 @@ class EventFollower:
         assignment = []
         for t in topics:
             for p in meta.topics[t].partitions:
-                _low, high = self._consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)
+                _low, high = self._end_offsets(TopicPartition(t, p))
                 assignment.append(TopicPartition(t, p, OFFSET_BEGINNING if from_beginning else high))
         self._consumer.assign(assignment)
+
+    def _end_offsets(self, tp: TopicPartition) -> tuple[int, int]:
+        """A broker that just restarted answers "not leader" for a moment: not a reason to give up."""
+
+        def ask() -> tuple[int, int]:
+            return self._consumer.get_watermark_offsets(tp, timeout=10)
+
+        return until_done(ask, is_infrastructure=lambda exc: isinstance(exc, KafkaException),
+                          on_retry=lambda exc, attempt: None, within_s=60)
 
     def events(self, idle_timeout_s: float | None = None) -> Iterator[tuple[str, dict[str, Any] | None, bytes]]:
         """Yields (record name, decoded value or None when undecodable, raw bytes: empty for a tombstone)."""

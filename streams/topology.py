@@ -177,8 +177,10 @@ class Topology:
         specs += [
             TopicSpec(self.pool_announcements, 1, dict(compacted), writers=("render worker",), readers=("gate",),
                       value="PoolAnnouncement"),
-            TopicSpec(self.gate_changelog, self.request_partitions, dict(compacted), writers=("gate",),
-                      readers=("gate (restore)",), value="idempotency state"),
+            # compacted, and deleted past the idempotency window so that the state read back stays bounded
+            TopicSpec(self.gate_changelog, self.request_partitions,
+                      {**compacted, "cleanup.policy": "compact,delete", "retention.ms": str(30 * DAY_MS)},
+                      writers=("gate",), readers=("gate (restore)",), value="idempotency state"),
             TopicSpec(self.images_by_sku, self.output_partitions, dict(compacted),
                       writers=("processors: publication",), readers=("subscribers", "publication (restore)"),
                       value="ImageReady"),

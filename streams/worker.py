@@ -27,6 +27,7 @@ from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.storage import ObjectStore
 from processors.batching import Batch, CompatKey, Pending
 from processors.offsets import OffsetTracker
+from processors.quality import QualityPolicy
 from processors.scheduler import Scheduler, SchedulerConfig
 from schemas.serde import AvroSerde
 from streams import lag, metrics
@@ -92,7 +93,9 @@ class RenderWorker:
             heartbeat=self._heartbeat, limits=StageLimits(
                 device_fault_exit_s=settings.device_fault_exit_s,
                 batch_timeout_factor=settings.batch_timeout_factor,
-                batch_timeout_floor_s=settings.batch_timeout_floor_s))
+                batch_timeout_floor_s=settings.batch_timeout_floor_s, max_rerenders=settings.quality_max_rerenders),
+            quality=QualityPolicy(sharpness_min=settings.quality_sharpness_min, min_width=settings.quality_min_width,
+                                  min_height=settings.quality_min_height))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -10,7 +10,9 @@ import pytest
 from bench.simulated import MemoryStore
 from processors.batching import Batch, CompatKey, Pending
 from processors.fault_isolation import render_isolating_faults
+from processors.quality import rerender_seed
 from processors.render_settings import UnsupportedSettings
+from processors.requests import derived_seed
 from streams.crash_journal import CrashJournal
 from streams.failures import Origin
 from streams.liveness import Deadlines, Heartbeat
@@ -195,3 +197,44 @@ def test_objects_are_keyed_by_tenant_and_content(tmp_path, tenant):
     h.run()
     (key,) = store._data
     assert key.startswith(f"images/{tenant}-") and key.endswith(".png")
+
+
+class FlatFirstRenderer(Renderer):
+    """Draws a flat (blurry) image for a request's own derived seed, a detailed one for any other seed."""
+
+    def __init__(self, flat_seeds):
+        super().__init__()
+        self.flat_seeds = set(flat_seeds)
+        self.seeds_seen: list[int] = []
+
+    def render(self, items, settings):
+        self.seeds_seen += [item.seed for item in items]
+        shape = (settings.height, settings.width, 3)
+        noise = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        return [np.full(shape, 128, np.uint8) if item.seed in self.flat_seeds else noise for item in items]
+
+
+def seedless(i: int, prompt: str) -> Pending:
+    p = pending(i, prompt)
+    p.payload.request["seed"] = None
+    return p
+
+
+def test_a_blurry_image_of_a_request_without_a_seed_is_rendered_again_with_another_seed(tmp_path):
+    h = Harness(tmp_path, Renderer(), MemoryStore(), ["a chair"])
+    h.batch = Batch("b1", h.batch.key, (seedless(0, "a chair"),), 0.0, "full")
+    request = h.batch.items[0].payload.request
+    renderer = FlatFirstRenderer({derived_seed(request["request_id"])})
+    h.stage._renderer = renderer
+    h.run()
+    assert renderer.seeds_seen == [derived_seed(request["request_id"]), rerender_seed(request["request_id"], 1)]
+    assert h.failed == [] and len(h.done) == 1
+
+
+def test_an_explicit_seed_is_kept_even_when_its_image_is_blurry(tmp_path):
+    h = Harness(tmp_path, Renderer(), MemoryStore(), ["a chair"])
+    renderer = FlatFirstRenderer({0})
+    h.stage._renderer = renderer
+    h.run()
+    assert renderer.seeds_seen == [0]  # what the caller asked for: no re-render
+    assert len(h.done) == 1

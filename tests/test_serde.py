@@ -116,7 +116,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "timings": {"render": 12.5, "store": 1.25}, "batch_id": "b-1", "batch_size": 4, "worker_id": "w-1",
         "source": {"topic": "zimage.requests.high", "partition": 3, "offset": 2**40},
         "callback_url": None, "submitted_at": T0, "rendered_at": T0 + 900, "metadata": {},
-        "generation": "abc123", "cache_key": "c" * 64, "cached": True, "attempt": 2, "replay_id": "backfill-7",
+        "generation": "abc123", "cache_key": "c" * 64, "cached": True, "quality": {"sharpness": 321.5, "passed": 1.0},
+        "attempt": 2, "replay_id": "backfill-7",
         "sku_version": 12, "view": "front",
     },
     "ImageReady": {
@@ -406,11 +407,13 @@ def test_registry_writer_of_another_version_is_resolved(registry: Any) -> None:
 
 # ---- ImageRendered and ImageReady v2: v1 stays readable, and v2 data is readable by a v1 reader ------------
 
-V1_ONLY = {"ImageRendered": ("generation", "cache_key", "cached", "attempt", "replay_id", "sku_version", "view"),
+V1_ONLY = {"ImageRendered": ("generation", "cache_key", "cached", "quality", "attempt", "replay_id", "sku_version",
+                              "view"),
            "ImageReady": ("generation", "version", "supersedes", "cached", "safety", "quality", "callback_url",
                           "replay_id", "sku_version", "view")}
 V2_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ImageRendered": {"generation": "", "cache_key": None, "cached": False, "attempt": 0, "replay_id": None,
+    "ImageRendered": {"generation": "", "cache_key": None, "cached": False, "quality": {}, "attempt": 0,
+                      "replay_id": None,
                       "sku_version": None, "view": None},
     "ImageReady": {"generation": "", "version": 1, "supersedes": None, "cached": False, "safety": None,
                    "quality": {}, "callback_url": None, "replay_id": None, "sku_version": None, "view": None}}

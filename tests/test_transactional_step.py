@@ -90,16 +90,24 @@ def test_a_retriable_error_is_retried_within_the_deadline(call):
 
 def test_retries_share_one_deadline_below_the_transaction_timeout():
     _kafka, producer, consumer, step = setup(deadline_s=0.3)
-    producer.commit_transaction.side_effect = kafka_error(retriable=True)
+    producer.send_offsets_to_transaction.side_effect = kafka_error(retriable=True)
     started = time.monotonic()
     with pytest.raises(TransactionAborted):
         step.commit(RECORDS, OFFSETS, consumer.mock)
     assert time.monotonic() - started < 0.3 + 0.2  # given up at the deadline, not after a backoff past it
     producer.abort_transaction.assert_called_once()
-    for call in producer.commit_transaction.call_args_list:  # each call gets what is left of the one deadline
-        assert 0 < call.args[0] <= 0.3
+    for call in producer.send_offsets_to_transaction.call_args_list:  # each gets what is left of one deadline
+        assert 0 < call.args[2] <= 0.3
     with pytest.raises(ValueError):
         TransactionalStep({}, "tx", client=producer, deadline_s=10.0)
+
+
+def test_a_commit_whose_outcome_cannot_be_had_is_stuck_and_never_aborted():
+    _kafka, producer, consumer, step = setup(deadline_s=0.3, outcome_wait_s=0.3)
+    producer.commit_transaction.side_effect = kafka_error(retriable=True)
+    with pytest.raises(TransactionStuck, match="outcome"):
+        step.commit(RECORDS, OFFSETS, consumer.mock)
+    producer.abort_transaction.assert_not_called()  # it would conflict with the commit still running
 
 
 @pytest.mark.parametrize("call", CALLS)
@@ -167,3 +175,30 @@ def test_a_failed_rewind_keeps_commits_refused():
     assert step.needs_rewind
     with pytest.raises(RewindRequired):
         step.commit(RECORDS, OFFSETS, consumer.mock)
+
+
+def test_a_commit_that_outlives_the_deadline_is_waited_for_not_aborted():
+    kafka, producer, consumer, step = setup(deadline_s=0.3)
+    calls = {"n": 0}
+
+    def slow_commit(timeout=None):  # librdkafka: the commit goes on in the background after an API timeout
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise kafka_error(retriable=True)
+        kafka._commit()
+
+    producer.commit_transaction.side_effect = slow_commit
+    producer.abort_transaction.side_effect = kafka_error(KafkaError._CONFLICT)  # as while a commit runs
+    step.commit(RECORDS, OFFSETS, consumer.mock)
+    producer.abort_transaction.assert_not_called()
+    assert kafka.committed == {(TOPIC, 0): 2} and len(kafka.outputs) == 2 and not step.needs_rewind
+
+
+def test_a_late_commit_that_fails_is_aborted():
+    kafka, producer, consumer, step = setup(deadline_s=0.3)
+    outcomes = [kafka_error(retriable=True), kafka_error(retriable=True), kafka_error(abortable=True)]
+    producer.commit_transaction.side_effect = lambda timeout=None: (_ for _ in ()).throw(outcomes.pop(0))
+    with pytest.raises(TransactionAborted):
+        step.commit(RECORDS, OFFSETS, consumer.mock)
+    producer.abort_transaction.assert_called_once()
+    assert kafka.committed == {}
