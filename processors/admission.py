@@ -34,6 +34,12 @@ class PoolInfo:
         return cls(event["pool"], event["model"], event["model_id"], event["model_version"], event["max_side"],
                    event["size_multiple"])
 
+    def announcement(self, worker_id: str, now_ms: int) -> dict[str, Any]:
+        """The PoolAnnouncement a worker of this pool writes when it starts."""
+        return {"pool": self.pool, "model": self.model, "model_id": self.model_id,
+                "model_version": self.model_version, "max_side": self.max_side,
+                "size_multiple": self.size_multiple, "worker_id": worker_id, "announced_at": now_ms}
+
 
 def _digest(parts: Mapping[str, Any]) -> str:
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -13,7 +13,7 @@ import click
 from streams.settings import InvalidSettings, Settings, load_settings
 from streams.supervise import CONFIG_ERROR, supervise, supervise_all
 
-PROCESSORS = ("gate", "publication", "webhooks")
+PROCESSORS = ("gate", "publication", "status", "webhooks")
 RESTART = click.option("--restart/--no-restart", default=True, show_default=True,
                        help="Start a new process when this one crashes (configuration errors are not retried).")
 
@@ -145,8 +145,8 @@ def worker(restart: bool) -> None:
 @click.option("--only", type=click.Choice(PROCESSORS), default=None,
               help="Run one processor only (to scale it by partitions, or to debug it).")
 def processors(restart: bool, only: str | None) -> None:
-    """Run the stream processors until SIGTERM/SIGINT, each in its own process: the gate, publication, and the
-    webhooks when ZIMAGE_WEBHOOK_SECRET is set."""
+    """Run the stream processors until SIGTERM/SIGINT, each in its own process: the gate, publication, the status
+    view, and the webhooks when ZIMAGE_WEBHOOK_SECRET is set."""
     s = _settings()
     if only is None:
         names = [n for n in PROCESSORS if n != "webhooks" or s.webhook_secret is not None]
@@ -225,6 +225,82 @@ def tail(from_beginning: bool, failed: bool, timeout: float | None, as_json: boo
                        f"  seed={value['seed']}  total={value['timings'].get('total', 0):.0f}ms")
         else:
             click.echo(f"failed  {value['request_id']}  {value['reason_code']}: {value['reason']}")
+
+
+@main.command()
+@click.argument("request_id")
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The status as one JSON object.")
+def status(request_id: str, tenant: str, as_json: bool) -> None:
+    """Show the latest status of a request (from the status view that `zimage processors` keeps in Redis)."""
+    from connectors.redis_store import RedisStore
+    from streams.status_view import status_entry_key
+
+    s = _settings()
+    found = RedisStore(s.redis_url).get_many([status_entry_key(s.topic_prefix, tenant, request_id)])
+    if found is None:
+        raise click.ClickException(f"Redis at {s.masked()['redis_url']} does not answer; the statuses are on the "
+                                   f"topic {s.topology.status}")
+    if not found[0]:
+        raise click.ClickException(f"no status for request {request_id!r} of tenant {tenant!r}")
+    value = json.loads(found[0])
+    if as_json:
+        click.echo(json.dumps(value))
+        return
+    final = " (final)" if value["final"] else ""
+    detail = f"  {value['detail']}" if value.get("detail") else ""
+    click.echo(f"{value['request_id']}  {value['status']}{final}  at {value['stage']}{detail}")
+
+
+@main.group()
+def review() -> None:
+    """Images held for review: list them, approve (publish) or reject (fail) them."""
+
+
+@review.command("list")
+def review_list() -> None:
+    """Print every image waiting for a decision, oldest first."""
+    from schemas.serde import AvroSerde
+    from streams.review import ReviewDesk
+
+    s = _settings()
+    for item in ReviewDesk(s, AvroSerde(registry_url=s.schema_registry_url)).waiting():
+        r = item.rendered
+        quality = ", ".join(f"{k}={v:.1f}" for k, v in sorted(r.get("quality", {}).items()))
+        click.echo(f"{r['tenant']}\t{r['request_id']}\t{r['images'][0]['uri']}\t{quality}")
+
+
+def _decide(decision: str, request_id: str, tenant: str, reviewer: str | None, reason: str | None) -> None:
+    from schemas.serde import AvroSerde
+    from streams.review import ReviewDesk
+
+    s = _settings()
+    try:
+        ReviewDesk(s, AvroSerde(registry_url=s.schema_registry_url)).decide(tenant, request_id, decision, reviewer,
+                                                                            reason)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{decision}d {request_id}")
+
+
+@review.command("approve")
+@click.argument("request_id")
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--reviewer", default=None)
+@click.option("--reason", default=None)
+def review_approve(request_id: str, tenant: str, reviewer: str | None, reason: str | None) -> None:
+    """Publish an image held for review."""
+    _decide("approve", request_id, tenant, reviewer, reason)
+
+
+@review.command("reject")
+@click.argument("request_id")
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--reviewer", default=None)
+@click.option("--reason", default=None)
+def review_reject(request_id: str, tenant: str, reviewer: str | None, reason: str | None) -> None:
+    """Fail a request held for review: RequestFailed(rejected)."""
+    _decide("reject", request_id, tenant, reviewer, reason)
 
 
 @main.command()

@@ -69,6 +69,7 @@ class Gate:
         self._all_models = tuple(m for ms in settings.pools.values() for m in ms)
         self._failures = FailureRecords(self.topology, serde, stage="gate", limits=self._limits)
         self._held = PartitionHolds()
+        self._urgency = {self.topology.request_topic(p): level for level, p in enumerate(("high", "normal", "low"))}
         self._stop = threading.Event()
         self.group_id = f"{settings.topic_prefix}-gate"
 
@@ -88,7 +89,8 @@ class Gate:
         clean = False
         try:
             while not self._stop.is_set():
-                self._pools.refresh()
+                if self._pools.refresh():
+                    self._held.resume_all(self._consumer)  # what waited for that pool goes now, all together
                 self._held.resume_due(self._consumer)
                 msgs = self._consumer.consume(self._batch, timeout=0.05)
                 if self._step.needs_rewind:
@@ -120,7 +122,9 @@ class Gate:
     def decide(self, msgs: list[Message]) -> tuple[list[OutRecord], dict[TP, int]]:
         records: list[OutRecord] = []
         offsets: dict[TP, int] = {}
-        for msg in msgs:
+        # The most urgent first (a stable sort keeps each partition's order): what a batch holds of each class is
+        # routed, and reaches the workers, in priority order.
+        for msg in sorted(msgs, key=lambda m: self._urgency.get(m.topic() or "", 0)):
             origin = Origin.of(msg)
             tp = (origin.topic, origin.partition)
             if tp in self._held:

@@ -119,7 +119,9 @@ class PoolDirectory:
         self._consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
         self.pools: dict[str, PoolInfo] = {}
 
-    def refresh(self, timeout_s: float = 0.0) -> None:
+    def refresh(self, timeout_s: float = 0.0) -> bool:
+        """Reads new announcements; True when a pool's model changed (or a pool appeared)."""
+        changed = False
         for msg in self._consumer.consume(100, timeout=timeout_s):
             if msg.error() is not None or msg.value() is None:
                 continue
@@ -130,7 +132,9 @@ class PoolDirectory:
                 continue
             if self.pools.get(info.pool) != info:
                 log.info("pool %s serves %s as %s", info.pool, info.model, info.model_version)
+                changed = True
             self.pools[info.pool] = info
+        return changed
 
     def close(self) -> None:
         self._consumer.close()

@@ -24,6 +24,9 @@ class PartitionHolds:
     def __contains__(self, tp: object) -> bool:
         return tp in self._until
 
+    def __len__(self) -> int:
+        return len(self._until)
+
     def hold(self, consumer: Consumer, tp: TP, offset: int, reason: str) -> None:
         attempt = self._attempts[tp] = self._attempts.get(tp, 0) + 1
         delay = backoff_delay(attempt)
@@ -43,6 +46,13 @@ class PartitionHolds:
                 del self._until[tp]
                 if may_resume(tp):
                     consumer.resume([TopicPartition(*tp)])
+
+    def resume_all(self, consumer: Consumer) -> None:
+        """What held them is over (a pool announced its model): read every held partition again now, together,
+        so that none waits out a longer backoff than another."""
+        for tp in list(self._until):
+            self._until[tp] = 0.0
+        self.resume_due(consumer)
 
     def drop(self, partitions: Iterable[TP]) -> None:
         for tp in partitions:

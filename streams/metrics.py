@@ -17,6 +17,8 @@ QUEUE_LENGTH = Gauge("zimage_queue_length",
 GPU_UTILIZATION = Gauge("zimage_gpu_utilization", "Fraction of the last minute the renderer was busy")
 QUALITY = Counter("zimage_quality_total", "Rendered requests by quality outcome (re-renders counted apiece)",
                   ["outcome"])
+SAFETY = Counter("zimage_safety_total", "Published requests by image safety verdict (unscanned: no detector)",
+                 ["verdict"])
 GATE = Counter("zimage_gate_requests_total", "Requests decided by the gate, by outcome", ["outcome"])
 ERRORS = Counter("zimage_errors_total", "Errors by type", ["type"])
 READY = Gauge("zimage_worker_ready", "1 once the model is loaded and warmed up")

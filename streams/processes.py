@@ -27,6 +27,10 @@ def build_processor(name: str, s: Settings) -> Runner:
         return PublicationRelay(s, serde, cache=RedisStore(s.redis_url))
     if name == "webhooks":
         return _Webhooks(s)
+    if name == "status":
+        from streams.status_view import StatusView
+
+        return StatusView(s, serde, RedisStore(s.redis_url))
     raise ValueError(f"unknown processor {name!r}")
 
 

@@ -20,8 +20,10 @@ from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
 from processors.events import image_ready
 from processors.publication_state import by_sku_key
+from processors.safety import UNSCANNED
 from processors.status import request_status, status_key
 from schemas.serde import AvroSerde
+from streams import metrics
 from streams.failures import FailureRecords, Origin
 from streams.liveness import Deadlines
 from streams.published_state import PublishedState
@@ -55,7 +57,7 @@ class PublicationRelay:
         step = TransactionalStep(conf, f"{self.group_id}-{self.s.worker_id}")
         self._published = PublishedState(conf, self.topology, self._serde, self.s.publication_window_days)
         deadlines = Deadlines()
-        self._consumer.subscribe([self.topology.rendered],
+        self._consumer.subscribe([self.topology.rendered, self.topology.review_decisions],
                                  on_revoke=lambda consumer, parts: self._published.forget(p.partition for p in parts))
         log.info("publishing %s -> %s in group %s", self.topology.rendered, self.topology.images_ready,
                  self.group_id)
@@ -87,42 +89,69 @@ class PublicationRelay:
             step.close()
 
     def publish(self, msgs: list[Message]) -> tuple[list[OutRecord], dict[tuple[str, int], int]]:
-        """The records one batch of ImageRendered turns into, and the offsets to commit with them."""
+        """The records one batch (ImageRendered, and reviewers' decisions) turns into, and the offsets to commit
+        with them."""
         records: list[OutRecord] = []
         offsets: dict[tuple[str, int], int] = {}
         now_ms = int(time.time() * 1000)
         for msg in msgs:
-            # A consumed record always has all three (the client's types allow None for error events).
-            source: tuple[str, int, int] = (msg.topic(), msg.partition(), msg.offset())  # type: ignore[assignment]
-            offsets[source[:2]] = source[2] + 1
+            origin = Origin.of(msg)
+            offsets[(origin.topic, origin.partition)] = origin.offset + 1
             try:
-                rendered = self._serde.decode("ImageRendered", msg.value() or b"", topic=source[0])
-                state = self._published.of_partition(source[1])
-                decision = state.decide(rendered, now_ms)
-                if not decision.publish:
-                    continue  # this request's generation and content are published already (a replay, a redo)
-                ready = image_ready(rendered, now_ms, version=decision.version, supersedes=decision.supersedes)
-                value = self._serde.encode("ImageReady", ready, topic=self.topology.images_ready)
-                if len(value) > self._max_ready_bytes:
-                    raise ValueError(f"ImageReady would be {len(value)} bytes; at most {self._max_ready_bytes}")
+                if origin.topic == self.topology.review_decisions:
+                    records += self._decided(origin, now_ms)
+                else:
+                    records += self._rendered(origin, origin.value, now_ms, reviewed=False)
             except Exception as exc:  # noqa: BLE001 - a record never stops publication
-                log.error("unpublishable record at %s: %s", source, exc)
-                records += self._failures("unpublishable", f"{type(exc).__name__}: {exc}", Origin.of(msg), None)
-                continue
-            state.apply(ready)
-            records.append(OutRecord(self.topology.images_ready, value, ready["request_id"].encode()))
-            sku_key = by_sku_key(ready)
-            if sku_key is not None and self._published.sku_latest().offer(ready):
-                records.append(OutRecord(self.topology.images_by_sku, value, sku_key))
-            status = request_status(request=ready, status="published", stage="publication", now_ms=now_ms,
-                                    generation=ready["generation"], final=True,
-                                    detail=f"version {decision.version}")
-            records.append(OutRecord(self.topology.status, self._serde.encode("RequestStatus", status),
-                                     status_key(ready["tenant"], ready["request_id"])))
-            key = rendered.get("cache_key")
-            if key and not rendered.get("cached"):  # what the gate answered from the cache is there already
-                self._to_cache.append((key, {"model_id": rendered["model_id"], "images": rendered["images"]}))
+                log.error("unpublishable record at %s: %s", origin.source, exc)
+                records += self._failures("unpublishable", f"{type(exc).__name__}: {exc}", origin, None)
         return records, offsets
+
+    def _rendered(self, origin: Origin, value: bytes, now_ms: int, reviewed: bool) -> list[OutRecord]:
+        rendered = self._serde.decode("ImageRendered", value, topic=self.topology.rendered)
+        if not reviewed and rendered.get("quality", {}).get("passed") == 0.0:
+            # still below the quality bar after its re-renders (or with the caller's own seed): a person decides
+            status = request_status(request=rendered, status="in_review", stage="publication", now_ms=now_ms,
+                                    generation=rendered.get("generation"), detail="quality below the bar")
+            return [OutRecord(self.topology.review, value, rendered["request_id"].encode()),
+                    self._status(status)]
+        state = self._published.of_partition(origin.partition)
+        decision = state.decide(rendered, now_ms)
+        if not decision.publish:
+            return []  # this request's generation and content are published already (a replay, a redo)
+        # No image detector runs yet: every image is marked unscanned, in its event and in the metrics.
+        ready = image_ready(rendered, now_ms, version=decision.version, supersedes=decision.supersedes,
+                            safety=UNSCANNED.as_record())
+        ready_value = self._serde.encode("ImageReady", ready, topic=self.topology.images_ready)
+        if len(ready_value) > self._max_ready_bytes:
+            raise ValueError(f"ImageReady would be {len(ready_value)} bytes; at most {self._max_ready_bytes}")
+        state.apply(ready)
+        metrics.SAFETY.labels("unscanned").inc()
+        out = [OutRecord(self.topology.images_ready, ready_value, ready["request_id"].encode())]
+        sku_key = by_sku_key(ready)
+        if sku_key is not None and self._published.sku_latest().offer(ready):
+            out.append(OutRecord(self.topology.images_by_sku, ready_value, sku_key))
+        out.append(self._status(request_status(request=ready, status="published", stage="publication",
+                                               now_ms=now_ms, generation=ready["generation"], final=True,
+                                               detail=f"version {decision.version}")))
+        key = rendered.get("cache_key")
+        if key and not rendered.get("cached"):  # what the gate answered from the cache is there already
+            self._to_cache.append((key, {"model_id": rendered["model_id"], "images": rendered["images"]}))
+        return out
+
+    def _decided(self, origin: Origin, now_ms: int) -> list[OutRecord]:
+        """A reviewer's decision: an approval publishes the image held for review, a rejection fails it."""
+        decision = self._serde.decode("ReviewDecision", origin.value, topic=origin.topic)
+        if decision["decision"] == "approve":
+            return self._rendered(origin, decision["rendered"], now_ms, reviewed=True)
+        rendered = self._serde.decode("ImageRendered", decision["rendered"], topic=self.topology.rendered)
+        reason = f"rejected by {decision.get('reviewer') or 'a reviewer'}: {decision.get('reason') or 'no reason'}"
+        failure = self._failures("rejected", reason, origin, rendered)
+        return [r for r in failure if r.topic != self.topology.dlq]  # a decision, not a broken record
+
+    def _status(self, status: dict) -> OutRecord:
+        return OutRecord(self.topology.status, self._serde.encode("RequestStatus", status),
+                         status_key(status["tenant"], status["request_id"]))
 
     def _rewind(self, step: TransactionalStep) -> None:
         """After an abort: read again from the committed offsets, with the state as the topics hold it."""

@@ -202,11 +202,19 @@ class RenderStage:
                                              self._limits.max_rerenders) == "review":
                 metrics.QUALITY.labels("passed" if report.passed else "failed").inc()
                 return index, images, Quality({**report.scores, "passed": float(report.passed)}, attempt)
+            base = rerender_seed(request["request_id"], attempt + 1)
+            previous = seeds[index]
+            seeds[index] = [(base + k) & MAX_SEED for k in range(len(previous))]
+            try:
+                images = render([index])[0]
+            except Exception as exc:  # noqa: BLE001 - the images in hand stand, with their scores, for review
+                log.warning("re-rendering %s failed (%r); it goes on with the images it has", request["request_id"],
+                            exc)
+                seeds[index] = previous
+                metrics.QUALITY.labels("failed").inc()
+                return index, images, Quality({**report.scores, "passed": 0.0}, attempt)
             attempt += 1
             metrics.QUALITY.labels("rerendered").inc()
-            base = rerender_seed(request["request_id"], attempt)
-            seeds[index] = [(base + k) & MAX_SEED for k in range(len(seeds[index]))]
-            images = render([index])[0]
 
     def _render_until_the_device_works(self, render: Callable, count: int):
         fault_since: float | None = None

@@ -100,6 +100,14 @@ class Topology:
         return f"{self.prefix}.rendered"
 
     @property
+    def review(self) -> str:
+        return f"{self.prefix}.review"
+
+    @property
+    def review_decisions(self) -> str:
+        return f"{self.prefix}.review.decisions"
+
+    @property
     def images_by_sku(self) -> str:
         return f"{self.prefix}.images.by-sku"
 
@@ -181,12 +189,19 @@ class Topology:
             TopicSpec(self.gate_changelog, self.request_partitions,
                       {**compacted, "cleanup.policy": "compact,delete", "retention.ms": str(30 * DAY_MS)},
                       writers=("gate",), readers=("gate (restore)",), value="idempotency state"),
+            TopicSpec(self.review, self.output_partitions,
+                      {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
+                      writers=("processors: publication",), readers=("zimage review",), value="ImageRendered"),
+            TopicSpec(self.review_decisions, self.output_partitions,
+                      {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
+                      writers=("zimage review",), readers=("processors: publication", "zimage review"),
+                      value="ReviewDecision"),
             TopicSpec(self.images_by_sku, self.output_partitions, dict(compacted),
                       writers=("processors: publication",), readers=("subscribers", "publication (restore)"),
                       value="ImageReady"),
             TopicSpec(self.status, self.output_partitions, dict(compacted),
-                      writers=("gate", "render worker", "processors"), readers=("subscribers",),
-                      value="RequestStatus"),
+                      writers=("gate", "render worker", "processors"),
+                      readers=("subscribers", "processors: status"), value="RequestStatus"),
             TopicSpec(self.webhook_deliveries, self.output_partitions,
                       {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
                       writers=("processors: webhooks",), readers=("operators",), value="WebhookDelivery"),

@@ -25,6 +25,7 @@ from confluent_kafka import (
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.storage import ObjectStore
+from processors.admission import PoolInfo
 from processors.batching import Batch, CompatKey, Pending
 from processors.offsets import OffsetTracker
 from processors.quality import QualityPolicy
@@ -72,11 +73,13 @@ class RenderWorker:
         self._overflow: dict[str, list[Pending]] = {p: [] for p in self._priority_of_topic.values()}
         self._paused: set[str] = set()
         self._unfetched: dict[str, bool] = {}  # last reported to the scheduler: records of the class wait in Kafka
+        self._incoming: list[Pending] = []  # admitted by the current consume() round, not yet offered
         self._held = PartitionHolds()  # partitions to read again once the registry answers
         self._assigned: set[TP] = set()
         self._committed: dict[TP, int] = {}
         self._commits_allowed = True
         self._announced = False  # until the pool's announcement commits, the gate routes nothing here
+        self._last_state_log = 0.0
         self._intake = Intake(settings, serde, renderer, FailureRecords(
             self.topology, serde, stage=f"worker:{settings.pool}", limits=settings.limits()))
         self._stop = threading.Event()
@@ -127,6 +130,7 @@ class RenderWorker:
                         msgs = []
                     for msg in msgs:
                         self._ingest(msg)
+                    self._offer_incoming()
                 now = time.monotonic()
                 self._housekeeping(now)
                 if now - last_commit >= self._commit_interval:
@@ -145,10 +149,9 @@ class RenderWorker:
 
     def _announce(self) -> None:
         """Tells the gate what this pool has loaded (model version, sizes), on the compacted pools topic."""
-        r = self._renderer
-        event = {"pool": self.s.pool, "model": self.s.pool_models[0], "model_id": r.model_id,
-                 "model_version": r.model_version, "max_side": r.max_side, "size_multiple": r.size_multiple,
-                 "worker_id": self.s.worker_id, "announced_at": int(time.time() * 1000)}
+        info = PoolInfo(self.s.pool, self.s.pool_models[0], self._renderer.model_id, self._renderer.model_version,
+                        self._renderer.max_side, self._renderer.size_multiple)
+        event = info.announcement(self.s.worker_id, int(time.time() * 1000))
         topic = self.topology.pool_announcements
         try:
             self._step.commit([OutRecord(topic, self._serde.encode("PoolAnnouncement", event, topic=topic),
@@ -228,11 +231,19 @@ class RenderWorker:
                 source=origin.source, enqueued_at=mono,
                 deadline=None if admit.deadline_ms is None else mono + (admit.deadline_ms - wall_ms) / 1000,
                 payload=Admitted(request, origin, self._epoch.get(tp, 0), wall_ms), cost=request["num_images"])
-            if self._overflow[priority] or not self._scheduler.offer(pending):
-                self._overflow[priority].append(pending)
-                self._pause(priority)
-            else:
+            self._incoming.append(pending)
+
+    def _offer_incoming(self) -> None:
+        """Hands what one consume() admitted to the scheduler at once, so that the render thread never cuts a
+        batch from the first records of a round while more urgent ones of the same round are still being read."""
+        with self._lock:
+            for pending in self._incoming:
+                if self._overflow[pending.priority] or not self._scheduler.offer(pending):
+                    self._overflow[pending.priority].append(pending)
+                    self._pause(pending.priority)
+            if self._incoming:
                 self._lock.notify()
+            self._incoming.clear()
 
     # ------------------------------------------------------------------ scheduling (shared with the render thread)
 
@@ -268,9 +279,8 @@ class RenderWorker:
                     self._resume(priority)
 
     def _report_unfetched(self, now: float) -> None:
-        """Tells the scheduler which classes still have records in Kafka that this worker has not read, so that a
-        lower class does not start a batch ahead of them (lock held). A partition just assigned counts as
-        waiting; the scheduler bounds how long that holds others back. A paused class has a full buffer anyway."""
+        """Tells the scheduler which classes still have records in Kafka not read yet (a partition just assigned
+        counts as waiting; the scheduler bounds the hold), so that lower classes do not go first (lock held)."""
         waiting = lag.unfetched(self._consumer, [tp for tp in self._assigned if tp not in self._held],
                                 self._priority_of_topic, {p: p in self._paused for p in self._overflow})
         if waiting is None:
@@ -349,6 +359,7 @@ class RenderWorker:
         self._tracker.revoke(parts)
         gone = set(parts)
         self._scheduler.drop_partitions(parts)
+        self._incoming[:] = [p for p in self._incoming if p.source[:2] not in gone]
         for waiting in self._overflow.values():
             waiting[:] = [p for p in waiting if p.source[:2] not in gone]
 
@@ -394,5 +405,12 @@ class RenderWorker:
     def _update_gauges(self) -> None:
         metrics.GPU_UTILIZATION.set(self._stage.busy.fraction())
         mine = {tp: done for tp, done in self._committed.items() if tp in self._assigned}
-        for priority, value in lag.committed_lag(self._consumer, mine, self._priority_of_topic).items():
+        backlog = lag.committed_lag(self._consumer, mine, self._priority_of_topic)
+        for priority, value in backlog.items():
             metrics.QUEUE_LENGTH.labels(priority).set(value)
+        if any(backlog.values()) and time.monotonic() - self._last_state_log >= 30.0:  # a stall explains itself
+            self._last_state_log = time.monotonic()
+            with self._lock:
+                log.info("lag %s; buffered %s; unfinished %d; paused %s; held %d partition(s)", backlog,
+                         self._scheduler.queue_lengths(), self._tracker.pending_count(), sorted(self._paused),
+                         len(self._held))

@@ -25,7 +25,7 @@ class Pools:
         self.pools = pools
 
     def refresh(self, timeout_s=0.0):
-        pass
+        return False
 
 
 def moderate(prompt, negative_prompt, tenant):
@@ -161,3 +161,14 @@ def test_refused_requests_fail_with_a_dead_letter(change, code):
     [failed] = out["requests.failed"]
     assert rig.serde.decode("RequestFailed", failed.value)["reason_code"] == code
     assert len(out["dlq"]) == 1 and not any(t.startswith("render.") for t in out)
+
+
+def test_a_batch_is_routed_most_urgent_first_keeping_each_partitions_order():
+    rig = Rig()
+    low, normal, high1, high2 = req(priority="low"), req(priority="normal"), req(priority="high"), req(priority="high")
+    msgs = [rig.message(low, "low"), rig.message(high1, "high"), rig.message(normal, "normal"),
+            rig.message(high2, "high")]
+    records, _ = rig.gate.decide(msgs)
+    routed = [rig.serde.decode("GenerationRequest", r.value)["request_id"] for r in records
+              if r.topic.startswith(f"{PREFIX}.render.")]
+    assert routed == [high1["request_id"], high2["request_id"], normal["request_id"], low["request_id"]]

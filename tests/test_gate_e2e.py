@@ -83,3 +83,29 @@ def test_a_replay_of_the_rendered_topic_publishes_nothing_new(pipeline):
     after = committed_values(pipeline, topology.images_ready, "ImageReady")
     assert len(after) == len(before), "a replay published again"
     pipeline.check_alive()
+
+
+def test_zimage_status_answers_from_the_view_of_the_status_topic(pipeline):
+    import json
+    import subprocess
+    import sys
+
+    from tests.harness import ROOT
+
+    request = build_request({"prompt": f"a status lamp {uuid.uuid4().hex[:6]}", **SMALL})
+    submit(pipeline, [request])
+    pipeline.collect([request["request_id"]])
+    env = {**pipeline.env}
+    deadline = time.monotonic() + 30
+    while True:
+        out = subprocess.run([sys.executable, "-m", "streams.cli", "status", request["request_id"], "--tenant",
+                              "acme", "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        if out.returncode == 0 and json.loads(out.stdout)["status"] == "published":
+            break
+        assert time.monotonic() < deadline, out.stdout + out.stderr
+        time.sleep(0.5)
+    status = json.loads(out.stdout)
+    assert status["final"] and status["stage"] == "publication"
+    missing = subprocess.run([sys.executable, "-m", "streams.cli", "status", "no-such-request"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no status" in missing.stderr

@@ -100,6 +100,10 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "model_version": "Tongyi-MAI/Z-Image-Turbo@0123+bf16-cuda", "max_side": 2048, "size_multiple": 16,
         "worker_id": "w-1", "announced_at": T0,
     },
+    "ReviewDecision": {
+        "tenant": "acme", "request_id": "req-1", "decision": "reject", "reviewer": "ana", "reason": "blurry",
+        "rendered": b"\xc3\x01rendered", "decided_at": T0,
+    },
     "WebhookDelivery": {
         "delivery_id": "d" * 64, "request_id": "req-1", "tenant": "acme", "event_type": "image.ready",
         "url": "https://hooks.example.com/zimage", "attempt": 3, "outcome": "delivered", "http_status": 200,

@@ -74,6 +74,7 @@ class Rig:
         for offset in offsets:
             key, value = self.kafka.logs[TP][offset]
             self.worker._ingest(FakeMessage(TOPIC, 0, offset, value, key))  # type: ignore[arg-type]  # a Message
+        self.worker._offer_incoming()  # as the main loop does after each consume() round
         deadline = time.monotonic() + 10
         while True:  # until the render stage has finished all of them
             with self.worker._lock:

@@ -1,0 +1,125 @@
+"""Publication's decisions, in process: versions, replays, the SKU view, review holds and decisions, unscanned."""
+from __future__ import annotations
+
+from processors.events import image_rendered
+from processors.publication_state import PublicationState, SkuLatest
+from schemas.serde import AvroSerde
+from streams.publication import PublicationRelay
+from streams.settings import Settings
+from streams.submit import build_request
+from tests.fake_kafka import FakeMessage
+
+PREFIX = "tp"
+
+
+class MemoryState:
+    """PublishedState without Kafka: the state starts empty, as for new topics."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, PublicationState] = {}
+        self.sku = SkuLatest()
+
+    def of_partition(self, partition: int) -> PublicationState:
+        return self.partitions.setdefault(partition, PublicationState())
+
+    def sku_latest(self) -> SkuLatest:
+        return self.sku
+
+    def forget(self, partitions=None) -> None:
+        self.partitions.clear()
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.serde = AvroSerde()
+        settings = Settings(_env_file=None, topic_prefix=PREFIX, output_partitions=3)
+        self.relay = PublicationRelay(settings, self.serde)
+        self.relay._published = MemoryState()  # type: ignore[assignment]
+        self.offset = 0
+
+    def rendered(self, request, *, sha="aa", quality=None, generation="g1", **extra) -> dict:
+        images = [{"index": 0, "uri": f"s3://b/{sha}.png", "sha256": sha * 32, "seed": 1, "size_bytes": 10}]
+        return image_rendered(request=request, images=images, model_id="tiny", model_version=generation,
+                              timings_ms={"render": 1.0}, batch_id="b", batch_size=1, worker_id="w",
+                              source=("tp.requests.normal", 0, 1), now_ms=1, generation=generation,
+                              quality=quality, **extra)
+
+    def message(self, topic: str, value: bytes, key: bytes) -> FakeMessage:
+        self.offset += 1
+        return FakeMessage(f"{PREFIX}.{topic}", 1, self.offset, value, key)
+
+    def publish(self, *values: dict) -> dict[str, list]:
+        msgs = [self.message("rendered", self.serde.encode("ImageRendered", v), v["request_id"].encode())
+                for v in values]
+        return self.out(msgs)
+
+    def out(self, msgs) -> dict[str, list]:
+        records, _offsets = self.relay.publish(msgs)
+        by_topic: dict[str, list] = {}
+        for r in records:
+            by_topic.setdefault(r.topic.removeprefix(f"{PREFIX}."), []).append(r)
+        return by_topic
+
+    def decode(self, records, name):
+        return [self.serde.decode(name, r.value) for r in records]
+
+
+def req(**fields):
+    return build_request({"prompt": "a chair", "seed": 1, "tenant": "acme", **fields})
+
+
+def test_one_publication_per_generation_and_content_and_new_generations_supersede():
+    rig = Rig()
+    request = req()
+    [first] = rig.decode(rig.publish(rig.rendered(request))["images.ready"], "ImageReady")
+    assert (first["version"], first["supersedes"]) == (1, None)
+    assert first["safety"] == {"decision": "PASS", "scanned": False, "top_label": None, "top_score": None}
+    assert "images.ready" not in rig.publish(rig.rendered(request))  # a replay publishes nothing new
+    [second] = rig.decode(rig.publish(rig.rendered(request, sha="bb", generation="g2"))["images.ready"],
+                          "ImageReady")
+    assert (second["version"], second["supersedes"], second["generation"]) == (2, 1, "g2")
+
+
+def test_the_sku_view_keeps_the_highest_sku_version():
+    rig = Rig()
+    newer = rig.rendered(req(sku_id="SKU-1"), sha="bb", sku_version=5, view="front")
+    older = rig.rendered(req(sku_id="SKU-1"), sha="cc", sku_version=4, view="front")
+    assert len(rig.publish(newer)["images.by-sku"]) == 1
+    assert "images.by-sku" not in rig.publish(older)  # arrived later, but an older version of the SKU
+
+
+def test_an_image_below_the_quality_bar_is_held_for_review_then_approved_or_rejected():
+    rig = Rig()
+    held = rig.rendered(req(), quality={"sharpness": 3.0, "passed": 0.0})
+    out = rig.publish(held)
+    assert "images.ready" not in out and len(out["review"]) == 1
+    assert rig.decode(out["status"], "RequestStatus")[0]["status"] == "in_review"
+    item = out["review"][0].value
+
+    def decision(verdict: str) -> FakeMessage:
+        event = {"tenant": "acme", "request_id": held["request_id"], "decision": verdict, "reviewer": "ana",
+                 "reason": "looks fine" if verdict == "approve" else "too blurry", "rendered": item,
+                 "decided_at": 5}
+        return rig.message("review.decisions", rig.serde.encode("ReviewDecision", event),
+                           held["request_id"].encode())
+
+    approved = rig.out([decision("approve")])
+    [ready] = rig.decode(approved["images.ready"], "ImageReady")
+    assert ready["request_id"] == held["request_id"] and ready["quality"]["passed"] == 0.0
+    other = rig.rendered(req(), quality={"passed": 0.0})
+    item = rig.publish(other)["review"][0].value
+    held = other
+    rejected = rig.out([decision("reject")])
+    [failed] = rig.decode(rejected["requests.failed"], "RequestFailed")
+    assert failed["reason_code"] == "rejected" and "too blurry" in failed["reason"]
+    assert "dlq" not in rejected  # a decision, not a broken record
+
+
+def test_an_unreadable_record_fails_alone():
+    rig = Rig()
+    good = rig.rendered(req())
+    msgs = [rig.message("rendered", b"\x00garbage", b"k"),
+            rig.message("rendered", rig.serde.encode("ImageRendered", good), good["request_id"].encode())]
+    out = rig.out(msgs)
+    assert len(out["images.ready"]) == 1
+    assert rig.decode(out["requests.failed"], "RequestFailed")[0]["reason_code"] == "unpublishable"
