@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from connectors.kafka import OutRecord
+from processors.batching import CompatKey, Pending
 from processors.render_settings import UnsupportedSettings
 from processors.requests import InvalidRequest, settings_of, validate
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams.failures import FailureRecords, Origin
-from streams.rendering import BatchRenderer
+from streams.rendering import Admitted, BatchRenderer
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -98,3 +99,18 @@ def _code_of(exc: Exception) -> str:
     if isinstance(exc, UnsupportedSettings):
         return "invalid_request"
     return "unknown_schema" if isinstance(exc, UnknownSchema) else "undecodable"
+
+
+def pending_of(origin: Origin, priority: str, admit: Admit, model_version: str, epoch: int,
+               solo: bool) -> Pending:
+    """What the scheduler holds of an admitted request until a batch takes it."""
+    request = admit.request
+    mono, wall_ms = time.monotonic(), int(time.time() * 1000)
+    key = CompatKey(model=request["model"], model_version=model_version, width=request["width"],
+                    height=request["height"], steps=request["steps"], guidance=float(request["guidance"]),
+                    # a record the worker died with once renders alone: its batch mates are not blamed
+                    extra=origin.source if solo else ())
+    deadline = None if admit.deadline_ms is None else mono + (admit.deadline_ms - wall_ms) / 1000
+    return Pending(request_id=request["request_id"], priority=priority, key=key, source=origin.source,
+                   enqueued_at=mono, deadline=deadline, payload=Admitted(request, origin, epoch, wall_ms),
+                   cost=request["num_images"])

@@ -1,9 +1,10 @@
 """The render worker: one member of the consumer group of a model pool.
 
-Main thread: poll the priority topics, decide on each record (streams/intake.py), hand admitted requests to the
-scheduler, pause a priority's partitions while its buffer is full, tell the scheduler which classes still wait in
-Kafka, and every few milliseconds commit the finished prefix (outputs + consumed offsets) through the shared
-transactional step. Render thread (streams/rendering.py): batches -> images -> object storage -> ImageRendered.
+Main thread: poll the pool's render topics (one per priority, fed by the gate), decide on each record
+(streams/intake.py), hand what a round admitted to the scheduler, pause a priority's partitions while its buffer
+is full, tell the scheduler which classes still wait in Kafka, and every few milliseconds commit the finished
+prefix (outputs + consumed offsets) through the shared transactional step. Render thread (streams/rendering.py):
+batches -> images -> quality -> object storage -> ImageRendered.
 
 After an aborted transaction the step refuses every commit until the main loop has rewound every assigned
 partition and forgotten its local state: nothing commits past work that was dropped.
@@ -26,7 +27,7 @@ from connectors import kafka
 from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.storage import ObjectStore
 from processors.admission import PoolInfo
-from processors.batching import Batch, CompatKey, Pending
+from processors.batching import Batch, Pending
 from processors.offsets import OffsetTracker
 from processors.quality import QualityPolicy
 from processors.scheduler import Scheduler, SchedulerConfig
@@ -35,9 +36,9 @@ from streams import lag, metrics
 from streams.crash_journal import CrashJournal
 from streams.failures import FailureRecords, Origin
 from streams.holds import PartitionHolds
-from streams.intake import Admit, Finish, Hold, Intake, Outcome
+from streams.intake import Admit, Finish, Hold, Intake, Outcome, pending_of
 from streams.liveness import Deadlines, Heartbeat
-from streams.rendering import Admitted, BatchRenderer, RenderStage, StageLimits
+from streams.rendering import BatchRenderer, RenderStage, StageLimits
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -216,22 +217,10 @@ class RenderWorker:
             self._tracker.complete(origin.topic, origin.partition, origin.offset, outcome)
 
     def _admit(self, origin: Origin, priority: str, admit: Admit, solo: bool) -> None:
-        request = admit.request
-        mono, wall_ms = time.monotonic(), int(time.time() * 1000)
-        tp = (origin.topic, origin.partition)
         with self._lock:
             self._tracker.track(origin.topic, origin.partition, origin.offset)
-            pending = Pending(
-                request_id=request["request_id"], priority=priority,
-                key=CompatKey(model=request["model"], model_version=self._renderer.model_version,
-                              width=request["width"], height=request["height"], steps=request["steps"],
-                              guidance=float(request["guidance"]),
-                              # a record the worker died with once renders alone: its batch mates are not blamed
-                              extra=origin.source if solo else ()),
-                source=origin.source, enqueued_at=mono,
-                deadline=None if admit.deadline_ms is None else mono + (admit.deadline_ms - wall_ms) / 1000,
-                payload=Admitted(request, origin, self._epoch.get(tp, 0), wall_ms), cost=request["num_images"])
-            self._incoming.append(pending)
+            epoch = self._epoch.get((origin.topic, origin.partition), 0)
+            self._incoming.append(pending_of(origin, priority, admit, self._renderer.model_version, epoch, solo))
 
     def _offer_incoming(self) -> None:
         """Hands what one consume() admitted to the scheduler at once, so that the render thread never cuts a
