@@ -83,6 +83,16 @@ class Rig:
             assert time.monotonic() < deadline, "the render stage did not finish"
             time.sleep(0.005)
 
+    def run_until_all_committed(self, timeout_s: float = 30) -> None:
+        """Runs the worker's own loop in a thread until every request's offset is committed (or time is up)."""
+        runner = threading.Thread(target=self.worker.run)
+        runner.start()
+        deadline = time.monotonic() + timeout_s
+        while self.kafka.committed.get(TP, 0) < len(self.ids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.worker.stop()
+        runner.join(30)
+
     # ---- what committed
 
     def committed_output_ids(self) -> list[str]:
@@ -171,13 +181,7 @@ def test_the_running_worker_with_aborts_now_and_then_publishes_everything_once(t
         return original(*args, **kwargs)
 
     rig.producer.commit_transaction.side_effect = flaky
-    runner = threading.Thread(target=rig.worker.run)
-    runner.start()
-    deadline = time.monotonic() + 30
-    while rig.kafka.committed.get(TP, 0) < len(rig.ids) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    rig.worker.stop()
-    runner.join(30)
+    rig.run_until_all_committed()
     assert rig.kafka.committed.get(TP) == len(rig.ids)
     rig.assert_offsets_match_outputs()
     assert rig.producer.abort_transaction.call_count >= 1
@@ -216,13 +220,7 @@ def test_a_schema_registry_outage_holds_the_partition_and_dead_letters_nothing(t
             return serde.decode(*args, **kwargs)
 
     rig.worker._intake._serde = RegistryDown()  # type: ignore[assignment]  # decode() is all intake calls
-    runner = threading.Thread(target=rig.worker.run)
-    runner.start()
-    deadline = time.monotonic() + 30
-    while rig.kafka.committed.get(TP, 0) < len(rig.ids) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    rig.worker.stop()
-    runner.join(30)
+    rig.run_until_all_committed()
     assert outage["left"] == 0
     assert rig.kafka.committed.get(TP) == len(rig.ids)
     rig.assert_offsets_match_outputs()
