@@ -144,20 +144,26 @@ def worker(restart: bool) -> None:
 @RESTART
 @click.option("--only", type=click.Choice(PROCESSORS), default=None,
               help="Run one processor only (to scale it by partitions, or to debug it).")
-def processors(restart: bool, only: str | None) -> None:
+@click.option("--metrics-port-offset", type=int, default=0, hidden=True,
+              help="Serve metrics on ZIMAGE_METRICS_PORT plus this (each processor of `processors` has its own).")
+def processors(restart: bool, only: str | None, metrics_port_offset: int) -> None:
     """Run the stream processors until SIGTERM/SIGINT, each in its own process: the gate, publication, the status
-    view, and the webhooks when ZIMAGE_WEBHOOK_SECRET is set."""
+    view, and the webhooks when ZIMAGE_WEBHOOK_SECRET is set. With ZIMAGE_METRICS_PORT=P, the processors serve
+    their metrics on P+1, P+2, ... in that order (`--only NAME` serves on P)."""
     s = _settings()
     if only is None:
         names = [n for n in PROCESSORS if n != "webhooks" or s.webhook_secret is not None]
         sys.exit(supervise_all({name: [sys.executable, "-m", "streams.cli", "processors", "--only", name,
-                                       "--no-restart"] for name in names}, restart=restart))
+                                       "--metrics-port-offset", str(PROCESSORS.index(name) + 1), "--no-restart"]
+                                for name in names}, restart=restart))
     if only == "webhooks" and s.webhook_secret is None:
         raise ConfigError("ZIMAGE_WEBHOOK_SECRET is not set: webhooks are signed with it")
-    _supervised(f"processors --only {only}", restart)
+    _supervised(f"processors --only {only} --metrics-port-offset {metrics_port_offset}", restart)
     _logging(s.log_level)
+    from streams import metrics
     from streams.processes import build_processor
 
+    metrics.serve(s.metrics_port + metrics_port_offset if s.metrics_port else 0)
     runner = build_processor(only, s)
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())
