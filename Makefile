@@ -40,3 +40,4 @@ test: lint stack-up
 
 bench: stack-up
 	$(ENV) $(VENV)/bin/python -m bench.run
+	$(ENV) $(VENV)/bin/python -m bench.topology

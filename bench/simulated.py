@@ -23,6 +23,7 @@ class SimulatedRenderer:
         self.a, self.b = a_s, b_s
         self.on_batch = on_batch  # called with (start time, items) for measurements
         self._pixel = np.zeros((16, 16, 3), dtype=np.uint8)
+        self._images: dict[tuple[int, int], np.ndarray] = {}
 
     def check_settings(self, settings: RenderSettings) -> None:
         """Any size goes: nothing is drawn."""
@@ -43,7 +44,14 @@ class SimulatedRenderer:
                 time.sleep(cost - 0.001)
             while time.monotonic() < end:
                 pass
-        return [self._pixel for _ in items]
+        return [self._image(settings) for _ in items]
+
+    def _image(self, settings: RenderSettings) -> np.ndarray:
+        """One fixed image of the asked size that passes the quality checks (sharp, mid-grey, contrasted)."""
+        size = (settings.height, settings.width)
+        if size not in self._images:
+            self._images[size] = np.random.default_rng(0).integers(64, 192, (*size, 3), dtype=np.uint8)
+        return self._images[size]
 
 
 class MemoryStore:

@@ -21,6 +21,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     Producer,
     TopicPartition,
 )
@@ -72,6 +73,18 @@ def producer(base: dict[str, str], **overrides: object) -> Producer:
     conf: dict[str, object] = {**base, "enable.idempotence": True, "linger.ms": 5, "compression.type": "lz4"}
     conf.update(overrides)
     return Producer(conf)
+
+
+def consume_ready(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
+    """Up to `max_messages`, returned as soon as one is there. (consume() waits out its whole timeout unless the
+    batch fills: every stage would add that timeout to a request's latency at light load.)"""
+    msgs = consumer.consume(max_messages, timeout=0)
+    if msgs:
+        return msgs
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(max_messages - 1, timeout=0)] if max_messages > 1 else [first]
 
 
 class TransactionAborted(RuntimeError):

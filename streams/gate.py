@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
-from processors.admission import admission, cache_key, check_against_pool, idempotency_key, pool_of
+from processors.admission import PoolInfo, admission, cache_key, check_against_pool, idempotency_key, pool_of
 from processors.events import image_rendered
 from processors.requests import InvalidRequest, priority_of, validate
 from processors.status import request_status, status_key
@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 COMMIT_LIMIT_S = 60.0
 TP = tuple[str, int]
-# (prompt, negative prompt, tenant) -> (action "allow" | "review" | "block", what decided it)
-Moderate = Callable[[str, str | None, str], tuple[str, str | None]]
+# [(prompt, negative prompt, tenant)] -> [(action "allow" | "review" | "block", what decided it)], in order
+Moderate = Callable[[list[tuple[str, str | None, str]]], list[tuple[str, str | None]]]
 
 
 class Hold(Exception):
@@ -92,7 +92,7 @@ class Gate:
                 if self._pools.refresh():
                     self._held.resume_all(self._consumer)  # what waited for that pool goes now, all together
                 self._held.resume_due(self._consumer)
-                msgs = self._consumer.consume(self._batch, timeout=0.05)
+                msgs = kafka.consume_ready(self._consumer, self._batch, 0.05)
                 if self._step.needs_rewind:
                     self._rewind()
                     continue
@@ -120,26 +120,36 @@ class Gate:
     # ------------------------------------------------------------------ deciding
 
     def decide(self, msgs: list[Message]) -> tuple[list[OutRecord], dict[TP, int]]:
-        records: list[OutRecord] = []
-        offsets: dict[TP, int] = {}
+        """The outputs of one batch and the offsets to commit with them. The prompts of a batch are moderated in
+        one call: a classifier scores many texts for about the cost of one."""
         # The most urgent first (a stable sort keeps each partition's order): what a batch holds of each class is
         # routed, and reaches the workers, in priority order.
-        for msg in sorted(msgs, key=lambda m: self._urgency.get(m.topic() or "", 0)):
-            origin = Origin.of(msg)
+        origins = [Origin.of(m) for m in sorted(msgs, key=lambda m: self._urgency.get(m.topic() or "", 0))]
+        checked = [self._checked(origin) for origin in origins]
+        valid = [c for c in checked if isinstance(c, tuple)]
+        verdicts = iter(self._moderate([(r["prompt"], r.get("negative_prompt"), r["tenant"]) for r, _ in valid]))
+        records: list[OutRecord] = []
+        offsets: dict[TP, int] = {}
+        for origin, check in zip(origins, checked, strict=True):
+            verdict = next(verdicts) if isinstance(check, tuple) else None
             tp = (origin.topic, origin.partition)
             if tp in self._held:
                 continue  # read again from the held offset once the hold ends
-            try:
-                out = self._decide_one(origin)
-            except Hold as why:
-                self._held.hold(self._consumer, tp, origin.offset, str(why))
+            if isinstance(check, Hold):
+                self._held.hold(self._consumer, tp, origin.offset, str(check))
                 continue
-            records += out
+            if isinstance(check, tuple):
+                request, info = check
+                assert verdict is not None
+                records += self._admit(origin, request, info.pool, info.model_version, verdict)
+            else:
+                records += check
             offsets[tp] = origin.offset + 1
             self._held.decided(tp)
         return records, offsets
 
-    def _decide_one(self, origin: Origin) -> list[OutRecord]:
+    def _checked(self, origin: Origin) -> tuple[dict[str, Any], PoolInfo] | list[OutRecord] | Hold:
+        """Intake checks: the request and its pool; or the failure records of a refused one; or a Hold."""
         request: dict[str, Any] | None = None
         try:
             request = self._serde.decode("GenerationRequest", origin.value, topic=origin.topic)
@@ -148,10 +158,10 @@ class Gate:
             assert pool is not None  # validate() refused unknown models
             info = self._pools.pools.get(pool)
             if info is None:
-                raise Hold(f"pool {pool} has not announced its model yet")
+                return Hold(f"pool {pool} has not announced its model yet")
             check_against_pool(request, info)
-        except (Hold, RegistryUnavailable) as exc:
-            raise Hold(str(exc)) from exc
+        except RegistryUnavailable as exc:
+            return Hold(str(exc))
         except (SerdeError, InvalidRequest) as exc:
             code = exc.code if isinstance(exc, InvalidRequest) else (
                 "unknown_schema" if isinstance(exc, UnknownSchema) else "undecodable")
@@ -159,10 +169,10 @@ class Gate:
         except Exception as exc:  # a record never ends the process
             log.exception("unexpected error on %s[%d]@%d", origin.topic, origin.partition, origin.offset)
             return self._failed("internal_error", f"{type(exc).__name__}: {exc}", origin, request)
-        return self._admit(origin, request, pool, info.model_version, info.model_id)
+        return request, info
 
     def _admit(self, origin: Origin, request: dict[str, Any], pool: str, generation: str,
-               model_id: str) -> list[OutRecord]:
+               verdict: tuple[str, str | None]) -> list[OutRecord]:
         now_ms = int(time.time() * 1000)
         deadline = request.get("deadline")
         if deadline is not None and deadline <= now_ms:
@@ -174,7 +184,7 @@ class Gate:
             return [self._status(request, "duplicate", generation, now_ms, final=True,
                                  detail="already admitted in this generation: the first outcome stands")]
         out = [self._admitted.admit(origin.partition, key, now_ms)]
-        action, why = self._moderate(request["prompt"], request.get("negative_prompt"), request["tenant"])
+        action, why = verdict
         if action == "block":
             metrics.GATE.labels("blocked").inc()
             return out + self._failed("blocked", f"prompt blocked by {why}", origin, request, dead_letter=False)

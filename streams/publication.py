@@ -64,7 +64,7 @@ class PublicationRelay:
         clean = False
         try:
             while not self._stop.is_set():
-                msgs = self._consumer.consume(self._batch, timeout=0.1)
+                msgs = kafka.consume_ready(self._consumer, self._batch, 0.1)
                 assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
                 # a partition revoked during consume() is its next owner's to publish
                 msgs = [m for m in msgs if self._usable(m) and (m.topic(), m.partition()) in assigned]

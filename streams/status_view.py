@@ -50,7 +50,7 @@ class StatusView:
         log.info("keeping the status view of %s in Redis", topic)
         try:
             while not self._stop.is_set():
-                for msg in consumer.consume(500, timeout=0.2):
+                for msg in kafka.consume_ready(consumer, 500, 0.2):
                     value = msg.value()
                     if msg.error() is not None:
                         continue

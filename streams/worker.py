@@ -125,7 +125,7 @@ class RenderWorker:
                     raise RuntimeError("the render stage failed") from self._stage.failure
                 self._heartbeat.beat("main")
                 with self._deadlines.guard("intake", INTAKE_LIMIT_S):
-                    msgs = self._consumer.consume(self._consume_batch, timeout=0.02)
+                    msgs = kafka.consume_ready(self._consumer, self._consume_batch, 0.02)
                     if self._step.needs_rewind:  # a commit inside a rebalance callback aborted
                         self._rewind()  # what this batch held is read again after the seek
                         msgs = []

@@ -132,6 +132,7 @@ class FakeConsumer:
         m = create_autospec(Consumer, instance=True)
         m.subscribe.side_effect = self._subscribe
         m.consume.side_effect = self._consume
+        m.poll.side_effect = lambda timeout=None: next(iter(self._consume(1, timeout or 0)), None)
         m.seek.side_effect = self._seek
         m.committed.side_effect = self._committed
         m.assignment.side_effect = lambda: [TopicPartition(t, p) for t, p in self.assigned]

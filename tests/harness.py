@@ -48,7 +48,7 @@ class Pipeline:
         log = (self.tmp / f"{name}.log").open("ab")
         ready = self.tmp / f"{name}.ready"
         ready.unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", command], cwd=ROOT, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", *command.split()], cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT,
                                 env={**self.env, "ZIMAGE_HEALTH_FILE": str(ready),
                                      "ZIMAGE_WORKER_ID": name, **env})

@@ -28,8 +28,8 @@ class Pools:
         return False
 
 
-def moderate(prompt, negative_prompt, tenant):
-    return ("block", "rule:violence/en") if "gore" in prompt else ("allow", None)
+def moderate(items):
+    return [("block", "rule:violence/en") if "gore" in prompt else ("allow", None) for prompt, _neg, _t in items]
 
 
 class Rig:

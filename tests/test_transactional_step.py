@@ -202,3 +202,18 @@ def test_a_late_commit_that_fails_is_aborted():
         step.commit(RECORDS, OFFSETS, consumer.mock)
     producer.abort_transaction.assert_called_once()
     assert kafka.committed == {}
+
+
+def test_consume_ready_returns_as_soon_as_a_record_is_there():
+    from unittest.mock import create_autospec
+
+    from confluent_kafka import Consumer
+
+    from connectors.kafka import consume_ready
+
+    consumer = create_autospec(Consumer, instance=True)
+    consumer.consume.side_effect = [[], ["second", "third"]]
+    consumer.poll.return_value = "first"
+    assert consume_ready(consumer, 500, 0.5) == ["first", "second", "third"]
+    consumer.poll.assert_called_once_with(0.5)  # waits for one record, not for a full batch
+    assert [c.kwargs["timeout"] for c in consumer.consume.call_args_list] == [0, 0]

@@ -95,3 +95,26 @@ def test_sigkill_of_the_processors_mid_flow_publishes_each_request_once(fresh_pi
     assert not missing, f"{len(missing)} never published:\n{p.log('processors-2')[-3000:]}"
     doubled = {i: len(e) for i, e in events.items() if len(e) != 1}
     assert not doubled, f"published more than once: {doubled}"
+
+
+@pytest.mark.parametrize("victim", ["gate", "publication"])
+def test_sigkill_of_the_gate_or_of_publication_mid_stream_publishes_each_request_once(fresh_pipeline, victim):
+    p = fresh_pipeline
+    for name in ("gate", "publication"):
+        p.start(name, f"processors --only {name}", wait_ready=False)
+    p.start("worker", "worker")
+    sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
+    requests = [build_request({"prompt": f"lamp {i}", "seed": i, **SMALL}) for i in range(300)]
+    sub.submit(requests[:150])
+    sub.flush()
+    p.wait_published(20)
+    p.kill(victim)  # SIGKILL mid-stream: an open transaction, uncommitted offsets, state in memory
+    sub.submit(requests[150:])
+    sub.flush()
+    p.start(f"{victim}-2", f"processors --only {victim}", wait_ready=False, ZIMAGE_WORKER_ID=victim)
+    ids = [r["request_id"] for r in requests]
+    p.collect(ids, timeout_s=300)
+    # Counted over the whole topic, read committed: not a settle window.
+    published = Counter(v["request_id"] for v in committed_values(p, p.topology.images_ready, "ImageReady"))
+    assert set(published) == set(ids), f"{len(set(ids) - set(published))} never published"
+    assert max(published.values()) == 1, [r for r, n in published.items() if n > 1][:5]

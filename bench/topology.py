@@ -1,0 +1,169 @@
+"""The whole topology on the local stack: the gate and publication as processes, a worker with a null renderer.
+
+    python -m bench.topology [--light 200] [--burst 5000]     (part of `make bench`)
+
+Figures, each measured in this one run:
+- the latency the topology adds at light load: ImageReady.published_at - submitted_at - render time;
+- cache-hit end-to-end latency: the same requests again under new ids, answered by the gate from Redis;
+- whole-topology capacity: a burst of distinct requests, from the first produce to the last ImageReady;
+- the resident memory of the gate and publication processes after the burst.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from bench.simulated import MemoryStore, SimulatedRenderer
+from connectors.kafka_admin import TopicWanted, apply_topics
+from schemas.serde import AvroSerde
+from streams.settings import Settings
+from streams.submit import build_request
+from streams.tail import EventFollower
+from streams.worker import RenderWorker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (a supervisor runs the processor in a child)."""
+    total = 0
+    for p in [pid, *_children(pid)]:
+        status = Path(f"/proc/{p}/status")
+        if status.exists():
+            total += next(int(line.split()[1]) for line in status.read_text().splitlines()
+                          if line.startswith("VmRSS:"))
+    return total / 1024
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children")
+        if children.exists():
+            found += [int(c) for c in children.read_text().split()]
+    return found
+
+
+class Topology:
+    def __init__(self, state: Path):
+        prefix = f"bt{uuid.uuid4().hex[:8]}"
+        self.env = {**os.environ, "ZIMAGE_TOPIC_PREFIX": prefix, "ZIMAGE_STATE_DIR": str(state),
+                    "PYTHONUNBUFFERED": "1"}
+        self.settings = Settings(_env_file=None, topic_prefix=prefix, state_dir=str(state), worker_id="bench",
+                                 bootstrap_servers=os.environ.get("ZIMAGE_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+                                 max_batch_size=16, max_wait_ms=2, buffer_per_priority=4096)
+        self.conf = self.settings.kafka_config()
+        apply_topics(self.conf, [TopicWanted(t.name, t.partitions, t.config) for t in self.settings.topology.topics()])
+        self.serde = AvroSerde()
+        self.procs = {name: subprocess.Popen([sys.executable, "-m", "streams.cli", "processors", "--only", name,
+                                              "--no-restart"], cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL) for name in ("gate", "publication")}
+        self.worker = RenderWorker(self.settings, SimulatedRenderer(0.0, 0.0), MemoryStore(), self.serde)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+        self.producer = Producer({**self.conf, "linger.ms": 0, "enable.idempotence": True})
+        self.follower = EventFollower(self.conf, {self.settings.topology.images_ready: "ImageReady"}, self.serde,
+                                      from_beginning=True)
+
+    def submit(self, request: dict) -> None:
+        topic = self.settings.topology.request_topic("normal")
+        self.producer.produce(topic, self.serde.encode("GenerationRequest", request, topic=topic),
+                              request["request_id"].encode())
+        self.producer.poll(0)
+
+    def wait_for(self, ids: set[str], timeout_s: float = 300) -> dict[str, dict]:
+        seen: dict[str, dict] = {}
+        deadline = time.monotonic() + timeout_s
+        while not ids <= seen.keys() and time.monotonic() < deadline:
+            for _name, value, _raw in self.follower.events(idle_timeout_s=1.0):
+                if value is not None and value["request_id"] in ids:
+                    seen[value["request_id"]] = value
+                if ids <= seen.keys():
+                    break
+        if not ids <= seen.keys():
+            raise TimeoutError(f"{len(ids - seen.keys())} of {len(ids)} never published")
+        return seen
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.thread.join(60)
+        for proc in self.procs.values():
+            proc.terminate()
+            proc.wait(30)
+        self.follower.close()
+
+
+def request(tag: str, i: int, **fields) -> dict:
+    return build_request({"prompt": f"{tag} {i}", "seed": i, "width": 64, "height": 64, "steps": 2,
+                          "priority": "normal", "tenant": "bench", **fields})
+
+
+def run(light: int, burst: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as state:
+        topo = Topology(Path(state))
+        try:
+            warm = request("warm", 0)
+            topo.submit(warm)
+            topo.wait_for({warm["request_id"]}, timeout_s=120)  # the pool announced, every process is up
+            figures: dict[str, float] = {}
+
+            tag = uuid.uuid4().hex[:6]
+            light_requests = [request(f"light-{tag}", i) for i in range(light)]
+            for r in light_requests:
+                r["submitted_at"] = int(time.time() * 1000)
+                topo.submit(r)
+                time.sleep(0.02)  # light load: one request every 20 ms
+            ready = topo.wait_for({r["request_id"] for r in light_requests})
+            added = [max(0.0, v["timings"]["total"] - v["timings"].get("render", 0.0)) for v in ready.values()]
+            figures["topology_added_latency_p50_ms"] = statistics.median(added)
+            figures["topology_added_latency_p99_ms"] = percentile(added, 0.99)
+
+            time.sleep(1.0)  # the cache is filled after each publication commits
+            repeats = [{**r, "request_id": f"again-{r['request_id']}"} for r in light_requests]
+            for r in repeats:
+                r["submitted_at"] = int(time.time() * 1000)
+                topo.submit(r)
+                time.sleep(0.02)
+            cached = topo.wait_for({r["request_id"] for r in repeats})
+            hits = [v["timings"]["total"] for v in cached.values() if v["cached"]]
+            figures["cache_hit_share"] = len(hits) / len(repeats)
+            figures["cache_hit_latency_p50_ms"] = statistics.median(hits) if hits else float("nan")
+            figures["cache_hit_latency_p99_ms"] = percentile(hits, 0.99) if hits else float("nan")
+
+            burst_requests = [request(f"burst-{tag}", i) for i in range(burst)]
+            started = time.monotonic()
+            for r in burst_requests:
+                topo.submit(r)
+            topo.producer.flush(60)
+            topo.wait_for({r["request_id"] for r in burst_requests}, timeout_s=600)
+            figures["topology_capacity_rps"] = burst / (time.monotonic() - started)
+            figures["gate_rss_mb"] = rss_mb(topo.procs["gate"].pid)
+            figures["publication_rss_mb"] = rss_mb(topo.procs["publication"].pid)
+            return figures
+        finally:
+            topo.close()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--light", type=int, default=200)
+    ap.add_argument("--burst", type=int, default=5000)
+    args = ap.parse_args()
+    for name, value in run(args.light, args.burst).items():
+        print(f"  {name:34} {value:10.2f}")
