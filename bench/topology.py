@@ -108,7 +108,7 @@ class Topology:
 
 
 def request(tag: str, i: int, **fields) -> dict:
-    return build_request({"prompt": f"{tag} {i}", "seed": i, "width": 64, "height": 64, "steps": 2,
+    return build_request({"prompt": f"{tag} {i}", "seed": i, "width": 16, "height": 16, "steps": 2,
                           "priority": "normal", "tenant": "bench", **fields})
 
 

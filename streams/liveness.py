@@ -25,33 +25,54 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+MONITOR_PERIOD_S = 0.25
+MARGIN_S = 1.0  # the timer fires this long after the deadline: time for the monitor to move or cancel it
+
+
 class Deadlines:
-    """Ends the process when any guarded step outlives its limit (thread-safe; one per process)."""
+    """Ends the process when any guarded step outlives its limit (thread-safe; one per process).
+
+    Arming faulthandler's timer starts a thread, too costly for every step of a busy loop. So a step that starts
+    arms it only when nothing earlier is armed, a step that ends arms nothing, and a monitor thread moves the
+    timer to the earliest active deadline (or cancels it) a few times a second. The timer is set MARGIN_S after
+    that deadline, so the monitor always has time to move it once its step has ended in time."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._active: dict[int, tuple[float, str]] = {}
         self._ids = itertools.count()
+        self._armed_until: float | None = None
+        threading.Thread(target=self._monitor, name="zimage-deadlines", daemon=True).start()
 
     @contextmanager
     def guard(self, what: str, limit_s: float) -> Iterator[None]:
         token = next(self._ids)
+        deadline = time.monotonic() + limit_s
         with self._lock:
-            self._active[token] = (time.monotonic() + limit_s, what)
-            self._arm()
+            self._active[token] = (deadline, what)
+            if self._armed_until is None or deadline + MARGIN_S < self._armed_until:
+                self._arm(deadline)  # before the step runs: it may never let the monitor run again
         try:
             yield
         finally:
             with self._lock:
                 del self._active[token]
-                self._arm()
 
-    def _arm(self) -> None:
-        if not self._active:
-            faulthandler.cancel_dump_traceback_later()
-            return
-        deadline, _what = min(self._active.values())
-        faulthandler.dump_traceback_later(max(0.001, deadline - time.monotonic()), exit=True, file=sys.stderr)
+    def _monitor(self) -> None:
+        while True:
+            time.sleep(MONITOR_PERIOD_S)
+            with self._lock:
+                if self._active:
+                    self._arm(min(self._active.values())[0])
+                elif self._armed_until is not None:
+                    faulthandler.cancel_dump_traceback_later()
+                    self._armed_until = None
+
+    def _arm(self, deadline: float) -> None:
+        """(lock held)"""
+        self._armed_until = deadline + MARGIN_S
+        faulthandler.dump_traceback_later(max(0.001, self._armed_until - time.monotonic()), exit=True,
+                                          file=sys.stderr)
 
 
 class Heartbeat:

@@ -80,7 +80,7 @@ class RenderWorker:
         self._committed: dict[TP, int] = {}
         self._commits_allowed = True
         self._announced = False  # until the pool's announcement commits, the gate routes nothing here
-        self._last_state_log = 0.0
+        self._last_state_log = self._unfetched_at = 0.0
         self._intake = Intake(settings, serde, renderer, FailureRecords(
             self.topology, serde, stage=f"worker:{settings.pool}", limits=settings.limits()))
         self._stop = threading.Event()
@@ -249,7 +249,9 @@ class RenderWorker:
     def _housekeeping(self, now: float) -> None:
         self._held.resume_due(self._consumer, lambda tp: self._priority_of_topic[tp[0]] not in self._paused)
         with self._lock:
-            self._report_unfetched(now)
+            if now - self._unfetched_at >= 0.005:  # the loop goes round far more often than fetches arrive
+                self._unfetched_at = now
+                self._report_unfetched(now)
             expired = self._scheduler.expire(now)
             for waiting in self._overflow.values():  # paused intake: these wait outside the scheduler
                 late = [p for p in waiting if p.deadline is not None and p.deadline < now]
