@@ -192,10 +192,6 @@ class TransactionalStep:
         forget(parts)
         self._needs_rewind = False
 
-    def forget_failure(self) -> None:
-        """Every partition that the aborted transaction covered has been revoked (nothing is left to rewind)."""
-        self._needs_rewind = False
-
     def _call(self, what: str, call: Callable[[float], T], deadline: float) -> T:
         """Repeats a transactional call while librdkafka calls its error retriable, until the deadline; each try
         gets what is left of it."""

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
@@ -36,7 +36,7 @@ from processors.status import request_status, status_key
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams import metrics
 from streams.failures import FailureRecords, Origin
-from streams.gate_state import AdmittedKeys, PoolDirectory
+from streams.gate_state import AdmittedKeys, PoolDirectory, RestoreFailed
 from streams.holds import PartitionHolds
 from streams.liveness import Deadlines
 from streams.settings import Settings
@@ -44,6 +44,7 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 COMMIT_LIMIT_S = 60.0
+CACHED_IMAGE_FIELDS = {"index", "uri", "sha256", "seed", "size_bytes"}
 TP = tuple[str, int]
 # [(prompt, negative prompt, tenant)] -> [(action "allow" | "review" | "block", what decided it)], in order
 Moderate = Callable[[list[tuple[str, str | None, str]]], list[tuple[str, str | None]]]
@@ -141,7 +142,13 @@ class Gate:
             if isinstance(check, tuple):
                 request, info = check
                 assert verdict is not None
-                records += self._admit(origin, request, info.pool, info.model_version, verdict)
+                try:
+                    records += self._admit(origin, request, info.pool, info.model_version, verdict)
+                except (KafkaException, RestoreFailed):
+                    raise  # the state in Kafka could not be read: not the request's fault; a new process retries
+                except Exception as exc:  # a record never ends the process
+                    log.exception("unexpected error on %s[%d]@%d", origin.topic, origin.partition, origin.offset)
+                    records += self._failed("internal_error", f"{type(exc).__name__}: {exc}", origin, request)
             else:
                 records += check
             offsets[tp] = origin.offset + 1
@@ -215,7 +222,17 @@ class Gate:
         if found is None:
             metrics.GATE.labels("cache_skipped").inc()  # Redis down: rendered as if never seen
             return None
-        return json.loads(found[0]) if found[0] else None
+        if not found[0]:
+            return None
+        try:
+            entry = json.loads(found[0])
+            if (isinstance(entry.get("model_id"), str) and entry.get("images")
+                    and all(image.keys() >= CACHED_IMAGE_FIELDS for image in entry["images"])):
+                return entry
+        except (ValueError, AttributeError, TypeError):
+            pass
+        log.warning("ignoring an unreadable cache entry for %s", key)  # rendered as if never seen
+        return None
 
     def _failed(self, code: str, reason: str, origin: Origin, request: dict[str, Any] | None,
                 dead_letter: bool = True) -> list[OutRecord]:

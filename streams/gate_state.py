@@ -84,6 +84,10 @@ class AdmittedKeys:
         return keys
 
 
+class RestoreFailed(RuntimeError):
+    """State kept in Kafka could not be read back: an infrastructure fault, never a request's."""
+
+
 def read_to_end(base: dict[str, str], topic: str, partitions: list[int],
                 apply: Callable[[bytes | None, bytes | None], None]) -> None:
     """Feeds every committed record of these partitions, from the beginning to their current end, to `apply`
@@ -104,7 +108,7 @@ def read_to_end(base: dict[str, str], topic: str, partitions: list[int],
                 if err.code() == KafkaError._PARTITION_EOF:
                     todo.discard(msg.partition())
                     continue
-                raise RuntimeError(f"restoring {topic}: {err}")
+                raise RestoreFailed(f"restoring {topic}: {err}")
             apply(msg.key(), msg.value())
     finally:
         consumer.close()

@@ -172,3 +172,31 @@ def test_a_batch_is_routed_most_urgent_first_keeping_each_partitions_order():
     routed = [rig.serde.decode("GenerationRequest", r.value)["request_id"] for r in records
               if r.topic.startswith(f"{PREFIX}.render.")]
     assert routed == [high1["request_id"], high2["request_id"], normal["request_id"], low["request_id"]]
+
+
+@pytest.mark.parametrize("entry", [b"not json", b"[]", b'{"model_id": "tiny", "images": [{"uri": "x"}]}'])
+def test_an_unreadable_cache_entry_is_a_miss_not_a_failure(entry):
+    client = create_autospec(redis.Redis, instance=True)
+    client.mget.side_effect = lambda keys: [entry for _ in keys]
+    rig = Rig(cache=RedisStore("redis://unused", client=client))
+    out, _ = rig.decide(rig.message(req()))
+    assert len(out["render.turbo.normal"]) == 1 and "requests.failed" not in out
+
+
+def test_an_unexpected_error_after_the_checks_fails_that_request_alone():
+    rig = Rig()
+    bad, good = req(), req()
+    encode = rig.serde.encode
+
+    def flaky(name, value, **kwargs):
+        if name == "GenerationRequest" and value.get("request_id") == bad["request_id"]:
+            raise RuntimeError("boom")
+        return encode(name, value, **kwargs)
+
+    m1, m2 = rig.message(bad), rig.message(good)
+    rig.serde.encode = flaky  # type: ignore[method-assign,assignment]  # an encode that fails once
+    out, offsets = rig.decide(m1, m2)
+    [failed] = [rig.serde.decode("RequestFailed", r.value) for r in out["requests.failed"]]
+    assert failed["reason_code"] == "internal_error" and failed["request_id"] == bad["request_id"]
+    assert len(out["render.turbo.normal"]) == 1 and len(out["dlq"]) == 1
+    assert offsets == {(f"{PREFIX}.requests.normal", 1): m2.offset() + 1}
