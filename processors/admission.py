@@ -2,8 +2,9 @@
 
 Pure: the gate (streams/gate.py) feeds it what the pools announced and the keys it has seen.
 
-- The generation of a request is the model version of the pool it is routed to: a new model version is a new
-  generation, rendered and published anew; a repeat within one generation is not.
+- The generation of a request is the model version of the pool it is routed to, plus the template version of a
+  SKU request, plus the generation a backfill asked for (its `zimage-generation` header): a change of any of
+  them is a new generation, rendered and published anew; a repeat within one generation is not.
 - The cache key covers everything that changes the bytes: the tenant (no hit ever crosses tenants), the
   generation, the model and every render parameter, and the effective seed of each image.
 """
@@ -39,6 +40,39 @@ class PoolInfo:
         return {"pool": self.pool, "model": self.model, "model_id": self.model_id,
                 "model_version": self.model_version, "max_side": self.max_side,
                 "size_multiple": self.size_multiple, "worker_id": worker_id, "announced_at": now_ms}
+
+
+# Headers a replay or backfill sets on the records it re-drives (their bytes are left as they were).
+REPLAY_ID_HEADER = "zimage-replay-id"
+GENERATION_HEADER = "zimage-generation"
+HEADER_VALUE_MAX_CHARS = 128
+
+
+def generation_of(request: Mapping[str, Any], model_version: str, asked: str | None = None) -> str:
+    """What a re-render must change to count as new: the model version, the SKU template's version, and the
+    generation a backfill names."""
+    generation = model_version
+    if request.get("template_version"):
+        generation += f"+template.{request['template_version']}"
+    if asked:
+        generation += f"+{asked}"
+    return generation
+
+
+def header_text(headers: Any, name: str) -> str | None:
+    """A short printable header value, or None (absent, empty, not UTF-8, too long or with control characters:
+    a hostile header is ignored, never trusted)."""
+    for key, raw in headers or ():
+        if key != name or not raw:
+            continue
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError:
+            return None
+        if len(text) > HEADER_VALUE_MAX_CHARS or not text.isprintable():
+            return None
+        return text
+    return None
 
 
 def _digest(parts: Mapping[str, Any]) -> str:
@@ -85,8 +119,9 @@ def lineage_source(request: Mapping[str, Any], consumed: tuple[str, int, int]) -
 
 
 def admission(*, source: tuple[str, int, int], generation: str, cache_key: str, pool: str,
-              now_ms: int) -> dict[str, Any]:
+              now_ms: int, replay_id: str | None = None) -> dict[str, Any]:
     """The `admission` field the gate sets on a request it routes to a render topic."""
     topic, partition, offset = source
     return {"source_topic": topic, "source_partition": partition, "source_offset": offset,
-            "generation": generation, "cache_key": cache_key, "pool": pool, "admitted_at": now_ms}
+            "generation": generation, "cache_key": cache_key, "pool": pool, "replay_id": replay_id,
+            "admitted_at": now_ms}

@@ -88,7 +88,7 @@ def image_rendered(*, request: Mapping[str, Any], images: Sequence[Mapping[str, 
         "attempt": attempt,
         "cached": cached,
         "quality": {name: float(score) for name, score in (quality or {}).items()},
-        "replay_id": replay_id,
+        "replay_id": admission.get("replay_id") if replay_id is None else replay_id,
         "sku_version": request.get("sku_version") if sku_version is None else sku_version,
         "view": request.get("view") if view is None else view,
     }

@@ -29,7 +29,18 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
-from processors.admission import PoolInfo, admission, cache_key, check_against_pool, idempotency_key, pool_of
+from processors.admission import (
+    GENERATION_HEADER,
+    REPLAY_ID_HEADER,
+    PoolInfo,
+    admission,
+    cache_key,
+    check_against_pool,
+    generation_of,
+    header_text,
+    idempotency_key,
+    pool_of,
+)
 from processors.events import image_rendered
 from processors.requests import InvalidRequest, priority_of, validate
 from processors.status import request_status, status_key
@@ -143,7 +154,9 @@ class Gate:
                 request, info = check
                 assert verdict is not None
                 try:
-                    records += self._admit(origin, request, info.pool, info.model_version, verdict)
+                    generation = generation_of(request, info.model_version,
+                                               header_text(origin.headers, GENERATION_HEADER))
+                    records += self._admit(origin, request, info, generation, verdict)
                 except (KafkaException, RestoreFailed):
                     raise  # the state in Kafka could not be read: not the request's fault; a new process retries
                 except Exception as exc:  # a record never ends the process
@@ -178,7 +191,7 @@ class Gate:
             return self._failed("internal_error", f"{type(exc).__name__}: {exc}", origin, request)
         return request, info
 
-    def _admit(self, origin: Origin, request: dict[str, Any], pool: str, generation: str,
+    def _admit(self, origin: Origin, request: dict[str, Any], info: PoolInfo, generation: str,
                verdict: tuple[str, str | None]) -> list[OutRecord]:
         now_ms = int(time.time() * 1000)
         deadline = request.get("deadline")
@@ -201,16 +214,18 @@ class Gate:
         if hit is not None:
             metrics.GATE.labels("cached").inc()
             rendered = image_rendered(
-                request=request, images=hit["images"], model_id=hit["model_id"], model_version=generation,
+                request=request, images=hit["images"], model_id=hit["model_id"], model_version=info.model_version,
                 timings_ms={"render": 0.0}, batch_id="cache", batch_size=0, worker_id="gate",
-                source=origin.source, now_ms=now_ms, generation=generation, cache_key=ckey, cached=True)
+                source=origin.source, now_ms=now_ms, generation=generation, cache_key=ckey, cached=True,
+                replay_id=header_text(origin.headers, REPLAY_ID_HEADER))
             value = self._serde.encode("ImageRendered", rendered, topic=self.topology.rendered)
             return [*out, OutRecord(self.topology.rendered, value, request["request_id"].encode()),
                     self._status(request, "cached", generation, now_ms, detail=flagged)]
         metrics.GATE.labels("admitted").inc()
         routed = {**request, "admission": admission(source=origin.source, generation=generation, cache_key=ckey,
-                                                    pool=pool, now_ms=now_ms)}
-        topic = self.topology.render_topic(pool, priority_of(request))
+                                                    pool=info.pool, now_ms=now_ms,
+                                                    replay_id=header_text(origin.headers, REPLAY_ID_HEADER))}
+        topic = self.topology.render_topic(info.pool, priority_of(request))
         value = self._serde.encode("GenerationRequest", routed, topic=topic)
         return [*out, OutRecord(topic, value, request["request_id"].encode(), list(origin.headers)),
                 self._status(request, "admitted", generation, now_ms, detail=flagged)]

@@ -200,3 +200,24 @@ def test_an_unexpected_error_after_the_checks_fails_that_request_alone():
     assert failed["reason_code"] == "internal_error" and failed["request_id"] == bad["request_id"]
     assert len(out["render.turbo.normal"]) == 1 and len(out["dlq"]) == 1
     assert offsets == {(f"{PREFIX}.requests.normal", 1): m2.offset() + 1}
+
+
+def test_generation_covers_the_template_version_and_the_generation_a_backfill_asks_for() -> None:
+    from processors.admission import generation_of
+
+    plain = {"template_version": None}
+    assert generation_of(plain, "m@1") == "m@1"
+    assert generation_of({"template_version": "chairs@3"}, "m@1") == "m@1+template.chairs@3"
+    assert generation_of({"template_version": "chairs@3"}, "m@1", "backfill-2") == "m@1+template.chairs@3+backfill-2"
+    assert len({generation_of(plain, "m@1"), generation_of(plain, "m@2"), generation_of(plain, "m@1", "b")}) == 3
+
+
+def test_a_hostile_replay_header_is_ignored_not_trusted() -> None:
+    from processors.admission import REPLAY_ID_HEADER, header_text
+
+    assert header_text([(REPLAY_ID_HEADER, b"replay-1")], REPLAY_ID_HEADER) == "replay-1"
+    assert header_text([(REPLAY_ID_HEADER, b"a\x1b[31mred")], REPLAY_ID_HEADER) is None
+    assert header_text([(REPLAY_ID_HEADER, b"\xff\xfe")], REPLAY_ID_HEADER) is None
+    assert header_text([(REPLAY_ID_HEADER, b"x" * 500)], REPLAY_ID_HEADER) is None
+    assert header_text([("other", b"v")], REPLAY_ID_HEADER) is None
+    assert header_text(None, REPLAY_ID_HEADER) is None

@@ -91,9 +91,11 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "negative_prompt": "blurry", "model": "z-image-base", "width": 768, "height": 512, "steps": 28,
         "guidance": 3.5, "seed": -42, "num_images": 2, "priority": "HIGH", "callback_url": "https://h/cb",
         "deadline": T0 + 60_000, "submitted_at": T0, "metadata": {"campaign": "spring"},
+        "sku_version": 12, "view": "front", "template_version": "chairs@3",
+        "sku_event": {"topic": "zimage.sku.changes", "partition": 1, "offset": 77},
         "admission": {"source_topic": "zimage.requests.high", "source_partition": 2, "source_offset": 2**40,
                       "generation": "tiny-1+fp32-cpu", "cache_key": "ab" * 32, "pool": "turbo",
-                      "admitted_at": T0 + 5},
+                      "replay_id": "replay-7", "admitted_at": T0 + 5},
     },
     "PoolAnnouncement": {
         "pool": "turbo", "model": "z-image-turbo", "model_id": "Tongyi-MAI/Z-Image-Turbo",

@@ -39,7 +39,8 @@ REQUEST: dict[str, Any] = {
     "request_id": "r-1", "tenant": "t", "sku_id": None, "prompt": "a lamp", "negative_prompt": None,
     "model": "z-image-turbo", "width": 64, "height": 64, "steps": 2, "guidance": 0.0, "seed": None,
     "num_images": 1, "priority": "NORMAL", "callback_url": None, "deadline": None, "submitted_at": 1,
-    "metadata": {}, "admission": None}
+    "metadata": {}, "sku_version": None, "view": None, "template_version": None, "sku_event": None,
+    "admission": None}
 
 
 def zigzag(n: int) -> bytes:
