@@ -22,6 +22,11 @@ def cache_entry_key(topic_prefix: str, cache_key: str) -> str:
     return f"zimage:{topic_prefix}:cache:{cache_key}"
 
 
+def cancel_entry_key(topic_prefix: str, tenant: str, request_id: str) -> str:
+    """Where a cancellation of a still-queued request waits for the gate or a worker to skip the request."""
+    return f"zimage:{topic_prefix}:cancel:{tenant}:{request_id}"
+
+
 class RedisStore:
     def __init__(self, url: str, timeout_s: float = 0.25, client: redis.Redis | None = None):
         self._client = client if client is not None else redis.Redis.from_url(
@@ -53,6 +58,16 @@ class RedisStore:
         except redis.RedisError as exc:
             self._failed(exc)
             return False
+
+    def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool | None:
+        """True when `key` was set now, False when it already held a value, None when Redis cannot be asked."""
+        if not self.available:
+            return None
+        try:
+            return bool(self._client.set(key, value, px=max(1, int(ttl_s * 1000)), nx=True))
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return None
 
     def _failed(self, exc: Exception) -> None:
         self.failures += 1
