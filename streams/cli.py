@@ -1,4 +1,4 @@
-"""The `zimage` command: worker, processors, submit, tail, demo, topics, topology, config."""
+"""The `zimage` command: worker, processors, sku-connector, submit, tail, demo, topics, topology, config."""
 from __future__ import annotations
 
 import faulthandler
@@ -168,6 +168,28 @@ def processors(restart: bool, only: str | None, metrics_port_offset: int) -> Non
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())
     runner.run()
+
+
+@main.command("sku-connector")
+@RESTART
+def sku_connector(restart: bool) -> None:
+    """Turn SkuChanged events (the sku.changes topic) into the GenerationRequests of each SKU, one per view of its
+    template (ZIMAGE_SKU_TEMPLATES), until SIGTERM/SIGINT. Metrics on ZIMAGE_METRICS_PORT."""
+    s = _settings()
+    if s.sku_template_set is None:
+        raise ConfigError("ZIMAGE_SKU_TEMPLATES is not set: the connector renders SKUs with its templates "
+                          "(see examples/sku-templates.toml)")
+    _supervised("sku-connector", restart)
+    _logging(s.log_level)
+    from schemas.serde import AvroSerde
+    from streams import metrics
+    from streams.sku_connector import SkuConnector
+
+    metrics.serve(s.metrics_port)
+    connector = SkuConnector(s, AvroSerde(registry_url=s.schema_registry_url), s.sku_template_set)
+    signal.signal(signal.SIGTERM, lambda *_: connector.stop())
+    signal.signal(signal.SIGINT, lambda *_: connector.stop())
+    connector.run()
 
 
 @main.command()

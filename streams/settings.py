@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from connectors.storage import BUCKET_NAME
 from processors.requests import Limits
+from processors.sku_templates import SkuTemplates
 from streams.setting_values import (
     MASK,
     as_network,
@@ -98,6 +99,9 @@ class Settings(BaseSettings):
     storage_url: str = "out/objects"  # a folder, file:///abs/path, or s3://bucket/prefix
     s3_endpoint_url: str | None = None
     s3_bucket: str = Field("zimage", pattern=BUCKET_NAME.pattern)
+
+    # --- the SKU connector (`zimage sku-connector`): SkuChanged -> GenerationRequests ---
+    sku_templates: str | None = None  # TOML: per-catalogue category -> template (examples/sku-templates.toml)
 
     # --- the model a worker serves ---
     pool: str = "turbo"
@@ -262,6 +266,33 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @field_validator("sku_templates", mode="before")
+    @classmethod
+    def _sku_templates_unset(cls, v: object) -> object:
+        return _none_word(v)
+
+    @model_validator(mode="after")
+    def _sku_templates_check(self) -> Settings:
+        """The whole templates file, against the request limits and the served models: a bad file is a bad
+        setting, refused before the connector opens a client."""
+        from processors.sku_templates import TemplateError
+
+        if self.sku_templates is not None:
+            try:
+                templates = self.sku_template_set
+                assert templates is not None
+                templates.check_against(self.limits(), tuple(m for ms in self.pools.values() for m in ms))
+            except TemplateError as exc:
+                raise ValueError(f"ZIMAGE_SKU_TEMPLATES: {exc}") from None
+        return self
+
+    @cached_property
+    def sku_template_set(self) -> SkuTemplates | None:
+        """The templates file read (once) when the settings were checked; None when ZIMAGE_SKU_TEMPLATES is unset."""
+        from processors.sku_templates import load_templates
+
+        return None if self.sku_templates is None else load_templates(self.sku_templates)
 
     def limits(self) -> Limits:
         """What intake accepts: every cap here also bounds the outputs a request can produce."""

@@ -135,6 +135,11 @@ class Topology:
     def sku_changes(self) -> str:
         return f"{self.prefix}.sku.changes"
 
+    @property
+    def sku_changelog(self) -> str:
+        """The SKU connector's state: the latest version rendered of each (tenant, SKU)."""
+        return f"{self.prefix}.sku.changelog"
+
     def max_bytes(self, topic: str) -> int:
         """The largest value a record on `topic` may carry: its max.message.bytes (the broker's default where the
         topic sets none) less room for the key, headers and batch framing. Check an encoded value against it
@@ -150,7 +155,7 @@ class Topology:
             TopicSpec(
                 self.request_topic(p), self.request_partitions,
                 {"retention.ms": week, "cleanup.policy": "delete", "max.message.bytes": str(REQUEST_MAX_BYTES)},
-                writers=("producers", "zimage submit"), readers=("gate",),
+                writers=("producers", "zimage submit", "sku connector"), readers=("gate",),
                 value="GenerationRequest",
             )
             for p in PRIORITIES
@@ -173,7 +178,7 @@ class Topology:
                       writers=("gate", "render worker", "processors"), readers=("operators",),
                       value="original bytes + reason headers"),
             TopicSpec(self.sku_changes, self.request_partitions, {"retention.ms": week},
-                      writers=("catalogue services",), readers=("sku connector (planned)",), value="SkuChanged"),
+                      writers=("catalogue services",), readers=("sku connector",), value="SkuChanged"),
         ]
         compacted = {"cleanup.policy": "compact", "max.message.bytes": output_bytes}
         specs += [
@@ -189,6 +194,9 @@ class Topology:
             TopicSpec(self.gate_changelog, self.request_partitions,
                       {**compacted, "cleanup.policy": "compact,delete", "retention.ms": str(30 * DAY_MS)},
                       writers=("gate",), readers=("gate (restore)",), value="idempotency state"),
+            # compacted only: the latest version of every SKU stays, however long ago it changed
+            TopicSpec(self.sku_changelog, self.request_partitions, dict(compacted), writers=("sku connector",),
+                      readers=("sku connector (restore)",), value="latest SKU versions"),
             TopicSpec(self.review, self.output_partitions,
                       {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
                       writers=("processors: publication",), readers=("zimage review",), value="ImageRendered"),
