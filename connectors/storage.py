@@ -37,6 +37,24 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool:
         ...
 
+    def key_of(self, uri_or_key: str) -> str:
+        """The store's key of an object named by the URI `put` returned (or by key); raises UnsafeKey for a URI
+        outside this store."""
+        ...
+
+    def copy(self, src: str, dst: str) -> str:
+        """Copy the object at key `src` to key `dst` (replacing it) and return the copy's URI; ObjectNotFound."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object at `key`; removing what is not there is no error (a replay removes it again)."""
+        ...
+
+    def move(self, src: str, dst: str) -> bool:
+        """Move the object at key `src` to key `dst`. True if it moved now, False if it had moved before (`src`
+        gone, `dst` there: a replay after a crash); ObjectNotFound if it is at neither."""
+        ...
+
 
 def check_key(key: str) -> str:
     """Return `key` if it is a clean relative object key, else raise UnsafeKey."""
@@ -83,6 +101,30 @@ class LocalObjectStore:
 
     def exists(self, key: str) -> bool:
         return self._locate(key).is_file()
+
+    def key_of(self, uri_or_key: str) -> str:
+        return self._locate(uri_or_key).relative_to(self.root).as_posix()
+
+    def copy(self, src: str, dst: str) -> str:
+        return self.put(dst, self.get(src))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        if path.parent.is_dir():
+            _fsync_dir(path.parent)
+
+    def move(self, src: str, dst: str) -> bool:
+        source, target = self._path(src), self._path(dst)
+        if not source.is_file():
+            if target.is_file():
+                return False
+            raise ObjectNotFound(f"no object at {source.as_uri()} nor at {target.as_uri()}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)  # atomic within the store's file system: the object is in one place only
+        _fsync_dir(target.parent)
+        _fsync_dir(source.parent)
+        return True
 
     def _locate(self, uri_or_key: str) -> Path:
         if uri_or_key.startswith("file:"):
@@ -146,6 +188,38 @@ class S3ObjectStore:
             if _is_not_found(exc):
                 return False
             raise
+        return True
+
+    def key_of(self, uri_or_key: str) -> str:
+        bucket, full_key = self._locate(uri_or_key)
+        inside = full_key.removeprefix(f"{self.prefix}/") if self.prefix else full_key
+        if bucket != self.bucket or (self.prefix and inside == full_key):
+            raise UnsafeKey(f"{uri_or_key!r} is outside s3://{self.bucket}/{self.prefix}")
+        return check_key(inside)
+
+    def copy(self, src: str, dst: str) -> str:
+        source, target = self._key(src), self._key(dst)
+        try:
+            self._client.copy_object(Bucket=self.bucket, Key=target, CopySource={"Bucket": self.bucket,
+                                                                                  "Key": source})
+        except Exception as exc:
+            if _is_not_found(exc):
+                raise ObjectNotFound(f"no object at s3://{self.bucket}/{source}") from None
+            raise
+        return f"s3://{self.bucket}/{target}"
+
+    def delete(self, key: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self._key(key))  # S3 answers 204 for a missing key
+
+    def move(self, src: str, dst: str) -> bool:
+        # S3 has no rename: copy, then delete. A crash between the two leaves both; the replay copies again.
+        try:
+            self.copy(src, dst)
+        except ObjectNotFound:
+            if self.exists(dst):
+                return False
+            raise
+        self.delete(src)
         return True
 
     def _key(self, key: str) -> str:

@@ -126,3 +126,38 @@ def worst(verdicts: Iterable[SafetyVerdict]) -> SafetyVerdict:
     scanned = all(v.scanned for v in listed)
     return chosen if chosen.scanned == scanned else SafetyVerdict(chosen.decision, scanned, chosen.top_label,
                                                                   chosen.top_score)
+
+
+# ------------------------------------------------------------------- detector failures and how verdicts are shown
+
+FailureDecision = Literal["REVIEW", "BLOCK"]
+
+
+def failure_verdict(reason: str, decision: FailureDecision) -> SafetyVerdict:
+    """The verdict of an image its detector could not judge (a timeout under a fail-open or fail-closed policy,
+    or an image the detector refuses): REVIEW or BLOCK, never PASS, and unscanned; the label names the failure."""
+    if decision not in ("REVIEW", "BLOCK"):
+        raise ValueError(f"a detector failure gives REVIEW or BLOCK, not {decision!r}")
+    return SafetyVerdict(decision, scanned=False, top_label=f"unavailable:{reason}"[:SAFETY_LABEL_MAX_CHARS])
+
+
+def metric_label(v: SafetyVerdict) -> str:
+    """The `verdict` label of zimage_safety_total: pass, review or block, and unscanned for an image that passed
+    because no detector looked at it."""
+    return "unscanned" if v.decision == "PASS" and not v.scanned else v.decision.lower()
+
+
+def describe(v: SafetyVerdict) -> str:
+    """One line for a status detail or a RequestFailed reason: `image safety BLOCK: nudity 0.930`."""
+    if v.decision == "PASS" and not v.scanned:
+        return "image safety: unscanned (no detector)"
+    shown = v.top_label or "no label"
+    if v.top_score is not None:
+        shown += f" {v.top_score:.3f}"
+    return f"image safety {v.decision}: {shown}"
+
+
+def thresholds_from(review: float, block: float, per_label: str = "", ignored: Iterable[str] = ()) -> SafetyThresholds:
+    """SafetyThresholds from the settings' forms; ValueError naming what is wrong."""
+    return SafetyThresholds(review=review, block=block, per_label=parse_label_thresholds(per_label),
+                            ignored=frozenset(label.strip() for label in ignored if label.strip()))

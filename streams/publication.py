@@ -5,6 +5,10 @@ RequestFailed / dead letters of records it cannot publish) commit in one Kafka t
 they came from. A crash at any point leaves either both or neither, so every ImageRendered is published
 exactly once. (faust-streaming's exactly_once mode sends records without a partition outside its
 transactions; a SIGKILL test showed duplicates, hence this relay.)
+
+Before an image is published, the image safety check (streams/image_safety.py) judges it: PASS publishes, REVIEW
+holds it for a person (as a quality failure does), BLOCK fails the request as `unsafe` and moves its objects to
+quarantine. A detector or storage outage holds the partition at that record and reads it again after a backoff.
 """
 from __future__ import annotations
 
@@ -20,11 +24,13 @@ from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
 from processors.events import image_ready
 from processors.publication_state import by_sku_key
-from processors.safety import UNSCANNED
+from processors.safety import UNSCANNED, SafetyVerdict, describe, metric_label
 from processors.status import request_status, status_key
 from schemas.serde import AvroSerde
 from streams import metrics
 from streams.failures import FailureRecords, Origin
+from streams.holds import PartitionHolds
+from streams.image_safety import ImageSafety, SafetyUnavailable, Scanned, image_safety_from_settings
 from streams.liveness import Deadlines
 from streams.published_state import PublishedState
 from streams.settings import Settings
@@ -35,13 +41,18 @@ COMMIT_LIMIT_S = 60.0  # librdkafka can block past its own timeouts when the coo
 
 
 class PublicationRelay:
-    def __init__(self, settings: Settings, serde: AvroSerde, batch: int = 500, cache: RedisStore | None = None):
+    def __init__(self, settings: Settings, serde: AvroSerde, batch: int = 500, cache: RedisStore | None = None,
+                 safety: ImageSafety | None = None):
         self.s = settings
+        self._safety = safety if safety is not None else image_safety_from_settings(settings)
+        self._held = PartitionHolds()
         self._cache = cache
         self._to_cache: list[tuple[str, dict]] = []  # (cache key, entry) of the batch being committed
         self.topology = settings.topology
         self._serde = serde
-        self._batch = batch
+        # A batch's images are checked before it commits: few enough that detector timeouts stay far below the
+        # consumer's max.poll.interval.ms
+        self._batch = min(batch, 4 * self._safety.concurrency) if self._safety.enabled else batch
         self._failures = FailureRecords(self.topology, serde, stage="processors:publication",
                                         limits=settings.limits())
         self._stop = threading.Event()
@@ -58,12 +69,13 @@ class PublicationRelay:
         self._published = PublishedState(conf, self.topology, self._serde, self.s.publication_window_days)
         deadlines = Deadlines()
         self._consumer.subscribe([self.topology.rendered, self.topology.review_decisions],
-                                 on_revoke=lambda consumer, parts: self._published.forget(p.partition for p in parts))
+                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("publishing %s -> %s in group %s", self.topology.rendered, self.topology.images_ready,
                  self.group_id)
         clean = False
         try:
             while not self._stop.is_set():
+                self._held.resume_due(self._consumer)
                 msgs = kafka.consume_ready(self._consumer, self._batch, 0.1)
                 assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
                 # a partition revoked during consume() is its next owner's to publish
@@ -74,6 +86,8 @@ class PublicationRelay:
                 if not msgs:
                     continue
                 records, offsets = self.publish(msgs)
+                if not offsets:
+                    continue  # every record in hand waits for the detector or the storage
                 try:
                     with deadlines.guard("a transaction commit", COMMIT_LIMIT_S):
                         step.commit(records, offsets, self._consumer)
@@ -87,46 +101,99 @@ class PublicationRelay:
             if clean:
                 self._consumer.close()
             step.close()
+            self._safety.close()
 
     def publish(self, msgs: list[Message]) -> tuple[list[OutRecord], dict[tuple[str, int], int]]:
         """The records one batch (ImageRendered, and reviewers' decisions) turns into, and the offsets to commit
-        with them."""
+        with them. A record whose safety check waits for an outage holds its partition: neither it nor what
+        follows it there commits now."""
         records: list[OutRecord] = []
         offsets: dict[tuple[str, int], int] = {}
         now_ms = int(time.time() * 1000)
-        for msg in msgs:
-            origin = Origin.of(msg)
-            offsets[(origin.topic, origin.partition)] = origin.offset + 1
+        origins = [Origin.of(msg) for msg in msgs]
+        scans = self._scan(origins, now_ms)
+        for origin in origins:
+            tp = (origin.topic, origin.partition)
+            if tp in self._held:
+                continue  # read again from the held offset once the hold ends
             try:
                 if origin.topic == self.topology.review_decisions:
-                    records += self._decided(origin, now_ms)
+                    records += self._decided(origin, now_ms, scans.get(origin.source))
                 else:
-                    records += self._rendered(origin, origin.value, now_ms, reviewed=False)
+                    records += self._rendered(origin, origin.value, now_ms, False, scans.get(origin.source))
+            except SafetyUnavailable as exc:
+                self._held.hold(self._consumer, tp, origin.offset, f"image safety: {exc}")
+                continue
             except Exception as exc:  # noqa: BLE001 - a record never stops publication
                 log.error("unpublishable record at %s: %s", origin.source, exc)
                 records += self._failures("unpublishable", f"{type(exc).__name__}: {exc}", origin, None)
+            offsets[tp] = origin.offset + 1
+            self._held.decided(tp)
         return records, offsets
 
-    def _rendered(self, origin: Origin, value: bytes, now_ms: int, reviewed: bool) -> list[OutRecord]:
+    def _scan(self, origins: list[Origin], now_ms: int) -> dict[tuple[str, int, int], Scanned]:
+        """The safety verdicts of the batch's images that are to be published, checked together: the new renders
+        and the approved review items. Cached answers were checked when first rendered."""
+        if not self._safety.enabled:
+            return {}
+        todo: dict[tuple[str, int, int], dict] = {}
+        for origin in origins:
+            try:
+                rendered = self._to_publish(origin, now_ms)
+            except Exception:  # noqa: BLE001 - the record fails on its own in publish()
+                continue
+            if rendered is not None and not rendered.get("cached"):
+                todo[origin.source] = rendered
+        return dict(zip(todo, self._safety.scan(list(todo.values())), strict=True))
+
+    def _to_publish(self, origin: Origin, now_ms: int) -> dict | None:
+        value = origin.value
+        if origin.topic == self.topology.review_decisions:
+            decision = self._serde.decode("ReviewDecision", value, topic=origin.topic)
+            if decision["decision"] != "approve":
+                return None
+            value = decision["rendered"]
         rendered = self._serde.decode("ImageRendered", value, topic=self.topology.rendered)
-        if not reviewed and rendered.get("quality", {}).get("passed") == 0.0:
-            # still below the quality bar after its re-renders (or with the caller's own seed): a person decides
-            status = request_status(request=rendered, status="in_review", stage="publication", now_ms=now_ms,
-                                    generation=rendered.get("generation"), detail="quality below the bar")
-            return [OutRecord(self.topology.review, value, rendered["request_id"].encode()),
-                    self._status(status)]
+        publish = self._published.of_partition(origin.partition).decide(rendered, now_ms).publish
+        return rendered if publish else None
+
+    def _verdict(self, rendered: dict, scanned: Scanned | None) -> SafetyVerdict:
+        if rendered.get("cached"):  # what the cache holds was published before: checked when first rendered
+            return SafetyVerdict("PASS", scanned=True) if self._safety.enabled else UNSCANNED
+        if scanned is None:
+            if self._safety.enabled:  # not scanned with its batch (a record decoded only now): scan it alone
+                [scanned] = self._safety.scan([rendered])
+            else:
+                return UNSCANNED
+        return scanned.result()
+
+    def _rendered(self, origin: Origin, value: bytes, now_ms: int, reviewed: bool,
+                  scanned: Scanned | None = None) -> list[OutRecord]:
+        rendered = self._serde.decode("ImageRendered", value, topic=self.topology.rendered)
         state = self._published.of_partition(origin.partition)
         decision = state.decide(rendered, now_ms)
         if not decision.publish:
             return []  # this request's generation and content are published already (a replay, a redo)
-        # No image detector runs yet: every image is marked unscanned, in its event and in the metrics.
+        safety = self._verdict(rendered, scanned)
+        if safety.decision == "BLOCK":
+            return self._blocked(origin, rendered, safety)
+        held_why = describe(safety) if safety.decision == "REVIEW" else None
+        if held_why is None and rendered.get("quality", {}).get("passed") == 0.0:
+            held_why = "quality below the bar"  # still below it after its re-renders (or with the caller's seed)
+        if held_why is not None and not reviewed:  # a person decides
+            metrics.SAFETY.labels(metric_label(safety)).inc()
+            status = request_status(request=rendered, status="in_review", stage="publication", now_ms=now_ms,
+                                    generation=rendered.get("generation"), detail=held_why)
+            return [OutRecord(self.topology.review, value, rendered["request_id"].encode()),
+                    self._status(status)]
+        # With no detector configured the image is marked unscanned, in its event and in the metrics.
         ready = image_ready(rendered, now_ms, version=decision.version, supersedes=decision.supersedes,
-                            safety=UNSCANNED.as_record())
+                            safety=safety.as_record())
         ready_value = self._serde.encode("ImageReady", ready, topic=self.topology.images_ready)
         if len(ready_value) > self._max_ready_bytes:
             raise ValueError(f"ImageReady would be {len(ready_value)} bytes; at most {self._max_ready_bytes}")
         state.apply(ready)
-        metrics.SAFETY.labels("unscanned").inc()
+        metrics.SAFETY.labels(metric_label(safety)).inc()
         out = [OutRecord(self.topology.images_ready, ready_value, ready["request_id"].encode())]
         sku_key = by_sku_key(ready)
         if sku_key is not None and self._published.sku_latest().offer(ready):
@@ -139,15 +206,28 @@ class PublicationRelay:
             self._to_cache.append((key, {"model_id": rendered["model_id"], "images": rendered["images"]}))
         return out
 
-    def _decided(self, origin: Origin, now_ms: int) -> list[OutRecord]:
-        """A reviewer's decision: an approval publishes the image held for review, a rejection fails it."""
+    def _decided(self, origin: Origin, now_ms: int, scanned: Scanned | None) -> list[OutRecord]:
+        """A reviewer's decision: an approval publishes the image held for review (unless the detector now
+        blocks it), a rejection fails it."""
         decision = self._serde.decode("ReviewDecision", origin.value, topic=origin.topic)
         if decision["decision"] == "approve":
-            return self._rendered(origin, decision["rendered"], now_ms, reviewed=True)
+            return self._rendered(origin, decision["rendered"], now_ms, True, scanned)
         rendered = self._serde.decode("ImageRendered", decision["rendered"], topic=self.topology.rendered)
         reason = f"rejected by {decision.get('reviewer') or 'a reviewer'}: {decision.get('reason') or 'no reason'}"
         failure = self._failures("rejected", reason, origin, rendered)
         return [r for r in failure if r.topic != self.topology.dlq]  # a decision, not a broken record
+
+    def _blocked(self, origin: Origin, rendered: dict, safety: SafetyVerdict) -> list[OutRecord]:
+        """RequestFailed(`unsafe`), its objects moved to quarantine (or deleted) first: a replay after a crash
+        between the two finds them moved and fails the request again."""
+        removed = self._safety.remove(rendered)
+        metrics.SAFETY.labels(metric_label(safety)).inc()
+        failure = self._failures("unsafe", f"{describe(safety)}; {removed}", origin, rendered)
+        return [r for r in failure if r.topic != self.topology.dlq]  # a decision, not a broken record
+
+    def _on_revoke(self, consumer: object, parts: list) -> None:
+        self._held.drop((p.topic, p.partition) for p in parts)
+        self._published.forget(p.partition for p in parts)
 
     def _status(self, status: dict) -> OutRecord:
         return OutRecord(self.topology.status, self._serde.encode("RequestStatus", status),

@@ -87,6 +87,20 @@ class Settings(BaseSettings):
     text_moderators: Annotated[tuple[Literal["rules", "classifier", "aws", "alibaba", "google"], ...], NoDecode] = (
         "rules", "classifier")
     aws_moderation_region: str | None = None
+    # --- image safety after rendering (publication scans each new image; streams/image_safety.py) ---
+    # none: every image passes marked unscanned. http: POST the PNG to image_safety_url, a detector service.
+    image_safety: Literal["none", "rekognition", "google", "http"] = "none"
+    image_safety_url: str | None = None
+    image_safety_timeout_s: float = Field(5.0, gt=0, le=120)
+    # what a detector that does not answer gives: retry (the partition waits), review (fail open), block (closed)
+    image_safety_on_timeout: Literal["retry", "review", "block"] = "retry"
+    image_safety_review_at: float = Field(0.5, ge=0, le=1)
+    image_safety_block_at: float = Field(0.85, ge=0, le=1)
+    image_safety_label_thresholds: str = ""  # label=review:block,... overrides per label
+    image_safety_ignored_labels: Annotated[tuple[str, ...], NoDecode] = ()  # a detector's benign classes
+    image_safety_blocked_objects: Literal["quarantine", "delete"] = "quarantine"
+    image_safety_quarantine_prefix: str = "quarantine"
+    image_safety_concurrency: int = Field(4, ge=1, le=64)  # images checked at once
 
     # --- webhooks (run by `zimage processors` only when a signing secret is set) ---
     webhook_secret: SecretStr | None = None
@@ -163,7 +177,7 @@ class Settings(BaseSettings):
 
     @field_validator("schema_registry_url", "s3_endpoint_url", "model_revision", "health_file",
                      "moderation_policy_file", "replication_factor", "min_insync_replicas", "quality_min_width",
-                     "quality_min_height", mode="before")
+                     "quality_min_height", "image_safety_url", mode="before")
     @classmethod
     def _unset_words(cls, v: object) -> object:
         return _none_word(v)
@@ -188,7 +202,7 @@ class Settings(BaseSettings):
     def _allowlist_parse(cls, v: object) -> object:
         return parse_allowlist(v) if isinstance(v, (str, tuple, list)) else v
 
-    @field_validator("text_moderators", mode="before")
+    @field_validator("text_moderators", "image_safety_ignored_labels", mode="before")
     @classmethod
     def _names_parse(cls, v: object) -> object:
         return tuple(n.strip() for n in v.split(",") if n.strip()) if isinstance(v, str) else v
@@ -201,6 +215,28 @@ class Settings(BaseSettings):
 
             load_policy(v)
         return v
+
+    @field_validator("image_safety_url")
+    @classmethod
+    def _detector_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            from connectors.image_detectors import check_detector_url
+
+            try:
+                check_detector_url(v)
+            except ValueError as exc:
+                raise ValueError(f"{mask_url_credentials(v)!r} {exc}") from None
+        return v
+
+    @field_validator("image_safety_quarantine_prefix")
+    @classmethod
+    def _quarantine_prefix(cls, v: str) -> str:
+        from connectors.storage import UnsafeKey, check_key
+
+        try:
+            return check_key(v.strip("/"))
+        except UnsafeKey:
+            raise ValueError(f"{v!r} must be a relative object key prefix such as quarantine") from None
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -254,6 +290,7 @@ class Settings(BaseSettings):
             problems.append("ZIMAGE_MODEL_REVISION applies to Hugging Face models, not ZIMAGE_MODEL_SOURCE='tiny'")
         if self.webhook_retry_max_delay_s < self.webhook_retry_base_s:
             problems.append("ZIMAGE_WEBHOOK_RETRY_MAX_DELAY_S must be at least ZIMAGE_WEBHOOK_RETRY_BASE_S")
+        problems += self._image_safety_problems()
         rf, isr = self.replication_factor, self.min_insync_replicas
         if rf is not None and isr is not None and isr > rf:
             problems.append(f"ZIMAGE_MIN_INSYNC_REPLICAS={isr} is above ZIMAGE_REPLICATION_FACTOR={rf}: "
@@ -293,6 +330,19 @@ class Settings(BaseSettings):
         from processors.sku_templates import load_templates
 
         return None if self.sku_templates is None else load_templates(self.sku_templates)
+
+    def _image_safety_problems(self) -> list[str]:
+        from processors.safety import thresholds_from
+
+        problems = []
+        if self.image_safety == "http" and not self.image_safety_url:
+            problems.append("ZIMAGE_IMAGE_SAFETY='http' needs ZIMAGE_IMAGE_SAFETY_URL, the detector service's URL")
+        try:
+            thresholds_from(self.image_safety_review_at, self.image_safety_block_at,
+                            self.image_safety_label_thresholds, self.image_safety_ignored_labels)
+        except ValueError as exc:
+            problems.append(f"ZIMAGE_IMAGE_SAFETY_REVIEW_AT / _BLOCK_AT / _LABEL_THRESHOLDS: {exc}")
+        return problems
 
     def limits(self) -> Limits:
         """What intake accepts: every cap here also bounds the outputs a request can produce."""
