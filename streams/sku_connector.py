@@ -82,7 +82,8 @@ class SkuConnector:
         self._consumer = self._consumer_factory(conf, self.group_id)
         self._step = self._step_factory(conf, f"{self.group_id}-{self.s.worker_id}")
         deadlines = Deadlines()
-        self._consumer.subscribe([self.topology.sku_changes], on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self._consumer.subscribe([self.topology.sku_changes], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_revoke)
         log.info("SKU connector of %s in group %s", self.topology.sku_changes, self.group_id)
         clean = False
         try:
@@ -192,6 +193,10 @@ class SkuConnector:
 
     def _rewind(self) -> None:
         self._step.rewind(self._consumer, lambda parts: self._versions.forget({p for _t, p in parts}))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Another member may have advanced these SKUs while the partition was away: read the changelog again.
+        self._versions.forget({tp.partition for tp in partitions})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}

@@ -147,7 +147,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     },
     "SkuChanged": {
         "sku_id": "SKU-9", "tenant": "acme", "version": 12, "title": "Red chair", "attributes": {"color": "red"},
-        "template": "catalog", "priority": "LOW", "changed_at": T0,
+        "template": "catalog", "priority": "LOW", "changed_at": T0, "change_kind": "bulk_import",
+        "category": "chairs",
     },
 }
 
