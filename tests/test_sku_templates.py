@@ -249,3 +249,19 @@ def test_sku_changed_only_adds_fields_with_defaults_and_v1_data_still_decodes():
     old = {k: v for k, v in event().items() if k not in ("change_kind", "category")}
     decoded = AvroSerde().decode("SkuChanged", spec_header(v1) + plain_body(v1, old))
     assert decoded == {**old, "change_kind": None, "category": None}
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("restart", ["--restart", "--no-restart"])
+def test_the_command_refuses_a_missing_or_bad_file_with_one_line_and_exit_78(tmp_path, restart):
+    from tests.test_cli import zimage
+
+    unset = zimage("sku-connector", restart, ZIMAGE_SKU_TEMPLATES="", ZIMAGE_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    assert unset.returncode == 78 and unset.stderr.startswith("zimage: ZIMAGE_SKU_TEMPLATES is not set")
+    bad = tmp_path / "t.toml"
+    bad.write_text(FILE.replace('prompt = "{title} lamp, {view}"', 'prompt = "{title:>99999} lamp"'))
+    out = zimage("sku-connector", restart, ZIMAGE_SKU_TEMPLATES=str(bad), ZIMAGE_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    assert out.returncode == 78 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith(f"zimage: invalid configuration: ZIMAGE_SKU_TEMPLATES: {bad}: templates.lamp.prompt")
+    assert zimage("sku-connector", "--help").returncode == 0
