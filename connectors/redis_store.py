@@ -69,6 +69,23 @@ class RedisStore:
             self._failed(exc)
             return None
 
+    def claim_many(self, keys: Sequence[str], value: bytes, ttl_s: float) -> list[bytes | None] | None:
+        """Sets each key to `value` where it is absent, in one round trip, and returns what each key holds
+        afterwards (`value` where this call set it or it held it already); None when Redis cannot be asked."""
+        if not keys or not self.available:
+            return None if keys else []
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(key, value, px=max(1, int(ttl_s * 1000)), nx=True)
+                pipe.get(key)
+            answers = pipe.execute()
+            held = answers[1::2]
+            return [v.encode() if isinstance(v, str) else v for v in held]
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return None
+
     def _failed(self, exc: Exception) -> None:
         self.failures += 1
         self._down_until = time.monotonic() + RETRY_AFTER_S

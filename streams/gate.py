@@ -10,7 +10,8 @@ Its stages, in order, for each request:
 3. prompt moderation: a blocked prompt gets RequestFailed(`blocked`) and never reaches a render topic;
 4. the L1 cache (Redis): a hit becomes an ImageRendered with zero GPU time, published like any other;
 5. routing: the request, with its admission (lineage, generation, cache key), goes to its pool's render topic of
-   its own priority.
+   its own priority, keyed by its cache key, so that identical requests meet on one worker, which renders them
+   once (processors/inflight.py). A request cancelled while queued is failed (`cancelled`) instead.
 
 A Schema Registry that does not answer, or a pool that has not announced its model yet, holds the partition (read
 again after a backoff): not the request's fault. Redis down means no cache, never a failed request.
@@ -46,6 +47,7 @@ from processors.requests import InvalidRequest, priority_of, validate
 from processors.status import request_status, status_key
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams import metrics
+from streams.cancellation import Cancellations
 from streams.failures import FailureRecords, Origin
 from streams.gate_state import AdmittedKeys, PoolDirectory, RestoreFailed
 from streams.holds import PartitionHolds
@@ -67,6 +69,7 @@ class Hold(Exception):
 
 class Gate:
     def __init__(self, settings: Settings, serde: AvroSerde, *, moderate: Moderate, cache: RedisStore | None,
+                 cancellations: Cancellations | None = None,
                  consumer_factory: Callable[..., Consumer] = kafka.consumer,
                  step_factory: Callable[..., TransactionalStep] = TransactionalStep, batch: int = 500):
         self.s = settings
@@ -74,6 +77,7 @@ class Gate:
         self._serde = serde
         self._moderate = moderate
         self._cache = cache
+        self._cancellations = cancellations or Cancellations(cache, settings.topic_prefix)
         self._consumer_factory = consumer_factory
         self._step_factory = step_factory
         self._batch = batch
@@ -140,10 +144,13 @@ class Gate:
         checked = [self._checked(origin) for origin in origins]
         valid = [c for c in checked if isinstance(c, tuple)]
         verdicts = iter(self._moderate([(r["prompt"], r.get("negative_prompt"), r["tenant"]) for r, _ in valid]))
+        cancelled = self._cancellations.cancelled([r for r, _ in valid])
+        positions = iter(range(len(valid)))
         records: list[OutRecord] = []
         offsets: dict[TP, int] = {}
         for origin, check in zip(origins, checked, strict=True):
             verdict = next(verdicts) if isinstance(check, tuple) else None
+            was_cancelled = isinstance(check, tuple) and next(positions) in cancelled
             tp = (origin.topic, origin.partition)
             if tp in self._held:
                 continue  # read again from the held offset once the hold ends
@@ -156,7 +163,7 @@ class Gate:
                 try:
                     generation = generation_of(request, info.model_version,
                                                header_text(origin.headers, GENERATION_HEADER))
-                    records += self._admit(origin, request, info, generation, verdict)
+                    records += self._admit(origin, request, info, generation, verdict, was_cancelled)
                 except (KafkaException, RestoreFailed):
                     raise  # the state in Kafka could not be read: not the request's fault; a new process retries
                 except Exception as exc:  # a record never ends the process
@@ -192,7 +199,7 @@ class Gate:
         return request, info
 
     def _admit(self, origin: Origin, request: dict[str, Any], info: PoolInfo, generation: str,
-               verdict: tuple[str, str | None]) -> list[OutRecord]:
+               verdict: tuple[str, str | None], cancelled: bool = False) -> list[OutRecord]:
         now_ms = int(time.time() * 1000)
         deadline = request.get("deadline")
         if deadline is not None and deadline <= now_ms:
@@ -204,6 +211,10 @@ class Gate:
             return [self._status(request, "duplicate", generation, now_ms, final=True,
                                  detail="already admitted in this generation: the first outcome stands")]
         out = [self._admitted.admit(origin.partition, key, now_ms)]
+        if cancelled:
+            metrics.GATE.labels("cancelled").inc()
+            return out + self._failed("cancelled", "cancelled while queued, before it was routed", origin, request,
+                                      dead_letter=False)
         action, why = verdict
         if action == "block":
             metrics.GATE.labels("blocked").inc()
@@ -227,7 +238,8 @@ class Gate:
                                                     replay_id=header_text(origin.headers, REPLAY_ID_HEADER))}
         topic = self.topology.render_topic(info.pool, priority_of(request))
         value = self._serde.encode("GenerationRequest", routed, topic=topic)
-        return [*out, OutRecord(topic, value, request["request_id"].encode(), list(origin.headers)),
+        # Keyed by cache key: identical requests of a pool meet on one worker, which renders them once.
+        return [*out, OutRecord(topic, value, ckey.encode(), list(origin.headers)),
                 self._status(request, "admitted", generation, now_ms, detail=flagged)]
 
     def _cached(self, key: str) -> dict[str, Any] | None:

@@ -10,6 +10,10 @@ Faults, by whose they are (processors/fault_isolation.py):
 - storage that fails: retried with backoff until it works; the pool fills, the render thread waits, the buffers
   fill and intake pauses (backpressure), and no offset of the held requests is committed;
 - a batch that runs far beyond its expected time ends the process (streams/liveness.py).
+
+Identical requests (one cache key) are rendered once: the first leads, the copies wait for its outcome and are
+answered with its images or its failure (processors/inflight.py). A request cancelled while queued is failed
+(`cancelled`) instead of rendered: the batch claims each request against its cancellation first.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from processors.batching import Batch, Pending
 from processors.events import image_rendered
 from processors.fault_isolation import render_isolating_faults
 from processors.imaging import encode_png, object_key, sha256_hex
+from processors.inflight import Answered, Failed, InFlight, Lead, Rendered
 from processors.quality import QualityPolicy, next_attempt, request_report, rerender_seed, score_image
 from processors.render_settings import RenderItem, RenderSettings, UnsupportedSettings
 from processors.renderer import render_splitting_on_oom
@@ -85,6 +90,8 @@ class Admitted:
 OnDone = Callable[[Pending, list[OutRecord], str], None]
 # Called with (pending, code, reason): the worker turns it into RequestFailed + dead letter.
 OnFail = Callable[[Pending, str, str], None]
+# Called with a batch's requests when it starts: the indexes of those cancelled while they were queued.
+Cancelled = Callable[[list[dict[str, Any]]], set[int]]
 
 
 class Quality(NamedTuple):
@@ -108,7 +115,7 @@ class RenderStage:
                  rendered_topic: str, max_rendered_bytes: int, worker_id: str,
                  take_batch: Callable[[float], Batch | None], on_done: OnDone, on_fail: OnFail,
                  journal: CrashJournal, deadlines: Deadlines, heartbeat: Heartbeat, limits: StageLimits,
-                 quality: QualityPolicy | None = None):
+                 quality: QualityPolicy | None = None, cancelled: Cancelled = lambda requests: set()):
         self._renderer = renderer
         self._store = store
         self._encode = encode_rendered
@@ -123,8 +130,10 @@ class RenderStage:
         self._heartbeat = heartbeat
         self._limits = limits
         self._quality = quality or QualityPolicy()
+        self._cancelled = cancelled
+        self._inflight: InFlight[Pending] = InFlight()
         self._pool = ThreadPoolExecutor(limits.post_threads, thread_name_prefix="zimage-post")
-        self._inflight = threading.BoundedSemaphore(limits.max_inflight_batches)
+        self._handoff = threading.BoundedSemaphore(limits.max_inflight_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="zimage-render", daemon=True)
         self._seconds_per_unit: float | None = None  # measured render cost per pixel-step-image
@@ -155,8 +164,26 @@ class RenderStage:
 
     # ------------------------------------------------------------------ rendering
 
+    def _leaders(self, batch: Batch) -> list[Pending]:
+        """What of the batch must be rendered: not the cancelled, nor copies of a request already in flight."""
+        cancelled = self._cancelled([p.payload.request for p in batch.items])
+        leaders = []
+        for index, pending in enumerate(batch.items):
+            if index in cancelled:
+                self._on_fail(pending, "cancelled", "cancelled while queued, before rendering started")
+                continue
+            claim = self._inflight.claim(_cache_key(pending), pending)
+            if isinstance(claim, Lead):
+                leaders.append(pending)
+            elif isinstance(claim, Answered):
+                self._answer(pending, claim.outcome)
+        return leaders  # followers are answered when their leader's outcome is known
+
     def _render(self, batch: Batch) -> None:
-        requests = [p.payload.request for p in batch.items]
+        leaders = self._leaders(batch)
+        if not leaders:
+            return
+        requests = [p.payload.request for p in leaders]
         seeds = [image_seeds(r) for r in requests]
         settings = settings_of(requests[0])  # the batch's compatibility key makes them all equal
 
@@ -174,18 +201,18 @@ class RenderStage:
             return out
 
         started = time.monotonic()
-        with self._journal.holding("render", [p.source for p in batch.items]):
-            isolated = self._render_until_the_device_works(render, len(batch.items))
+        with self._journal.holding("render", [p.source for p in leaders]):
+            isolated = self._render_until_the_device_works(render, len(leaders))
             done = [self._until_good_enough(i, requests[i], seeds, isolated.results[i], render, settings)
                     for i in sorted(isolated.results)]
         render_ms = (time.monotonic() - started) * 1000
         for index, exc in sorted(isolated.errors.items()):
             metrics.ERRORS.labels("render").inc()
-            self._on_fail(batch.items[index], "render_error", f"{type(exc).__name__}: {exc}")
+            self._fail(leaders[index], "render_error", f"{type(exc).__name__}: {exc}")
         if not done:
             return
-        self._inflight.acquire()  # bounded hand-off: back-pressure when storage falls behind
-        fut = self._pool.submit(self._store_batch, batch, [(batch.items[i], seeds[i], images, quality)
+        self._handoff.acquire()  # bounded hand-off: back-pressure when storage falls behind
+        fut = self._pool.submit(self._store_batch, batch, [(leaders[i], seeds[i], images, quality)
                                                            for i, images, quality in done], render_ms)
         fut.add_done_callback(self._stored)
 
@@ -263,7 +290,7 @@ class RenderStage:
     # ------------------------------------------------------------------ storing
 
     def _stored(self, fut: Future) -> None:
-        self._inflight.release()
+        self._handoff.release()
         exc = fut.exception()
         if exc is not None and not isinstance(exc, Stopping):
             log.error("storing a batch failed: %r", exc)  # the worker stops loudly rather than stall a partition
@@ -273,20 +300,51 @@ class RenderStage:
                      render_ms: float) -> None:
         for pending, seeds, images, quality in done:
             try:
-                record = self._store_request(batch, pending, seeds, images, quality, render_ms)
+                record, outcome = self._store_request(batch, pending, seeds, images, quality, render_ms)
             except OutputTooLarge as exc:
-                self._on_fail(pending, "output_too_large", str(exc))
+                self._fail(pending, "output_too_large", str(exc))
                 continue
             except (Stopping, KeyboardInterrupt):
                 raise
             except Exception as exc:  # noqa: BLE001 - not an outage (those are retried inside): this request's
                 metrics.ERRORS.labels("internal").inc()
-                self._on_fail(pending, "internal_error", f"{type(exc).__name__}: {exc}")
+                self._fail(pending, "internal_error", f"{type(exc).__name__}: {exc}")
                 continue
             self._on_done(pending, [record], "rendered")
+            for follower in self._inflight.finish(_cache_key(pending), outcome):
+                self._answer(follower, outcome)
+
+    # ------------------------------------------------------------------ copies of a request in flight
+
+    def _fail(self, pending: Pending, code: str, reason: str) -> None:
+        """A leader's failure is its followers' too: they asked for exactly the same render."""
+        self._on_fail(pending, code, reason)
+        for follower in self._inflight.finish(_cache_key(pending), Failed(code, reason)):
+            self._on_fail(follower, code, reason)
+
+    def _answer(self, pending: Pending, outcome: Rendered) -> None:
+        """A copy of a rendered request: its own ImageRendered, with the leader's images and no GPU time."""
+        request = pending.payload.request
+        try:
+            event = image_rendered(
+                request=request, images=outcome.images, model_id=outcome.model_id,
+                model_version=outcome.model_version,
+                timings_ms={"queue": (time.monotonic() - pending.enqueued_at) * 1000, "render": 0.0},
+                batch_id=outcome.batch_id, batch_size=0, worker_id=self._worker_id,
+                source=lineage_source(request, pending.source), now_ms=int(time.time() * 1000),
+                quality=outcome.quality, attempt=outcome.attempt)
+            record = self._checked_record(request, self._encode(event))
+        except OutputTooLarge as exc:
+            self._on_fail(pending, "output_too_large", str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - this copy's own fault, never its leader's or the process's
+            metrics.ERRORS.labels("internal").inc()
+            self._on_fail(pending, "internal_error", f"{type(exc).__name__}: {exc}")
+            return
+        self._on_done(pending, [record], "deduplicated")
 
     def _store_request(self, batch: Batch, pending: Pending, seeds: list[int], images: list[np.ndarray],
-                       quality: Quality, render_ms: float) -> OutRecord:
+                       quality: Quality, render_ms: float) -> tuple[OutRecord, Rendered]:
         request = pending.payload.request
         t0 = time.monotonic()
         encoded = [encode_png(img) for img in images]
@@ -305,7 +363,11 @@ class RenderStage:
             batch_id=batch.id, batch_size=len(batch.items), worker_id=self._worker_id,
             source=lineage_source(request, pending.source), now_ms=int(time.time() * 1000),
             quality=quality.scores, attempt=quality.attempt)
-        value = self._encode(event)
+        outcome = Rendered(tuple(stored), self._renderer.model_id, self._renderer.model_version,
+                           dict(quality.scores), quality.attempt, batch.id)
+        return self._checked_record(request, self._encode(event)), outcome
+
+    def _checked_record(self, request: dict[str, Any], value: bytes) -> OutRecord:
         if len(value) > self._max_bytes:
             raise OutputTooLarge(f"ImageRendered would be {len(value)} bytes; {self._topic} takes at most "
                                  f"{self._max_bytes}")
@@ -319,6 +381,10 @@ class RenderStage:
         return until_done(lambda: self._store.put(key, data, "image/png"), stop=self._stop,
                           is_infrastructure=lambda exc: not isinstance(exc, (UnsafeKey, TypeError)),
                           on_retry=retrying)
+
+
+def _cache_key(pending: Pending) -> str | None:
+    return (pending.payload.request.get("admission") or {}).get("cache_key")
 
 
 def _units(items: Sequence[RenderItem], settings: RenderSettings) -> float:

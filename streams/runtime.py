@@ -4,10 +4,12 @@ from __future__ import annotations
 import logging
 import time
 
+from connectors.redis_store import RedisStore
 from connectors.storage import open_object_store
 from processors.renderer import ModelOptions, Renderer
 from schemas.serde import AvroSerde
 from streams import metrics
+from streams.cancellation import Cancellations
 from streams.settings import Settings
 from streams.worker import RenderWorker
 
@@ -30,4 +32,5 @@ def build_worker(s: Settings) -> RenderWorker:
     log.info("model %s (%s) loaded and warmed up in %.1fs", renderer.model_id, renderer.model_version,
              time.monotonic() - start)
     store = open_object_store(s.storage_url, s.s3_endpoint_url)
-    return RenderWorker(s, renderer, store, AvroSerde(registry_url=s.schema_registry_url))
+    return RenderWorker(s, renderer, store, AvroSerde(registry_url=s.schema_registry_url),
+                        cancellations=Cancellations(RedisStore(s.redis_url), s.topic_prefix))

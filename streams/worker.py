@@ -33,6 +33,7 @@ from processors.quality import QualityPolicy
 from processors.scheduler import Scheduler, SchedulerConfig
 from schemas.serde import AvroSerde
 from streams import lag, metrics
+from streams.cancellation import Cancellations
 from streams.crash_journal import CrashJournal
 from streams.failures import FailureRecords, Origin
 from streams.holds import PartitionHolds
@@ -52,7 +53,8 @@ class RenderWorker:
     def __init__(self, settings: Settings, renderer: BatchRenderer, store: ObjectStore, serde: AvroSerde, *,
                  consumer_factory: Callable[..., Consumer] = kafka.consumer,
                  step_factory: Callable[..., TransactionalStep] = TransactionalStep,
-                 commit_interval_s: float = 0.05, consume_batch: int = 500):
+                 commit_interval_s: float = 0.05, consume_batch: int = 500,
+                 cancellations: Cancellations | None = None):
         self.s = settings
         self.topology = settings.topology
         self._renderer = renderer
@@ -99,7 +101,8 @@ class RenderWorker:
                 batch_timeout_factor=settings.batch_timeout_factor,
                 batch_timeout_floor_s=settings.batch_timeout_floor_s, max_rerenders=settings.quality_max_rerenders),
             quality=QualityPolicy(sharpness_min=settings.quality_sharpness_min, min_width=settings.quality_min_width,
-                                  min_height=settings.quality_min_height))
+                                  min_height=settings.quality_min_height),
+            cancelled=cancellations.start_rendering if cancellations else lambda requests: set())
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -305,7 +308,10 @@ class RenderWorker:
     def _on_render_fail(self, pending: Pending, code: str, reason: str) -> None:
         outcome = self._intake.failed(code, reason, pending.payload.origin, pending.payload.request,
                                       pending.priority)
-        self._on_done(pending, outcome.records, code)
+        records = outcome.records
+        if code == "cancelled":  # asked for, not broken: no dead letter
+            records = [r for r in records if r.topic != self.topology.dlq]
+        self._on_done(pending, records, code)
 
     def _complete_locked(self, pending: Pending, outcome: Outcome) -> None:
         tp, offset = pending.source[:2], pending.source[2]

@@ -70,7 +70,7 @@ def test_a_valid_request_is_routed_to_its_pool_with_its_lineage_and_generation()
     out, offsets = rig.decide(rig.message(request, "high", partition=2))
     [routed] = out["render.turbo.high"]
     value = rig.serde.decode("GenerationRequest", routed.value)
-    assert value["request_id"] == request["request_id"] and routed.key == request["request_id"].encode()
+    assert value["request_id"] == request["request_id"] and routed.key == value["admission"]["cache_key"].encode()
     assert value["admission"]["source_topic"] == f"{PREFIX}.requests.high"
     assert (value["admission"]["source_partition"], value["admission"]["source_offset"]) == (2, 1)
     assert value["admission"]["generation"] == POOL.model_version
@@ -221,3 +221,22 @@ def test_a_hostile_replay_header_is_ignored_not_trusted() -> None:
     assert header_text([(REPLAY_ID_HEADER, b"x" * 500)], REPLAY_ID_HEADER) is None
     assert header_text([("other", b"v")], REPLAY_ID_HEADER) is None
     assert header_text(None, REPLAY_ID_HEADER) is None
+
+
+def test_a_request_cancelled_while_queued_is_failed_not_routed_and_a_repeat_changes_nothing():
+    from connectors.redis_store import cancel_entry_key
+
+    cancelled, kept = req(), req()
+    client = create_autospec(redis.Redis, instance=True)
+    marked = cancel_entry_key(PREFIX, "acme", cancelled["request_id"])
+    client.mget.side_effect = lambda keys: [b"cancelled" if k == marked else None for k in keys]
+    rig = Rig(cache=RedisStore("redis://unused", client=client))
+    out, offsets = rig.decide(rig.message(cancelled), rig.message(kept))
+    [routed] = out["render.turbo.normal"]
+    assert rig.serde.decode("GenerationRequest", routed.value)["request_id"] == kept["request_id"]
+    [failed] = out["requests.failed"]
+    event = rig.serde.decode("RequestFailed", failed.value)
+    assert (event["request_id"], event["reason_code"]) == (cancelled["request_id"], "cancelled")
+    assert "dlq" not in out and offsets  # asked for, not broken: no dead letter; the offset moves on
+    out, _ = rig.decide(rig.message(cancelled))
+    assert "requests.failed" not in out  # a repeat of a cancelled request fails nothing twice

@@ -109,3 +109,19 @@ def test_zimage_status_answers_from_the_view_of_the_status_topic(pipeline):
     missing = subprocess.run([sys.executable, "-m", "streams.cli", "status", "no-such-request"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "no status" in missing.stderr
+
+
+def test_two_identical_concurrent_requests_render_once_and_both_are_published(pipeline):
+    prompt = f"a twin teapot {uuid.uuid4().hex[:6]}"
+    first, second = (build_request({"prompt": prompt, "seed": 21, **SMALL}) for _ in range(2))
+    submit(pipeline, [first, second])  # one flush: both are queued before either is rendered
+    seen = pipeline.collect([first["request_id"], second["request_id"]], settle_s=2)
+    ready = [seen[r["request_id"]] for r in (first, second)]
+    assert [[kind for kind, _ in events] for events in ready] == [["ImageReady"], ["ImageReady"]]
+    assert ready[0][0][1]["sha256"] == ready[1][0][1]["sha256"]
+    rendered = [v for v in committed_values(pipeline, pipeline.topology.rendered, "ImageRendered")
+                if v["request_id"] in (first["request_id"], second["request_id"])]
+    assert len(rendered) == 2
+    assert sorted(v["batch_size"] > 0 for v in rendered) == [False, True]  # one render; the copy spent no GPU
+    copy = next(v for v in rendered if v["batch_size"] == 0)
+    assert copy["timings"]["render"] == 0.0 and copy["worker_id"] != "gate"  # not a cache hit: a shared render
