@@ -1,8 +1,9 @@
 """In-flight dedupe: identical work (one cache key) is rendered once, and every copy gets that render's outcome.
 
-The gate keys what it routes to a render topic by the request's cache key, so identical requests of a pool land
-on one partition number and so, with the range assignment of equal-sized priority topics, on one worker. That
-worker claims each request when a batch takes it:
+The gate keys what it routes to a render topic by the request's cache key, so identical requests of one pool and
+priority land on one partition, and so on one worker (copies at different priorities meet where their partitions
+share a worker; elsewhere the later one is rendered, or answered by the gate's cache once the first is
+published). The worker claims each request when a batch takes it:
 
 - the first claim of a key leads: it is rendered;
 - a claim while the leader is rendering or being stored follows: it waits for the leader's outcome, failures
