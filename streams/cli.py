@@ -1,4 +1,5 @@
-"""The `zimage` command: worker, processors, sku-connector, submit, tail, demo, topics, topology, config."""
+"""The `zimage` command: worker, processors, sku-connector, api, api-key, submit, tail, demo, topics, topology,
+config."""
 from __future__ import annotations
 
 import faulthandler
@@ -329,6 +330,47 @@ def review_approve(request_id: str, tenant: str, reviewer: str | None, reason: s
 def review_reject(request_id: str, tenant: str, reviewer: str | None, reason: str | None) -> None:
     """Fail a request held for review: RequestFailed(rejected)."""
     _decide("reject", request_id, tenant, reviewer, reason)
+
+
+@main.command()
+@RESTART
+def api(restart: bool) -> None:
+    """Run the HTTP API on ZIMAGE_API_HOST:ZIMAGE_API_PORT until SIGTERM/SIGINT (OpenAPI at /docs)."""
+    s = _settings()
+    if s.api_key_secret is None:
+        raise ConfigError("ZIMAGE_API_KEY_SECRET is not set: API keys are checked against keyed hashes")
+    _supervised("api", restart)
+    _logging(s.log_level)
+    from streams import metrics
+    from streams.api import run_api
+
+    metrics.serve(s.metrics_port)
+    run_api(s)
+
+
+@main.group("api-key")
+def api_key() -> None:
+    """API keys of the HTTP API: only their keyed hashes are stored (ZIMAGE_API_KEYS_FILE)."""
+
+
+@api_key.command("create")
+@click.option("--tenant", required=True, help="The tenant every call with this key acts as.")
+@click.option("--label", default=None, help="A note stored beside the hash (who holds the key).")
+def api_key_create(tenant: str, label: str | None) -> None:
+    """Create a key for TENANT and print it once; it cannot be shown again."""
+    from connectors.api_keys import append_key
+    from processors.api_rules import hash_api_key, new_api_key
+    from processors.requests import identity_of
+
+    s = _settings()
+    if s.api_key_secret is None:
+        raise ConfigError("ZIMAGE_API_KEY_SECRET is not set: API keys are stored as hashes keyed with it")
+    if identity_of({"tenant": tenant}, s.limits())["tenant"] is None:
+        raise click.BadParameter(f"not blank, printable, at most {s.max_tenant_chars} characters",
+                                 param_hint="--tenant")
+    key = new_api_key()
+    append_key(Path(s.api_keys_file), hash_api_key(s.api_key_secret.get_secret_value().encode(), key), tenant, label)
+    click.echo(key)
 
 
 @main.command()

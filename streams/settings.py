@@ -117,6 +117,25 @@ class Settings(BaseSettings):
     # --- the SKU connector (`zimage sku-connector`): SkuChanged -> GenerationRequests ---
     sku_templates: str | None = None  # TOML: per-catalogue category -> template (examples/sku-templates.toml)
 
+    # --- the HTTP API (`zimage api`): keys, limits, sync waits and image URLs ---
+    api_host: str = Field("127.0.0.1", min_length=1)
+    api_port: int = Field(8080, ge=0, le=65535)
+    api_keys_file: str = Field(".stack/api-keys.jsonl", min_length=1)  # JSON lines of keyed hashes, never keys
+    api_key_secret: SecretStr | None = None  # the HMAC-SHA256 key of the stored hashes; `zimage api` needs it
+    api_rate_per_s: float = Field(5.0, gt=0)  # each tenant's token bucket: refill per second ...
+    api_burst: int = Field(20, ge=1)  # ... and capacity
+    api_daily_quota: int = Field(50_000, ge=1)  # requests per tenant and UTC day
+    # per tenant: {"acme": {"rate_per_s": 50, "burst": 100, "daily_quota": 1000000}}, as JSON
+    api_tenant_limits: Annotated[dict[str, dict[str, float]], NoDecode] = Field(default_factory=dict)
+    api_sync_timeout_s: float = Field(60.0, gt=0, le=600)  # the longest a sync request waits for its image
+    api_cdn_base_url: str | None = None  # image URLs under this base instead of presigned S3 URLs
+    api_presign_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)  # S3 caps presigned URLs at 7 days
+    api_task_index_size: int = Field(10_000, ge=1)  # requests listed per tenant (the newest)
+    api_results_replay_s: float = Field(600.0, ge=0)  # outcomes a starting API reads back, to fill its results
+
+    # --- the SKU connector (`zimage sku-connector`): SkuChanged -> GenerationRequests ---
+    sku_templates: str | None = None  # TOML: per-catalogue category -> template (examples/sku-templates.toml)
+
     # --- the model a worker serves ---
     pool: str = "turbo"
     # Routing table of the gate, shared by every process: pool -> the model its workers load. The gate routes
@@ -177,7 +196,7 @@ class Settings(BaseSettings):
 
     @field_validator("schema_registry_url", "s3_endpoint_url", "model_revision", "health_file",
                      "moderation_policy_file", "replication_factor", "min_insync_replicas", "quality_min_width",
-                     "quality_min_height", "image_safety_url", mode="before")
+                     "quality_min_height", "image_safety_url", "api_key_secret", "api_cdn_base_url", mode="before")
     @classmethod
     def _unset_words(cls, v: object) -> object:
         return _none_word(v)
@@ -196,6 +215,23 @@ class Settings(BaseSettings):
     @classmethod
     def _kafka_extra_parse(cls, v: object) -> object:
         return parse_kafka_extra(v) if isinstance(v, (str, Mapping)) else v
+
+    @field_validator("api_tenant_limits", mode="before")
+    @classmethod
+    def _tenant_limits_parse(cls, v: object) -> object:
+        import json
+
+        from processors.api_rules import TenantLimits
+
+        table = json.loads(v) if isinstance(v, str) and v.strip() else ({} if isinstance(v, str) else v)
+        if not isinstance(table, Mapping):
+            raise ValueError('must be a JSON object: {"tenant": {"rate_per_s": ..., "burst": ..., "daily_quota": ...}}')
+        for tenant, own in table.items():
+            if not isinstance(own, Mapping) or set(own) - {"rate_per_s", "burst", "daily_quota"}:
+                raise ValueError(f"{tenant!r}: give an object of rate_per_s, burst and daily_quota")
+            TenantLimits(rate_per_s=float(own.get("rate_per_s", 1)), burst=int(own.get("burst", 1)),
+                         daily_quota=int(own.get("daily_quota", 1)))
+        return table
 
     @field_validator("callback_allowlist", mode="before")
     @classmethod
@@ -252,7 +288,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{mask_url_credentials(v)!r} {problem}")
         return v
 
-    @field_validator("schema_registry_url", "s3_endpoint_url")
+    @field_validator("schema_registry_url", "s3_endpoint_url", "api_cdn_base_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
         if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
