@@ -386,5 +386,13 @@ def demo(examples: Path, out_dir: Path, timeout: float) -> None:
     sys.exit(run_demo(_settings(), examples, out_dir, timeout))
 
 
+def _register_commands() -> None:
+    from streams.cli_replay import replay
+
+    main.add_command(replay)
+
+
+_register_commands()
+
 if __name__ == "__main__":
     main()

@@ -43,7 +43,7 @@ from processors.admission import (
     pool_of,
 )
 from processors.events import image_rendered
-from processors.requests import InvalidRequest, priority_of, validate
+from processors.requests import InvalidRequest, validate
 from processors.status import request_status, status_key
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams import metrics
@@ -53,6 +53,7 @@ from streams.gate_state import AdmittedKeys, PoolDirectory, RestoreFailed
 from streams.holds import PartitionHolds
 from streams.liveness import Deadlines
 from streams.settings import Settings
+from streams.topology import PRIORITIES
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class Gate:
         self._all_models = tuple(m for ms in settings.pools.values() for m in ms)
         self._failures = FailureRecords(self.topology, serde, stage="gate", limits=self._limits)
         self._held = PartitionHolds()
-        self._urgency = {self.topology.request_topic(p): level for level, p in enumerate(("high", "normal", "low"))}
+        self._urgency = {self.topology.request_topic(p): level for level, p in enumerate(PRIORITIES)}
         self._stop = threading.Event()
         self.group_id = f"{settings.topic_prefix}-gate"
 
@@ -233,10 +234,13 @@ class Gate:
             return [*out, OutRecord(self.topology.rendered, value, request["request_id"].encode()),
                     self._status(request, "cached", generation, now_ms, detail=flagged)]
         metrics.GATE.labels("admitted").inc()
-        routed = {**request, "admission": admission(source=origin.source, generation=generation, cache_key=ckey,
-                                                    pool=info.pool, now_ms=now_ms,
-                                                    replay_id=header_text(origin.headers, REPLAY_ID_HEADER))}
-        topic = self.topology.render_topic(info.pool, priority_of(request))
+        # The topic a request was read from is its priority: a replay re-drives high requests into the low topic,
+        # unchanged, and they must not overtake live traffic.
+        priority = PRIORITIES[self._urgency.get(origin.topic, 1)]
+        admitted = admission(source=origin.source, generation=generation, cache_key=ckey, pool=info.pool,
+                             now_ms=now_ms, replay_id=header_text(origin.headers, REPLAY_ID_HEADER))
+        routed = {**request, "priority": priority.upper(), "admission": admitted}
+        topic = self.topology.render_topic(info.pool, priority)
         value = self._serde.encode("GenerationRequest", routed, topic=topic)
         # Keyed by cache key: identical requests of a pool meet on one worker, which renders them once.
         return [*out, OutRecord(topic, value, ckey.encode(), list(origin.headers)),

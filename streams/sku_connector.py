@@ -172,6 +172,8 @@ class SkuConnector:
             return self._failed("internal_error", f"{type(exc).__name__}: {exc}", origin, event)
 
     def _request(self, request: dict[str, Any], headers: Headers) -> OutRecord:
+        if header_text(headers, REPLAY_ID_HEADER) is not None:  # a replay or backfill: never ahead of live traffic
+            request = {**request, "priority": "LOW"}
         priority = priority_of(request)
         topic = self.topology.request_topic(priority)
         copied: Headers = []
