@@ -41,3 +41,4 @@ test: lint stack-up
 bench: stack-up
 	$(ENV) $(VENV)/bin/python -m bench.run
 	$(ENV) $(VENV)/bin/python -m bench.topology
+	$(ENV) $(VENV)/bin/python -m bench.replay
