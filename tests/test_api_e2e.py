@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.stack
 
 SECRET = "api-test-secret"
 HOOK_SECRET = "hook-test-secret"
-SMALL = {"width": 32, "height": 32, "steps": 2}
+SMALL: dict[str, Any] = {"width": 32, "height": 32, "steps": 2}
 
 
 def free_port() -> int:
