@@ -152,3 +152,21 @@ def test_the_token_bucket_in_redis_limits_rate_and_daily_quota():
             await down.close()
 
     asyncio.run(scenario())
+
+
+def test_the_api_commands_refuse_to_start_without_the_key_secret(tmp_path: Path, monkeypatch):
+    from click.testing import CliRunner
+
+    from streams.cli import main
+
+    monkeypatch.delenv("ZIMAGE_API_KEY_SECRET", raising=False)
+    monkeypatch.setenv("ZIMAGE_API_KEYS_FILE", str(tmp_path / "keys.jsonl"))
+    for args in (["api", "--no-restart"], ["api-key", "create", "--tenant", "acme"]):
+        out = CliRunner().invoke(main, args)
+        assert out.exit_code == 78 and "ZIMAGE_API_KEY_SECRET" in out.output, out.output
+    monkeypatch.setenv("ZIMAGE_API_KEY_SECRET", "s")
+    made = CliRunner().invoke(main, ["api-key", "create", "--tenant", "acme"])
+    key = made.output.strip()
+    assert made.exit_code == 0 and key.startswith("zk_")
+    assert read_keys(tmp_path / "keys.jsonl") == {hash_api_key(b"s", key): "acme"}
+    assert CliRunner().invoke(main, ["api-key", "create", "--tenant", " "]).exit_code == 2
