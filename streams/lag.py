@@ -9,6 +9,8 @@ from collections.abc import Iterable, Mapping
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from streams import metrics
+
 TP = tuple[str, int]
 
 
@@ -46,3 +48,14 @@ def committed_lag(consumer: Consumer, committed: Mapping[TP, int], class_of: Map
         if high >= 0:
             lag[class_of[topic]] += max(0, high - done)
     return lag
+
+
+def export_backlog(consumer: Consumer, committed: Mapping[TP, int], assigned: Iterable[TP],
+                   class_of: Mapping[str, str], busy_fraction: float) -> dict[str, int]:
+    """Sets the worker's gauges (renderer busy fraction, committed lag per class) and returns the lag."""
+    metrics.GPU_UTILIZATION.set(busy_fraction)
+    mine = set(assigned)
+    backlog = committed_lag(consumer, {tp: done for tp, done in committed.items() if tp in mine}, class_of)
+    for priority, value in backlog.items():
+        metrics.QUEUE_LENGTH.labels(priority).set(value)
+    return backlog

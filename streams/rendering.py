@@ -115,7 +115,8 @@ class RenderStage:
                  rendered_topic: str, max_rendered_bytes: int, worker_id: str,
                  take_batch: Callable[[float], Batch | None], on_done: OnDone, on_fail: OnFail,
                  journal: CrashJournal, deadlines: Deadlines, heartbeat: Heartbeat, limits: StageLimits,
-                 quality: QualityPolicy | None = None, cancelled: Cancelled = lambda requests: set()):
+                 quality: QualityPolicy | None = None, cancelled: Cancelled = lambda requests: set(),
+                 on_start: Callable[[list[dict[str, Any]]], None] = lambda requests: None):
         self._renderer = renderer
         self._store = store
         self._encode = encode_rendered
@@ -131,6 +132,7 @@ class RenderStage:
         self._limits = limits
         self._quality = quality or QualityPolicy()
         self._cancelled = cancelled
+        self._on_start = on_start  # told which requests a batch starts rendering (their `rendering` status)
         self._inflight: InFlight[Pending] = InFlight()
         self._pool = ThreadPoolExecutor(limits.post_threads, thread_name_prefix="zimage-post")
         self._handoff = threading.BoundedSemaphore(limits.max_inflight_batches)
@@ -184,6 +186,7 @@ class RenderStage:
         if not leaders:
             return
         requests = [p.payload.request for p in leaders]
+        self._on_start(requests)
         seeds = [image_seeds(r) for r in requests]
         settings = settings_of(requests[0])  # the batch's compatibility key makes them all equal
 

@@ -16,12 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from confluent_kafka import (
-    Consumer,
-    KafkaError,
-    Message,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
@@ -39,6 +34,7 @@ from streams.failures import FailureRecords, Origin
 from streams.holds import PartitionHolds
 from streams.intake import Admit, Finish, Hold, Intake, Outcome, pending_of
 from streams.liveness import Deadlines, Heartbeat
+from streams.progress_notes import ProgressNotes
 from streams.rendering import BatchRenderer, RenderStage, StageLimits
 from streams.settings import Settings
 
@@ -54,7 +50,8 @@ class RenderWorker:
                  consumer_factory: Callable[..., Consumer] = kafka.consumer,
                  step_factory: Callable[..., TransactionalStep] = TransactionalStep,
                  commit_interval_s: float = 0.05, consume_batch: int = 500,
-                 cancellations: Cancellations | None = None):
+                 cancellations: Cancellations | None = None,
+                 notes_producer_factory: Callable[[dict[str, str]], Producer] = kafka.producer):
         self.s = settings
         self.topology = settings.topology
         self._renderer = renderer
@@ -89,6 +86,7 @@ class RenderWorker:
         self.group_id = f"{settings.topic_prefix}-render-{settings.pool}"
         self._journal = CrashJournal(settings.state_dir, f"{self.group_id}-{settings.worker_id}")
         self._deadlines = Deadlines()
+        self._notes = ProgressNotes(self.topology, serde, f"worker:{settings.pool}", notes_producer_factory)
         self._heartbeat = Heartbeat(settings.health_file, settings.worker_id)
         self._stage = RenderStage(
             renderer=renderer, store=store,
@@ -102,7 +100,8 @@ class RenderWorker:
                 batch_timeout_floor_s=settings.batch_timeout_floor_s, max_rerenders=settings.quality_max_rerenders),
             quality=QualityPolicy(sharpness_min=settings.quality_sharpness_min, min_width=settings.quality_min_width,
                                   min_height=settings.quality_min_height),
-            cancelled=cancellations.start_rendering if cancellations else lambda requests: set())
+            cancelled=cancellations.start_rendering if cancellations else lambda requests: set(),
+            on_start=self._notes.rendering)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -113,6 +112,7 @@ class RenderWorker:
         conf = self.s.kafka_config()
         self._consumer = self._consumer_factory(conf, self.group_id)
         self._step = self._step_factory(conf, f"{self.group_id}-{self.s.worker_id}")
+        self._notes.open(conf)
         self._consumer.subscribe(list(self._priority_of_topic), on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
         self._stage.start()
@@ -180,6 +180,7 @@ class RenderWorker:
                 log.exception("final commit failed; the uncommitted requests will be rendered again")
         self._consumer.close()
         self._step.close()
+        self._notes.close()
         self._journal.close()
         metrics.READY.set(0)
         self._heartbeat.clear()
@@ -302,6 +303,8 @@ class RenderWorker:
     # ------------------------------------------------------------------ completion and commits
 
     def _on_done(self, pending: Pending, records: list, status: str) -> None:
+        if status in ("rendered", "deduplicated"):
+            records = [*records, self._notes.rendered(pending.payload.request)]
         with self._lock:
             self._complete_locked(pending, Outcome(records, pending.priority, status))
 
@@ -400,11 +403,8 @@ class RenderWorker:
     # ------------------------------------------------------------------ gauges
 
     def _update_gauges(self) -> None:
-        metrics.GPU_UTILIZATION.set(self._stage.busy.fraction())
-        mine = {tp: done for tp, done in self._committed.items() if tp in self._assigned}
-        backlog = lag.committed_lag(self._consumer, mine, self._priority_of_topic)
-        for priority, value in backlog.items():
-            metrics.QUEUE_LENGTH.labels(priority).set(value)
+        backlog = lag.export_backlog(self._consumer, self._committed, self._assigned, self._priority_of_topic,
+                                     self._stage.busy.fraction())
         if any(backlog.values()) and time.monotonic() - self._last_state_log >= 30.0:  # a stall explains itself
             self._last_state_log = time.monotonic()
             with self._lock:

@@ -125,3 +125,15 @@ def test_two_identical_concurrent_requests_render_once_and_both_are_published(pi
     assert sorted(v["batch_size"] > 0 for v in rendered) == [False, True]  # one render; the copy spent no GPU
     copy = next(v for v in rendered if v["batch_size"] == 0)
     assert copy["timings"]["render"] == 0.0 and copy["worker_id"] != "gate"  # not a cache hit: a shared render
+
+
+def test_every_stage_writes_its_status_in_order(pipeline):
+    request = build_request({"prompt": f"a staged lamp {uuid.uuid4().hex[:6]}", **SMALL})
+    submit(pipeline, [request])
+    [(kind, _)] = pipeline.collect([request["request_id"]])[request["request_id"]]
+    assert kind == "ImageReady"
+    statuses = [v for v in committed_values(pipeline, pipeline.topology.status, "RequestStatus")
+                if v["request_id"] == request["request_id"]]
+    in_order = [s["status"] for s in sorted(statuses, key=lambda s: s["at"])]
+    assert in_order == ["admitted", "rendering", "rendered", "published"]
+    assert [s["final"] for s in sorted(statuses, key=lambda s: s["at"])] == [False, False, False, True]
