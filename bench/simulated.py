@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from connectors.storage import ObjectNotFound
 from processors.render_settings import RenderItem, RenderSettings
 
 
@@ -65,7 +66,31 @@ class MemoryStore:
         return f"mem://{key}"
 
     def get(self, uri_or_key: str) -> bytes:
-        return self._data[uri_or_key.removeprefix("mem://")]
+        try:
+            return self._data[uri_or_key.removeprefix("mem://")]
+        except KeyError:
+            raise ObjectNotFound(uri_or_key) from None
 
     def exists(self, key: str) -> bool:
         return key in self._data
+
+    def key_of(self, uri_or_key: str) -> str:
+        return uri_or_key.removeprefix("mem://")
+
+    def copy(self, src: str, dst: str) -> str:
+        with self._lock:
+            self._data[dst] = self._data[src]
+        return f"mem://{dst}"
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
+    def move(self, src: str, dst: str) -> bool:
+        with self._lock:
+            if src not in self._data:
+                if dst in self._data:
+                    return False
+                raise ObjectNotFound(src)
+            self._data[dst] = self._data.pop(src)
+            return True

@@ -133,9 +133,6 @@ class Settings(BaseSettings):
     api_task_index_size: int = Field(10_000, ge=1)  # requests listed per tenant (the newest)
     api_results_replay_s: float = Field(600.0, ge=0)  # outcomes a starting API reads back, to fill its results
 
-    # --- the SKU connector (`zimage sku-connector`): SkuChanged -> GenerationRequests ---
-    sku_templates: str | None = None  # TOML: per-catalogue category -> template (examples/sku-templates.toml)
-
     # --- the model a worker serves ---
     pool: str = "turbo"
     # Routing table of the gate, shared by every process: pool -> the model its workers load. The gate routes
