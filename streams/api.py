@@ -108,8 +108,10 @@ def create_app(s: Settings, *, keys: KeyRing | None = None, service: ApiService 
                   description="Submit image generation requests to the zimage-stream pipeline and follow them.")
     app.add_middleware(BodyLimit)
 
-    def tenant_of(authorization: Annotated[str | None, Header()] = None,
-                  x_api_key: Annotated[str | None, Header()] = None) -> str:
+    # The dependencies are coroutines: FastAPI runs a plain `def` dependency in a worker thread, two thread hops
+    # per request for an HMAC and a dict lookup (the keys file is re-read at most once a second, when it changed).
+    async def tenant_of(authorization: Annotated[str | None, Header()] = None,
+                        x_api_key: Annotated[str | None, Header()] = None) -> str:
         key = x_api_key
         if key is None and authorization is not None:
             scheme, _, value = authorization.partition(" ")
@@ -120,7 +122,7 @@ def create_app(s: Settings, *, keys: KeyRing | None = None, service: ApiService 
                            {"WWW-Authenticate": "Bearer"})
         return tenant
 
-    def svc() -> ApiService:
+    async def svc() -> ApiService:
         return state["service"]
 
     Tenant = Annotated[str, Depends(tenant_of)]
