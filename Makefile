@@ -42,3 +42,5 @@ bench: stack-up
 	$(ENV) $(VENV)/bin/python -m bench.run
 	$(ENV) $(VENV)/bin/python -m bench.topology
 	$(ENV) $(VENV)/bin/python -m bench.replay
+	$(ENV) $(VENV)/bin/python -m bench.api
+	$(ENV) $(VENV)/bin/python -m bench.processors
