@@ -14,7 +14,8 @@ Figures, each measured in this one run:
   process's wall clock when it built the event, before its transaction committed). That covers the commit of
   publication's transaction, the API's outcome consumer reading it (read committed), waking the waiting request,
   building the answer and the HTTP response; both clocks are this machine's.
-- the resident memory of the API process after the async load.
+- the API process's CPU time per accepted POST during the async load (all its threads: the event loop, the
+  Kafka client's, the outcome feed), and its resident memory after it.
 
 Prints a table (name, value, unit, goal, ok or MISSED) and writes bench/results/api.json.
 """
@@ -62,7 +63,13 @@ class Figure:
 
     def line(self) -> str:
         verdict = "" if self.ok is None else ("ok" if self.ok else "MISSED")
-        return f"  {self.name:34} {self.value:10.1f} {self.unit:10} goal {self.goal:10} {verdict}"
+        return f"  {self.name:34} {self.value:10.2f} {self.unit:10} goal {self.goal:10} {verdict}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -177,7 +184,9 @@ def submit_capacity(requests: int, concurrency: int, tmp: Path) -> list[Figure]:
     try:
         tag = uuid.uuid4().hex[:6]
         asyncio.run(hammer(api, min(1000, requests), concurrency, f"warm-{tag}"))  # connections, caches, JIT-free
+        api_cpu, own_cpu = cpu_seconds(api.proc.pid), time.process_time()
         latencies, answers, seconds = asyncio.run(hammer(api, requests, concurrency, tag))
+        api_cpu, own_cpu = cpu_seconds(api.proc.pid) - api_cpu, time.process_time() - own_cpu
         rss = rss_mb(api.proc.pid)
     finally:
         api.close()
@@ -189,9 +198,12 @@ def submit_capacity(requests: int, concurrency: int, tmp: Path) -> list[Figure]:
     print(f"  async submit: {requests} POSTs from {concurrency} concurrent clients in {seconds:.1f}s; the load "
           f"generator (this process) shares the machine's {os.cpu_count()} cores with the API, Kafka and Redis",
           flush=True)
+    print(f"  CPU per POST: {api_cpu / requests * 1000:.2f} ms in the API process, {own_cpu / requests * 1000:.2f} ms "
+          f"in the load generator", flush=True)
     return [Figure("api_submit_rate", rate, "requests/s", f">= {GOAL_SUBMIT_RPS:.0f}", ok),
             Figure("api_submit_latency_p50", statistics.median(latencies), "ms"),
             Figure("api_submit_latency_p99", p99, "ms", f"<= {GOAL_SUBMIT_P99_MS:.0f}", ok),
+            Figure("api_cpu_per_request", api_cpu / requests * 1000, "ms"),
             Figure("api_rss", rss, "MB")]
 
 
