@@ -88,13 +88,14 @@ def test_a_repeated_or_older_version_renders_nothing_but_commits_its_offset():
 
 def test_a_backfill_produces_the_latest_version_again_with_the_same_ids_and_headers():
     rig = Rig()
-    first, _ = rig.decide(rig.message(sku(), headers=[(REPLAY_ID_HEADER, b"r-7")]))
-    assert all(r.headers == [(REPLAY_ID_HEADER, b"r-7")] for r in first["requests.high"])
+    live, _ = rig.decide(rig.message(sku()))
     headers = [(GENERATION_HEADER, b"backfill-2"), (REPLAY_ID_HEADER, b"r-8"), ("other", b"x")]
     again, _ = rig.decide(rig.message(sku(), headers=headers), rig.message(sku(version=2), headers=headers))
-    assert [r.key for r in again["requests.high"]] == [r.key for r in first["requests.high"]]  # the older: nothing
+    # the same ids, at low priority (a replay never overtakes live traffic); the older version: nothing
+    assert [r.key for r in again["requests.low"]] == [r.key for r in live["requests.high"]]
+    assert "requests.high" not in again
     assert all(r.headers == [(REPLAY_ID_HEADER, b"r-8"), (GENERATION_HEADER, b"backfill-2")]
-               for r in again["requests.high"])
+               for r in again["requests.low"])
     assert "sku.changelog" not in again  # the latest version did not change
 
 
