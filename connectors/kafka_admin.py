@@ -146,8 +146,11 @@ def group_lag(base: dict[str, str], group_id: str, topics: Sequence[str], timeou
     """Per topic: end offset minus the group's committed offset (what the group still has to read)."""
     c = Consumer({**base, "group.id": group_id, "enable.auto.commit": False})
     try:
-        meta = c.list_topics(timeout=timeout_s)
-        tps = [TopicPartition(t, p) for t in topics if t in meta.topics for p in meta.topics[t].partitions]
+        tps = []
+        for topic in topics:  # one topic's metadata at a time: a cluster's full metadata can be thousands of topics
+            found = c.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            if found is not None and found.error is None:
+                tps += [TopicPartition(topic, p) for p in found.partitions]
         committed = c.committed(tps, timeout=timeout_s) if tps else []
         lag: dict[str, int] = {t: 0 for t in topics}
         for tp in committed:

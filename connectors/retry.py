@@ -41,6 +41,13 @@ def until_done(call: Callable[[], T], *, is_infrastructure: Callable[[BaseExcept
                within_s: float | None = None) -> T:
     """`call()` until it returns; infrastructure errors are retried with BACKOFF, any other error is raised.
     Raises Stopping when `stop` is set while waiting; the last error once `within_s` seconds have passed."""
+    started = time.monotonic()
+    try:  # the common case, without building a retry loop: this runs for every object stored
+        return call()
+    except BaseException as exc:  # tenacity would judge any exception too
+        if not is_infrastructure(exc) or (within_s is not None and within_s <= 0):
+            raise
+        first = exc
 
     def sleep(seconds: float) -> None:
         if stop is None:
@@ -51,9 +58,14 @@ def until_done(call: Callable[[], T], *, is_infrastructure: Callable[[BaseExcept
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         if exc is not None:
-            on_retry(exc, state.attempt_number)
+            on_retry(exc, state.attempt_number + 1)  # the first attempt was made above
 
-    retrying = Retrying(stop=stop_never if within_s is None else stop_before_delay(within_s), wait=BACKOFF,
-                        sleep=sleep, reraise=True, before_sleep=before_sleep,
-                        retry=retry_if_exception(is_infrastructure))
+    on_retry(first, 1)
+    sleep(backoff_delay(1))
+    left = None if within_s is None else within_s - (time.monotonic() - started)
+    if left is not None and left <= 0:
+        raise first
+    retrying = Retrying(stop=stop_never if left is None else stop_before_delay(left),
+                        wait=lambda state: backoff_delay(state.attempt_number + 1), sleep=sleep, reraise=True,
+                        before_sleep=before_sleep, retry=retry_if_exception(is_infrastructure))
     return retrying(call)
