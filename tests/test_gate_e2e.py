@@ -137,3 +137,22 @@ def test_every_stage_writes_its_status_in_order(pipeline):
     in_order = [s["status"] for s in sorted(statuses, key=lambda s: s["at"])]
     assert in_order == ["admitted", "rendering", "rendered", "published"]
     assert [s["final"] for s in sorted(statuses, key=lambda s: s["at"])] == [False, False, False, True]
+
+
+def test_a_request_cancelled_while_queued_fails_as_cancelled_and_is_never_rendered(pipeline):
+    from connectors.redis_store import RedisStore
+    from streams.cancellation import Cancellations
+
+    request = build_request({"prompt": f"a cancelled stool {uuid.uuid4().hex[:6]}", **SMALL})
+    cancellations = Cancellations(RedisStore(pipeline.settings.redis_url), pipeline.settings.topic_prefix)
+    assert cancellations.cancel(request["tenant"], request["request_id"]) == "cancelled"
+    submit(pipeline, [request])
+    [(kind, failed)] = pipeline.collect([request["request_id"]], settle_s=2)[request["request_id"]]
+    assert (kind, failed["reason_code"]) == ("RequestFailed", "cancelled")
+    routed = [v for p in ("high", "normal", "low")
+              for v in committed_values(pipeline, pipeline.topology.render_topic("turbo", p), "GenerationRequest")
+              if v["request_id"] == request["request_id"]]
+    dead = [v for v in committed_values(pipeline, pipeline.topology.failed, "RequestFailed")
+            if v["request_id"] == request["request_id"]]
+    assert routed == [] and len(dead) == 1
+    assert cancellations.cancel(request["tenant"], request["request_id"]) == "cancelled"  # asking again: same
