@@ -11,9 +11,10 @@ Figures, each measured in this one run:
 - the latency sync mode adds over the pipeline: with the gate and publication running as processes and a worker
   with a renderer that costs nothing (as bench/topology.py runs them), sync requests are sent one at a time; for
   each, added = (wall clock when its 200 answer arrived at the client) - ImageReady.published_at (the publication
-  process's wall clock when it built the event, before its transaction committed). That covers the commit of
-  publication's transaction, the API's outcome consumer reading it (read committed), waking the waiting request,
-  building the answer and the HTTP response; both clocks are this machine's.
+  process's wall clock when it began deciding the batch that holds the event, before its transaction committed).
+  That covers publication's decision and the commit of its transaction, the API's outcome consumer reading it
+  (read committed), waking the waiting request, building the answer and the HTTP response; both clocks are this
+  machine's, in milliseconds.
 - the API process's CPU time per accepted POST during the async load (all its threads: the event loop, the
   Kafka client's, the outcome feed), and its resident memory after it.
 
