@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from connectors import kafka
-from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
+from connectors.kafka import OutRecord, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
 from processors.admission import (
     GENERATION_HEADER,
@@ -51,13 +51,12 @@ from streams.cancellation import Cancellations
 from streams.failures import FailureRecords, Origin
 from streams.gate_state import AdmittedKeys, PoolDirectory, RestoreFailed
 from streams.holds import PartitionHolds
-from streams.liveness import Deadlines
+from streams.processor_loop import ProcessorLoop
 from streams.settings import Settings
 from streams.topology import PRIORITIES
 
 log = logging.getLogger(__name__)
 
-COMMIT_LIMIT_S = 60.0
 CACHED_IMAGE_FIELDS = {"index", "uri", "sha256", "seed", "size_bytes"}
 TP = tuple[str, int]
 # [(prompt, negative prompt, tenant)] -> [(action "allow" | "review" | "block", what decided it)], in order
@@ -99,40 +98,24 @@ class Gate:
         self._step = self._step_factory(conf, f"{self.group_id}-{self.s.worker_id}")
         self._admitted = AdmittedKeys(conf, self.topology.gate_changelog, self.s.idempotency_window_days)
         self._pools = PoolDirectory(conf, self.topology.pool_announcements, self._serde)
-        deadlines = Deadlines()
         self._consumer.subscribe(list(self.topology.request_topics), on_revoke=self._on_revoke,
                                  on_lost=self._on_revoke)
         log.info("gate of %s in group %s", ", ".join(self.topology.request_topics), self.group_id)
         clean = False
         try:
-            while not self._stop.is_set():
-                if self._pools.refresh():
-                    self._held.resume_all(self._consumer)  # what waited for that pool goes now, all together
-                self._held.resume_due(self._consumer)
-                msgs = kafka.consume_ready(self._consumer, self._batch, 0.05)
-                if self._step.needs_rewind:
-                    self._rewind()
-                    continue
-                assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
-                msgs = [m for m in msgs if _usable(m) and (m.topic(), m.partition()) in assigned]
-                if not msgs:
-                    continue
-                records, offsets = self.decide(msgs)
-                if not offsets:
-                    continue
-                try:
-                    with deadlines.guard("a transaction commit", COMMIT_LIMIT_S):
-                        self._step.commit(records, offsets, self._consumer)
-                except TransactionAborted as exc:
-                    metrics.ERRORS.labels("transaction").inc()
-                    log.warning("transaction aborted (%s); reading again from the committed offsets", exc)
-                    self._rewind()
+            ProcessorLoop(self._consumer, self._step, self.decide, self._rewind, batch=self._batch, poll_s=0.05,
+                          before_poll=self._resume_what_may_go).run(self._stop)
             clean = True
         finally:
             if clean:
                 self._consumer.close()
             self._pools.close()
             self._step.close()
+
+    def _resume_what_may_go(self) -> None:
+        if self._pools.refresh():
+            self._held.resume_all(self._consumer)  # what waited for that pool goes now, all together
+        self._held.resume_due(self._consumer)
 
     # ------------------------------------------------------------------ deciding
 
@@ -288,9 +271,3 @@ class Gate:
         still = {tp.partition for tp in consumer.assignment() if (tp.topic, tp.partition) not in gone}
         self._admitted.forget({p for _t, p in gone} - still)
 
-
-def _usable(msg: Message) -> bool:
-    err = msg.error()
-    if err is not None and err.code() != KafkaError._PARTITION_EOF:
-        log.warning("consume error: %s", err)
-    return err is None

@@ -17,10 +17,10 @@ import logging
 import threading
 import time
 
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import Message
 
 from connectors import kafka
-from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
+from connectors.kafka import OutRecord, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
 from processors.events import image_ready
 from processors.publication_state import by_sku_key
@@ -31,13 +31,12 @@ from streams import metrics
 from streams.failures import FailureRecords, Origin
 from streams.holds import PartitionHolds
 from streams.image_safety import ImageSafety, SafetyUnavailable, Scanned, image_safety_from_settings
-from streams.liveness import Deadlines
+from streams.processor_loop import ProcessorLoop
 from streams.published_state import PublishedState
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
-COMMIT_LIMIT_S = 60.0  # librdkafka can block past its own timeouts when the coordinator vanishes
 
 
 class PublicationRelay:
@@ -67,35 +66,15 @@ class PublicationRelay:
         self._consumer = kafka.consumer(conf, self.group_id)
         step = TransactionalStep(conf, f"{self.group_id}-{self.s.worker_id}")
         self._published = PublishedState(conf, self.topology, self._serde, self.s.publication_window_days)
-        deadlines = Deadlines()
         self._consumer.subscribe([self.topology.rendered, self.topology.review_decisions],
                                  on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("publishing %s -> %s in group %s", self.topology.rendered, self.topology.images_ready,
                  self.group_id)
         clean = False
         try:
-            while not self._stop.is_set():
-                self._held.resume_due(self._consumer)
-                msgs = kafka.consume_ready(self._consumer, self._batch, 0.1)
-                assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
-                # a partition revoked during consume() is its next owner's to publish
-                msgs = [m for m in msgs if self._usable(m) and (m.topic(), m.partition()) in assigned]
-                if step.needs_rewind:  # the records in hand were fetched before the rewind: read again
-                    self._rewind(step)
-                    continue
-                if not msgs:
-                    continue
-                records, offsets = self.publish(msgs)
-                if not offsets:
-                    continue  # every record in hand waits for the detector or the storage
-                try:
-                    with deadlines.guard("a transaction commit", COMMIT_LIMIT_S):
-                        step.commit(records, offsets, self._consumer)
-                except TransactionAborted as exc:
-                    log.warning("transaction aborted (%s); reading again from the committed offsets", exc)
-                    self._rewind(step)
-                    continue
-                self._fill_cache()
+            ProcessorLoop(self._consumer, step, self.publish, lambda: self._rewind(step), batch=self._batch,
+                          poll_s=0.1, before_poll=lambda: self._held.resume_due(self._consumer),
+                          after_commit=self._fill_cache).run(self._stop)
             clean = True
         finally:
             if clean:
@@ -246,10 +225,3 @@ class PublicationRelay:
             return
         for key, entry in entries:
             self._cache.set(cache_entry_key(self.s.topic_prefix, key), json.dumps(entry).encode(), self.s.cache_ttl_s)
-
-    @staticmethod
-    def _usable(msg: Message) -> bool:
-        err = msg.error()
-        if err is not None and err.code() != KafkaError._PARTITION_EOF:
-            log.warning("consume error: %s", err)
-        return err is None

@@ -23,11 +23,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from prometheus_client import Counter
 
 from connectors import kafka
-from connectors.kafka import Headers, OutRecord, TransactionAborted, TransactionalStep
+from connectors.kafka import Headers, OutRecord, TransactionalStep
 from processors.admission import GENERATION_HEADER, REPLAY_ID_HEADER, header_text
 from processors.requests import priority_of
 from processors.sku_requests import SkuRefused, describe, sku_requests, sku_state_key, version_decision
@@ -36,13 +36,12 @@ from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSch
 from streams.failures import FailureRecords, Origin
 from streams.gate_state import RestoreFailed
 from streams.holds import PartitionHolds
-from streams.liveness import Deadlines
+from streams.processor_loop import ProcessorLoop
 from streams.settings import Settings
 from streams.sku_state import LatestVersions
 
 log = logging.getLogger(__name__)
 
-COMMIT_LIMIT_S = 60.0
 STAGE = "sku-connector"
 TP = tuple[str, int]
 EVENTS = Counter("zimage_sku_events_total", "SkuChanged events decided by the SKU connector, by outcome",
@@ -81,32 +80,14 @@ class SkuConnector:
         conf = self.s.kafka_config()
         self._consumer = self._consumer_factory(conf, self.group_id)
         self._step = self._step_factory(conf, f"{self.group_id}-{self.s.worker_id}")
-        deadlines = Deadlines()
         self._consumer.subscribe([self.topology.sku_changes], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_revoke)
         log.info("SKU connector of %s in group %s", self.topology.sku_changes, self.group_id)
         clean = False
         try:
-            while not self._stop.is_set():
-                self._held.resume_due(self._consumer)
-                msgs = kafka.consume_ready(self._consumer, self._batch, 0.1)
-                if self._step.needs_rewind:  # what is in hand was fetched before the rewind: read it again
-                    self._rewind()
-                    continue
-                assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
-                msgs = [m for m in msgs if _usable(m) and (m.topic(), m.partition()) in assigned]
-                if not msgs:
-                    continue
-                records, offsets = self.decide(msgs)
-                if not offsets:
-                    continue
-                try:
-                    with deadlines.guard("a transaction commit", COMMIT_LIMIT_S):
-                        self._step.commit(records, offsets, self._consumer)
-                except TransactionAborted as exc:
-                    EVENTS.labels("aborted").inc(len(msgs))
-                    log.warning("transaction aborted (%s); reading again from the committed offsets", exc)
-                    self._rewind()
+            ProcessorLoop(self._consumer, self._step, self.decide, self._rewind, batch=self._batch, poll_s=0.1,
+                          before_poll=lambda: self._held.resume_due(self._consumer),
+                          on_abort=lambda records: EVENTS.labels("aborted").inc(records)).run(self._stop)
             clean = True
         finally:
             if clean:
@@ -205,9 +186,3 @@ class SkuConnector:
         self._held.drop(gone)
         self._versions.forget({p for _t, p in gone})
 
-
-def _usable(msg: Message) -> bool:
-    err = msg.error()
-    if err is not None and err.code() != KafkaError._PARTITION_EOF:
-        log.warning("consume error: %s", err)
-    return err is None
