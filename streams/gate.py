@@ -48,8 +48,9 @@ from processors.status import request_status, status_key
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams import metrics
 from streams.cancellation import Cancellations
+from streams.changelog_table import RestoreFailed
 from streams.failures import FailureRecords, Origin
-from streams.gate_state import AdmittedKeys, PoolDirectory, RestoreFailed
+from streams.gate_state import AdmittedKeys, PoolDirectory
 from streams.holds import PartitionHolds
 from streams.processor_loop import ProcessorLoop
 from streams.settings import Settings

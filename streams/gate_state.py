@@ -15,103 +15,40 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from connectors.kafka import OutRecord
 from processors.admission import PoolInfo
 from schemas.serde import AvroSerde, SerdeError
+from streams.changelog_table import ChangelogTable, restore_reader
 
 log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
 
 
-def _reader(base: dict[str, str]) -> Consumer:
-    return Consumer({**base, "group.id": f"zimage-gate-restore-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
-                     "isolation.level": "read_committed", "enable.partition.eof": True})
-
-
-class AdmittedKeys:
-    """Per partition: idempotency key -> when it was admitted (ms)."""
+class AdmittedKeys(ChangelogTable[int]):
+    """Per partition: idempotency key -> when it was admitted (ms). Entries past the window are not restored."""
 
     def __init__(self, base: dict[str, str], topic: str, window_days: float = 30.0,
                  restore: Callable[[int], dict[str, int]] | None = None):
-        self._base = base
-        self._topic = topic
         self._window_ms = int(window_days * DAY_MS)
-        self._partitions: dict[int, dict[str, int]] = {}
-        self._restore = restore or self._read_changelog
+        super().__init__(base, topic, encode=lambda at: json.dumps({"at": at}).encode(),
+                         decode=lambda raw: int(json.loads(raw)["at"]), merge=self._within_window,
+                         restore=restore, what="admitted keys")
 
     def seen(self, partition: int, key: str, now_ms: int) -> bool:
-        at = self._load(partition).get(key)
+        at = self.get(partition, key)
         return at is not None and now_ms - at < self._window_ms
 
     def admit(self, partition: int, key: str, now_ms: int) -> OutRecord:
         """Remembers `key` and returns the changelog record to produce with the outputs."""
-        self._load(partition)[key] = now_ms
-        return OutRecord(self._topic, json.dumps({"at": now_ms}).encode(), key.encode(), partition=partition)
+        return self.put(partition, key, now_ms)
 
-    def forget(self, partitions: set[int]) -> None:
-        for partition in partitions:
-            self._partitions.pop(partition, None)
-
-    def _load(self, partition: int) -> dict[str, int]:
-        loaded = self._partitions.get(partition)
-        if loaded is None:
-            loaded = self._partitions[partition] = self._restore(partition)
-        return loaded
-
-    def _read_changelog(self, partition: int) -> dict[str, int]:
-        started = time.monotonic()
-        keys: dict[str, int] = {}
-
-        oldest = int(time.time() * 1000) - self._window_ms
-
-        def apply(key: bytes | None, value: bytes | None) -> None:
-            name = (key or b"").decode()
-            at = None if value is None else int(json.loads(value)["at"])
-            if at is None or at < oldest:  # deleted, or past the window: it would not count anyway
-                keys.pop(name, None)
-            else:
-                keys[name] = at
-
-        read_to_end(self._base, self._topic, [partition], apply)
-        log.info("restored %d admitted keys of partition %d in %.2fs", len(keys), partition,
-                 time.monotonic() - started)
-        return keys
-
-
-class RestoreFailed(RuntimeError):
-    """State kept in Kafka could not be read back: an infrastructure fault, never a request's."""
-
-
-def read_to_end(base: dict[str, str], topic: str, partitions: list[int],
-                apply: Callable[[bytes | None, bytes | None], None]) -> None:
-    """Feeds every committed record of these partitions, from the beginning to their current end, to `apply`
-    (key, value): how state kept in Kafka is restored."""
-    consumer = _reader(base)
-    try:
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
-        todo = {p for p, end in ends.items() if end > 0}
-        if not todo:
-            return
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
-        while todo:
-            msg = consumer.poll(1.0)
-            if msg is None:
-                continue
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    todo.discard(msg.partition())
-                    continue
-                raise RestoreFailed(f"restoring {topic}: {err}")
-            apply(msg.key(), msg.value())
-    finally:
-        consumer.close()
+    def _within_window(self, _old: int | None, at: int) -> int | None:
+        return at if at >= int(time.time() * 1000) - self._window_ms else None  # past it: it would not count
 
 
 class PoolDirectory:
@@ -119,7 +56,7 @@ class PoolDirectory:
 
     def __init__(self, base: dict[str, str], topic: str, serde: AvroSerde, consumer: Consumer | None = None):
         self._serde = serde
-        self._consumer = consumer if consumer is not None else _reader(base)
+        self._consumer = consumer if consumer is not None else restore_reader(base)
         self._consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
         self.pools: dict[str, PoolInfo] = {}
 

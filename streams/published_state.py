@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from processors.publication_state import DAY_MS, PublicationState, SkuLatest
 from schemas.serde import AvroSerde
-from streams.gate_state import read_to_end
+from streams.changelog_table import read_to_end
 from streams.topology import Topology
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any
 
 from connectors import kafka
 from schemas.serde import AvroSerde, SerdeError
-from streams.gate_state import read_to_end
+from streams.changelog_table import read_to_end
 from streams.settings import Settings
 
 

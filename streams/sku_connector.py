@@ -33,8 +33,8 @@ from processors.requests import priority_of
 from processors.sku_requests import SkuRefused, describe, sku_requests, sku_state_key, version_decision
 from processors.sku_templates import SkuTemplates
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
+from streams.changelog_table import RestoreFailed
 from streams.failures import FailureRecords, Origin
-from streams.gate_state import RestoreFailed
 from streams.holds import PartitionHolds
 from streams.processor_loop import ProcessorLoop
 from streams.settings import Settings

@@ -10,61 +10,25 @@ version written for each key, which is the highest.
 from __future__ import annotations
 
 import json
-import logging
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from connectors.kafka import OutRecord
-from streams.gate_state import read_to_end
-
-log = logging.getLogger(__name__)
+from streams.changelog_table import ChangelogTable
 
 
-class LatestVersions:
+class LatestVersions(ChangelogTable[int]):
     """Per partition: SKU state key (processors.sku_requests.sku_state_key) -> the latest version rendered."""
 
     def __init__(self, base: dict[str, str], topic: str, restore: Callable[[int], dict[str, int]] | None = None):
-        self._base = base
-        self._topic = topic
-        self._partitions: dict[int, dict[str, int]] = {}
-        self._restore = restore or self._read_changelog
+        super().__init__(base, topic, encode=lambda version: json.dumps({"version": version}).encode(),
+                         decode=lambda raw: int(json.loads(raw)["version"]),
+                         merge=lambda old, new: new if old is None else max(old, new), restore=restore,
+                         what="latest SKU versions")
 
     def latest(self, partition: int, key: str) -> int | None:
-        return self._load(partition).get(key)
+        return self.get(partition, key)
 
     def advance(self, partition: int, key: str, version: int) -> OutRecord:
         """Remembers `version` as the latest of `key` and returns the changelog record to commit with the
         requests."""
-        self._load(partition)[key] = version
-        return OutRecord(self._topic, json.dumps({"version": version}).encode(), key.encode(), partition=partition)
-
-    def forget(self, partitions: Iterable[int]) -> None:
-        for partition in partitions:
-            self._partitions.pop(partition, None)
-
-    def _load(self, partition: int) -> dict[str, int]:
-        loaded = self._partitions.get(partition)
-        if loaded is None:
-            loaded = self._partitions[partition] = self._restore(partition)
-        return loaded
-
-    def _read_changelog(self, partition: int) -> dict[str, int]:
-        started = time.monotonic()
-        versions: dict[str, int] = {}
-
-        def apply(key: bytes | None, value: bytes | None) -> None:
-            name = (key or b"").decode("utf-8", "replace")
-            if value is None:
-                versions.pop(name, None)
-                return
-            try:
-                version = int(json.loads(value)["version"])
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring an unreadable entry of %s[%d]", self._topic, partition)
-                return
-            versions[name] = max(version, versions.get(name, version))
-
-        read_to_end(self._base, self._topic, [partition], apply)
-        log.info("restored the latest versions of %d SKUs of partition %d in %.2fs", len(versions), partition,
-                 time.monotonic() - started)
-        return versions
+        return self.put(partition, key, version)

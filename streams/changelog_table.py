@@ -1,0 +1,124 @@
+"""State kept in Kafka, as Kafka Streams keeps a state store: a table per input partition, backed by a compacted
+changelog topic.
+
+A processor writes each change to the changelog in the same transaction as the outputs it explains, on the
+partition number of the record it came from (the input topics are keyed so that one input partition's keys all
+land there). The first time it decides a record of a partition, it reads that changelog partition to its end;
+after an abort or a revocation it forgets the partition and reads it again. What it reads back is exactly what
+committed, so the state matches the committed outputs.
+
+The gate's admitted keys (streams/gate_state.py) and the SKU connector's latest versions (streams/sku_state.py)
+are such tables.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from connectors.kafka import OutRecord
+
+log = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+
+class RestoreFailed(RuntimeError):
+    """State kept in Kafka could not be read back: an infrastructure fault, never a request's."""
+
+
+def restore_reader(base: dict[str, str]) -> Consumer:
+    """A consumer that reads committed records only, in no group, and says where each partition ends."""
+    return Consumer({**base, "group.id": f"zimage-restore-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
+                     "isolation.level": "read_committed", "enable.partition.eof": True})
+
+
+def read_to_end(base: dict[str, str], topic: str, partitions: list[int],
+                apply: Callable[[bytes | None, bytes | None], None]) -> None:
+    """Feeds every committed record of these partitions, from the beginning to their current end, to `apply`
+    (key, value): how state kept in Kafka is restored."""
+    consumer = restore_reader(base)
+    try:
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        todo = {p for p, end in ends.items() if end > 0}
+        if not todo:
+            return
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
+        while todo:
+            msg = consumer.poll(1.0)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    todo.discard(msg.partition())
+                    continue
+                raise RestoreFailed(f"restoring {topic}: {err}")
+            apply(msg.key(), msg.value())
+    finally:
+        consumer.close()
+
+
+class ChangelogTable(Generic[V]):
+    """Per input partition: key -> value. `decode` reads a changelog value (raising ValueError, KeyError or
+    TypeError on one it cannot read: that entry is skipped); `merge(old, new)` is what a restored entry leaves
+    (None: the key is dropped); `restore` replaces reading the topic (tests)."""
+
+    def __init__(self, base: dict[str, str], topic: str, *, encode: Callable[[V], bytes],
+                 decode: Callable[[bytes], V], merge: Callable[[V | None, V], V | None] = lambda old, new: new,
+                 restore: Callable[[int], dict[str, V]] | None = None, what: str = "entries"):
+        self._base = base
+        self._topic = topic
+        self._encode = encode
+        self._decode = decode
+        self._merge = merge
+        self._what = what
+        self._partitions: dict[int, dict[str, V]] = {}
+        self._restore = restore or self._read_changelog
+
+    def get(self, partition: int, key: str) -> V | None:
+        return self._load(partition).get(key)
+
+    def put(self, partition: int, key: str, value: V) -> OutRecord:
+        """Remembers `value` and returns the changelog record to commit with the outputs it explains."""
+        self._load(partition)[key] = value
+        return OutRecord(self._topic, self._encode(value), key.encode(), partition=partition)
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        for partition in partitions:
+            self._partitions.pop(partition, None)
+
+    def _load(self, partition: int) -> dict[str, V]:
+        loaded = self._partitions.get(partition)
+        if loaded is None:
+            loaded = self._partitions[partition] = self._restore(partition)
+        return loaded
+
+    def _read_changelog(self, partition: int) -> dict[str, V]:
+        started = time.monotonic()
+        table: dict[str, V] = {}
+
+        def apply(key: bytes | None, raw: bytes | None) -> None:
+            name = (key or b"").decode("utf-8", "replace")
+            if raw is None:  # a tombstone
+                table.pop(name, None)
+                return
+            try:
+                new = self._decode(raw)
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring an unreadable entry of %s[%d]", self._topic, partition)
+                return
+            merged = self._merge(table.get(name), new)
+            if merged is None:
+                table.pop(name, None)
+            else:
+                table[name] = merged
+
+        read_to_end(self._base, self._topic, [partition], apply)
+        log.info("restored %d %s of %s[%d] in %.2fs", len(table), self._what, self._topic, partition,
+                 time.monotonic() - started)
+        return table
