@@ -78,7 +78,8 @@ def test_an_hour_of_requests_is_replayed_at_low_priority_without_delaying_high_t
     now_ms = int(time.time() * 1000)
     stamps = [now_ms - (60 - i) * MINUTE_MS for i in range(60)]  # one a minute over the last hour
     originals = [build_request({"prompt": f"a catalogue lamp {i}", "seed": i, "width": 16, "height": 16,
-                                "steps": 1, "tenant": "acme", "submitted_at": stamps[i]}) for i in range(60)]
+                                "steps": 1, "tenant": "acme", "sku_id": f"LAMP-{i}", "submitted_at": stamps[i]})
+                 for i in range(60)]
     produce(p, originals, "normal", stamps)
     first = p.collect([r["request_id"] for r in originals], timeout_s=180)
     assert all(events[0][0] == "ImageReady" for events in first.values()) and len(first) == 60
@@ -134,6 +135,15 @@ def test_an_hour_of_requests_is_replayed_at_low_priority_without_delaying_high_t
         old, new = sorted(pair, key=lambda v: v["version"])
         assert new["supersedes"] == old["version"] and new["replay_id"] == "r-hour"
         assert new["sha256"] == old["sha256"]  # same request, same seed: the same bytes
+
+    # the per-SKU view ends at the backfill's versions (the latest generation), and untouched SKUs keep theirs
+    latest: dict[str, dict] = {}
+    for v in committed_values(p, p.topology.images_by_sku, "ImageReady"):
+        latest[v["sku_id"]] = v  # compacted: the last record per key is the view
+    for request in originals:
+        backfilled = request["request_id"] in replayed
+        assert latest[request["sku_id"]]["replay_id"] == ("r-hour" if backfilled else None)
+        assert latest[request["sku_id"]]["generation"].endswith("+backfill-1") == backfilled
 
     # the same replay again: re-driven, and nothing new is published
     assert replay(p, *args)["redriven"] == len(replayed)
