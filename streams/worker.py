@@ -49,7 +49,7 @@ class RenderWorker:
     def __init__(self, settings: Settings, renderer: BatchRenderer, store: ObjectStore, serde: AvroSerde, *,
                  consumer_factory: Callable[..., Consumer] = kafka.consumer,
                  step_factory: Callable[..., TransactionalStep] = TransactionalStep,
-                 commit_interval_s: float = 0.01, consume_batch: int = 500,
+                 commit_interval_s: float = 0.05, consume_batch: int = 500,
                  cancellations: Cancellations | None = None,
                  notes_producer_factory: Callable[[dict[str, str]], Producer] = kafka.producer):
         self.s = settings
