@@ -155,7 +155,8 @@ class Topology:
             TopicSpec(
                 self.request_topic(p), self.request_partitions,
                 {"retention.ms": week, "cleanup.policy": "delete", "max.message.bytes": str(REQUEST_MAX_BYTES)},
-                writers=("producers", "zimage submit", "sku connector"), readers=("gate",),
+                writers=("producers", "zimage submit", "zimage api", "sku connector", "zimage replay"),
+                readers=("gate", "zimage replay"),
                 value="GenerationRequest",
             )
             for p in PRIORITIES
@@ -169,16 +170,19 @@ class Topology:
             TopicSpec(self.images_ready, self.output_partitions,
                       {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
                       writers=("processors: publication",),
-                      readers=("subscribers", "zimage tail", "webhooks", "publication (restore)"), value="ImageReady"),
+                      readers=("subscribers", "zimage tail", "webhooks", "zimage api", "publication (restore)"),
+                      value="ImageReady"),
             TopicSpec(self.failed, self.output_partitions,
                       {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
-                      writers=("gate", "render worker", "processors"), readers=("subscribers", "webhooks"),
+                      writers=("gate", "render worker", "processors"),
+                      readers=("subscribers", "webhooks", "zimage api"),
                       value="RequestFailed"),
             TopicSpec(self.dlq, 1, {"retention.ms": str(30 * DAY_MS), "max.message.bytes": str(DLQ_MAX_BYTES)},
                       writers=("gate", "render worker", "processors"), readers=("operators",),
                       value="original bytes + reason headers"),
             TopicSpec(self.sku_changes, self.request_partitions, {"retention.ms": week},
-                      writers=("catalogue services",), readers=("sku connector",), value="SkuChanged"),
+                      writers=("catalogue services", "zimage replay"), readers=("sku connector", "zimage replay"),
+                      value="SkuChanged"),
         ]
         compacted = {"cleanup.policy": "compact", "max.message.bytes": output_bytes}
         specs += [
