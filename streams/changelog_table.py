@@ -18,9 +18,10 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors.kafka import OutRecord
+from connectors.retry import until_done
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,19 @@ def read_to_end(base: dict[str, str], topic: str, partitions: list[int],
     """Feeds every committed record of these partitions, from the beginning to their current end, to `apply`
     (key, value): how state kept in Kafka is restored."""
     consumer = restore_reader(base)
+
+    def end_of(partition: int) -> int:
+        # a topic just created, or a broker just started, answers "unknown partition" for a moment
+        try:
+            return until_done(lambda: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1],
+                              is_infrastructure=lambda exc: isinstance(exc, KafkaException),
+                              on_retry=lambda exc, n: log.warning("reading the end of %s[%d] (%r)", topic, partition,
+                                                                  exc), within_s=60)
+        except KafkaException as exc:
+            raise RestoreFailed(f"restoring {topic}[{partition}]: {exc}") from exc
+
     try:
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        ends = {p: end_of(p) for p in partitions}
         todo = {p for p, end in ends.items() if end > 0}
         if not todo:
             return

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 
-from confluent_kafka import Message
+from confluent_kafka import KafkaException, Message
 
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionalStep
@@ -28,6 +28,7 @@ from processors.safety import UNSCANNED, SafetyVerdict, describe, metric_label
 from processors.status import request_status, status_key
 from schemas.serde import AvroSerde
 from streams import metrics
+from streams.changelog_table import RestoreFailed
 from streams.failures import FailureRecords, Origin
 from streams.holds import PartitionHolds
 from streams.image_safety import ImageSafety, SafetyUnavailable, Scanned, image_safety_from_settings
@@ -102,6 +103,9 @@ class PublicationRelay:
                     records += self._rendered(origin, origin.value, now_ms, False, scans.get(origin.source))
             except SafetyUnavailable as exc:
                 self._held.hold(self._consumer, tp, origin.offset, f"image safety: {exc}")
+                continue
+            except (KafkaException, RestoreFailed) as exc:  # the state in Kafka could not be read: not the record's
+                self._held.hold(self._consumer, tp, origin.offset, f"publication state: {exc}")
                 continue
             except Exception as exc:  # noqa: BLE001 - a record never stops publication
                 log.error("unpublishable record at %s: %s", origin.source, exc)

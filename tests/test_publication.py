@@ -123,3 +123,30 @@ def test_an_unreadable_record_fails_alone():
     out = rig.out(msgs)
     assert len(out["images.ready"]) == 1
     assert rig.decode(out["requests.failed"], "RequestFailed")[0]["reason_code"] == "unpublishable"
+
+
+def test_state_that_cannot_be_read_back_holds_the_partition_and_fails_no_record():
+    from unittest.mock import create_autospec
+
+    from confluent_kafka import Consumer
+
+    from streams.changelog_table import RestoreFailed
+
+    rig = Rig()
+    consumer = create_autospec(Consumer, instance=True)
+    rig.relay._consumer = consumer
+
+    class Unreadable(MemoryState):
+        def of_partition(self, partition: int) -> PublicationState:
+            raise RestoreFailed("restoring tp.images.ready[1]: Local: Unknown partition")
+
+    rig.relay._published = Unreadable()  # type: ignore[assignment]
+    request = req()
+    msg = rig.message("rendered", rig.serde.encode("ImageRendered", rig.rendered(request)), b"k")
+    records, offsets = rig.relay.publish([msg])  # type: ignore[list-item]  # a FakeMessage reads like a Message
+    assert records == [] and offsets == {}  # nothing failed, nothing committed: read again after a backoff
+    consumer.seek.assert_called_once()
+    rig.relay._published = MemoryState()  # type: ignore[assignment]  # the broker answers again
+    rig.relay._held.resume_all(rig.relay._consumer)
+    ready = rig.decode(rig.out([msg])["images.ready"], "ImageReady")
+    assert [v["request_id"] for v in ready] == [request["request_id"]]
