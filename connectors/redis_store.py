@@ -59,16 +59,6 @@ class RedisStore:
             self._failed(exc)
             return False
 
-    def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool | None:
-        """True when `key` was set now, False when it already held a value, None when Redis cannot be asked."""
-        if not self.available:
-            return None
-        try:
-            return bool(self._client.set(key, value, px=max(1, int(ttl_s * 1000)), nx=True))
-        except redis.RedisError as exc:
-            self._failed(exc)
-            return None
-
     def claim_many(self, keys: Sequence[str], value: bytes, ttl_s: float) -> list[bytes | None] | None:
         """Sets each key to `value` where it is absent, in one round trip, and returns what each key holds
         afterwards (`value` where this call set it or it held it already); None when Redis cannot be asked."""

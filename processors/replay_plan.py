@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -135,7 +135,3 @@ class Pace:
         ahead = self._sent / self._rate - (self._clock() - self._start)
         if ahead > 0:
             self._sleep(ahead)
-
-
-def total(ranges: Mapping[TP, PartitionRange]) -> int:
-    return sum(r.size for r in ranges.values())

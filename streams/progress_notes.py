@@ -31,7 +31,6 @@ class ProgressNotes:
         self._stage = stage
         self._producer_factory = producer_factory
         self._producer: Producer | None = None
-        self.dropped = 0
 
     def open(self, conf: dict[str, str]) -> None:
         self._producer = self._producer_factory(conf)
@@ -45,7 +44,6 @@ class ProgressNotes:
                 self._producer.produce(self._topic, self._encode(request, "rendering", now_ms),
                                        status_key(request["tenant"], request["request_id"]))
             except (BufferError, KafkaException) as exc:  # best effort: the final status will follow
-                self.dropped += 1
                 log.debug("a rendering status was not sent: %r", exc)
         self._producer.poll(0)
 

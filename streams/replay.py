@@ -193,13 +193,16 @@ def run(conf: dict[str, str], serde: AvroSerde, replay: Replay,
                     remaining.pop(tp)
             # transaction markers take offsets but are never delivered: a partition whose position reached its end
             # is done even if the last record seen was before it
+            # (one position query per partition serves both that check and the progress)
+            left = 0
             for tp in list(remaining):
-                [position] = consumer.position([TopicPartition(*tp)])
-                if position.offset >= remaining[tp].end:
+                span, position = remaining[tp], _position(consumer, tp)
+                if position >= span.end:
                     remaining.pop(tp)
+                else:
+                    left += span.end - max(span.start, position)
             report.matched += matched
-            done = report.planned - sum(r.end - max(r.start, _position(consumer, tp))
-                                        for tp, r in remaining.items())
+            done = report.planned - left
             if progress is not None:
                 progress(done, report.planned)
             if producer is not None:
