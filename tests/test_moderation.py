@@ -300,3 +300,33 @@ def test_the_shipped_classifier_loads_and_scores_with_sockets_refused() -> None:
     assert done.returncode == 0, done.stderr
     toxic, clean = json.loads(done.stdout)
     assert toxic > 0.9 > clean
+
+
+def test_the_direct_scorer_gives_the_packages_own_probabilities() -> None:
+    pytest.importorskip("profanity_check", reason="alt-profanity-check is not installed")
+    from profanity_check import profanity_check
+
+    from processors.text_classifier import linear_scorer
+
+    texts = ["a red leather handbag on a white background", "you are a fucking idiot", "shit", "gore and blood",
+             "一盏台灯", "lamp " * 200, "!!!"]
+    direct = linear_scorer(profanity_check.vectorizer, profanity_check.model)
+    assert direct is not None
+    expected = [float(p) for p in profanity_check.predict_prob(texts)]
+    assert direct(texts) == pytest.approx(expected, abs=1e-12)
+    assert direct(texts[1:2])[0] > 0.9 > direct(texts[:1])[0]
+
+
+def test_a_model_of_another_shape_is_left_to_the_package() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from processors.text_classifier import linear_scorer
+
+    assert linear_scorer(object(), SimpleNamespace(method="isotonic", calibrated_classifiers_=[1],
+                                                   classes_=[0, 1])) is None
+    multi = SimpleNamespace(estimator=SimpleNamespace(coef_=np.zeros((3, 4)), intercept_=[0, 0, 0]),
+                            calibrators=[SimpleNamespace(a_=1.0, b_=0.0)] * 3)
+    assert linear_scorer(object(), SimpleNamespace(method="sigmoid", calibrated_classifiers_=[multi],
+                                                   classes_=[0, 1])) is None
