@@ -2,9 +2,9 @@
 
 Main thread: poll the pool's render topics (one per priority, fed by the gate), decide on each record
 (streams/intake.py), hand what a round admitted to the scheduler, pause a priority's partitions while its buffer
-is full, tell the scheduler which classes still wait in Kafka, and every few milliseconds commit the finished
-prefix (outputs + consumed offsets) through the shared transactional step. Render thread (streams/rendering.py):
-batches -> images -> quality -> object storage -> ImageRendered.
+is full, tell the scheduler which classes still wait in Kafka, and commit the finished prefix (outputs + consumed
+offsets) through the shared transactional step: every few milliseconds, or at once when nothing else is
+unfinished. Render thread (streams/rendering.py): batches -> images -> quality -> object storage -> ImageRendered.
 
 After an aborted transaction the step refuses every commit until the main loop has rewound every assigned
 partition and forgotten its local state: nothing commits past work that was dropped.
@@ -127,8 +127,11 @@ class RenderWorker:
                 if self._stage.failure is not None:
                     raise RuntimeError("the render stage failed") from self._stage.failure
                 self._heartbeat.beat("main")
+                with self._lock:
+                    unfinished = self._tracker.pending_count()
                 with self._deadlines.guard("intake", INTAKE_LIMIT_S):
-                    msgs = kafka.consume_ready(self._consumer, self._consume_batch, 0.02)
+                    # While something renders, look back soon: its result is committed as soon as it is done.
+                    msgs = kafka.consume_ready(self._consumer, self._consume_batch, 0.002 if unfinished else 0.02)
                     if self._step.needs_rewind:  # a commit inside a rebalance callback aborted
                         self._rewind()  # what this batch held is read again after the seek
                         msgs = []
@@ -137,7 +140,7 @@ class RenderWorker:
                     self._offer_incoming()
                 now = time.monotonic()
                 self._housekeeping(now)
-                if now - last_commit >= self._commit_interval:
+                if now - last_commit >= self._commit_interval or self._all_finished():
                     self._commit()
                     last_commit = now
                 if self._step.needs_rewind:
@@ -320,6 +323,12 @@ class RenderWorker:
         tp, offset = pending.source[:2], pending.source[2]
         if tp in self._assigned and self._epoch.get(tp, 0) == pending.payload.epoch:  # else: redone by its owner
             self._tracker.complete(tp[0], tp[1], offset, outcome)
+
+    def _all_finished(self) -> bool:
+        """Every record read is finished and some wait to commit: nothing is gained by waiting for the interval
+        (at light load a request's result commits at once; under load the interval batches the commits)."""
+        with self._lock:
+            return self._tracker.pending_count() == 0 and self._tracker.held_count() > 0
 
     def _commit(self) -> None:
         """Commits the finished prefix with its outputs. Does nothing while a rewind is due (the main loop does

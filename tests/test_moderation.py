@@ -309,7 +309,7 @@ def test_the_direct_scorer_gives_the_packages_own_probabilities() -> None:
     from processors.text_classifier import linear_scorer
 
     texts = ["a red leather handbag on a white background", "you are a fucking idiot", "shit", "gore and blood",
-             "一盏台灯", "lamp " * 200, "!!!"]
+             "一盏台灯", "lamp " * 200, "!!!", "the and of", ""]
     direct = linear_scorer(profanity_check.vectorizer, profanity_check.model)
     assert direct is not None
     expected = [float(p) for p in profanity_check.predict_prob(texts)]
