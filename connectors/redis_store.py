@@ -59,6 +59,22 @@ class RedisStore:
             self._failed(exc)
             return False
 
+    def set_many(self, items: Sequence[tuple[str, bytes]], ttl_s: float) -> bool:
+        """Sets every (key, value) with one TTL, in one round trip."""
+        if not items:
+            return True
+        if not self.available:
+            return False
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key, value in items:
+                pipe.set(key, value, px=max(1, int(ttl_s * 1000)))
+            pipe.execute()
+            return True
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return False
+
     def claim_many(self, keys: Sequence[str], value: bytes, ttl_s: float) -> list[bytes | None] | None:
         """Sets each key to `value` where it is absent, in one round trip, and returns what each key holds
         afterwards (`value` where this call set it or it held it already); None when Redis cannot be asked."""

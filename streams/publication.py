@@ -227,5 +227,5 @@ class PublicationRelay:
         entries, self._to_cache = self._to_cache, []
         if self._cache is None:
             return
-        for key, entry in entries:
-            self._cache.set(cache_entry_key(self.s.topic_prefix, key), json.dumps(entry).encode(), self.s.cache_ttl_s)
+        self._cache.set_many([(cache_entry_key(self.s.topic_prefix, key), json.dumps(entry).encode())
+                              for key, entry in entries], self.s.cache_ttl_s)
