@@ -104,13 +104,26 @@ class AvroSerde:
 
     # ---- encode -------------------------------------------------------------------------------
 
-    def encode(self, record_name: str, value: Mapping[str, Any], *, topic: str | None = None) -> bytes:
-        """Validate `value` against the current schema of `record_name` and frame it; raises InvalidRecord."""
+    def encode(self, record_name: str, value: Mapping[str, Any], *, topic: str | None = None,
+               validate: bool = True) -> bytes:
+        """Validate `value` against the current schema of `record_name` and frame it; raises InvalidRecord.
+
+        `validate=False` is for values a processor built from records it decoded, whose types are already the
+        schema's: fastavro's writer alone still refuses a missing field, a wrong union branch, an unknown symbol or
+        a str for bytes, but coerces a few types (a bool or a float into an int, a string into a double) that the
+        full validation refuses. That validation costs twice the writer and was the largest part of a processor's
+        time under load; input from outside (the API, the CLI) is always fully validated."""
         schema = self.catalog.current(record_name)
-        _validate(schema, value)
+        _check_fields(schema, value)
+        if validate:
+            _validate(schema, value)
         buffer = BytesIO()
         buffer.write(self._header(schema, topic))
-        fastavro.schemaless_writer(buffer, schema.parsed, value)
+        try:
+            fastavro.schemaless_writer(buffer, schema.parsed, value)
+        except Exception as exc:  # noqa: BLE001 - the writer fails in many ways; each means "not this schema"
+            _validate(schema, value)  # says why, field by field
+            raise InvalidRecord(short_name(schema.full_name), [f"{type(exc).__name__}: {exc}"]) from None
         return buffer.getvalue()
 
     def _header(self, schema: WriterSchema, topic: str | None) -> bytes:
@@ -258,13 +271,17 @@ def _try_bare(data: bytes, reader: WriterSchema) -> dict[str, Any] | None:
     return value if again.getvalue() == data else None
 
 
-def _validate(schema: WriterSchema, value: Any) -> None:
+def _check_fields(schema: WriterSchema, value: Any) -> None:
     name = short_name(schema.full_name)
     if not isinstance(value, Mapping):
         raise InvalidRecord(name, [f"expected a dict, got {type(value).__name__}"])
     unknown = value.keys() - schema.field_names
     if unknown:
         raise InvalidRecord(name, [f"{name}.{field}: not a field of the schema" for field in sorted(map(str, unknown))])
+
+
+def _validate(schema: WriterSchema, value: Any) -> None:
+    name = short_name(schema.full_name)
     try:
         validate(value, schema.parsed, raise_errors=True)
     except ValidationError as exc:

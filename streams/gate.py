@@ -217,7 +217,7 @@ class Gate:
                 timings_ms={"render": 0.0}, batch_id="cache", batch_size=0, worker_id="gate",
                 source=origin.source, now_ms=now_ms, generation=generation, cache_key=ckey, cached=True,
                 replay_id=header_text(origin.headers, REPLAY_ID_HEADER))
-            value = self._serde.encode("ImageRendered", rendered, topic=self.topology.rendered)
+            value = self._serde.encode("ImageRendered", rendered, topic=self.topology.rendered, validate=False)
             return [*out, OutRecord(self.topology.rendered, value, request["request_id"].encode()),
                     self._status(request, "cached", generation, now_ms, detail=flagged)]
         metrics.GATE.labels("admitted").inc()
@@ -228,7 +228,7 @@ class Gate:
                              now_ms=now_ms, replay_id=header_text(origin.headers, REPLAY_ID_HEADER))
         routed = {**request, "priority": priority.upper(), "admission": admitted}
         topic = self.topology.render_topic(info.pool, priority)
-        value = self._serde.encode("GenerationRequest", routed, topic=topic)
+        value = self._serde.encode("GenerationRequest", routed, topic=topic, validate=False)
         # Keyed by cache key: identical requests of a pool meet on one worker, which renders them once.
         return [*out, OutRecord(topic, value, ckey.encode(), list(origin.headers)),
                 self._status(request, "admitted", generation, now_ms, detail=flagged)]
@@ -278,7 +278,7 @@ class Gate:
                 final: bool = False, detail: str | None = None) -> OutRecord:
         event = request_status(request=request, status=status, stage="gate", generation=generation, now_ms=now_ms,
                                final=final, detail=detail)
-        return OutRecord(self.topology.status, self._serde.encode("RequestStatus", event),
+        return OutRecord(self.topology.status, self._serde.encode("RequestStatus", event, validate=False),
                          status_key(request["tenant"], request["request_id"]))
 
     # ------------------------------------------------------------------ holds, rewinds, rebalances

@@ -60,4 +60,4 @@ class ProgressNotes:
         generation = (request.get("admission") or {}).get("generation")
         event = request_status(request=request, status=status, stage=self._stage, generation=generation,
                                now_ms=now_ms)
-        return self._serde.encode("RequestStatus", event, topic=self._topic)
+        return self._serde.encode("RequestStatus", event, topic=self._topic, validate=False)

@@ -172,7 +172,8 @@ class PublicationRelay:
         # With no detector configured the image is marked unscanned, in its event and in the metrics.
         ready = image_ready(rendered, now_ms, version=decision.version, supersedes=decision.supersedes,
                             safety=safety.as_record())
-        ready_value = self._serde.encode("ImageReady", ready, topic=self.topology.images_ready)
+        ready_value = self._serde.encode("ImageReady", ready, topic=self.topology.images_ready,
+                                          validate=False)
         if len(ready_value) > self._max_ready_bytes:
             raise ValueError(f"ImageReady would be {len(ready_value)} bytes; at most {self._max_ready_bytes}")
         state.apply(ready)
@@ -213,7 +214,7 @@ class PublicationRelay:
         self._published.forget(p.partition for p in parts)
 
     def _status(self, status: dict) -> OutRecord:
-        return OutRecord(self.topology.status, self._serde.encode("RequestStatus", status),
+        return OutRecord(self.topology.status, self._serde.encode("RequestStatus", status, validate=False),
                          status_key(status["tenant"], status["request_id"]))
 
     def _rewind(self, step: TransactionalStep) -> None:

@@ -90,7 +90,8 @@ class RenderWorker:
         self._heartbeat = Heartbeat(settings.health_file, settings.worker_id)
         self._stage = RenderStage(
             renderer=renderer, store=store,
-            encode_rendered=lambda v: serde.encode("ImageRendered", v, topic=self.topology.rendered),
+            encode_rendered=lambda v: serde.encode(
+                "ImageRendered", v, topic=self.topology.rendered, validate=False),  # built from decoded records
             rendered_topic=self.topology.rendered, max_rendered_bytes=self.topology.max_bytes(self.topology.rendered),
             worker_id=settings.worker_id, take_batch=self._take_batch, on_done=self._on_done,
             on_fail=self._on_render_fail, journal=self._journal, deadlines=self._deadlines,

@@ -169,6 +169,20 @@ def test_round_trip(serde: AvroSerde, name: str) -> None:
     assert serde.decode(name, serde.encode(name, SAMPLES[name])) == SAMPLES[name]
 
 
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_without_full_validation_the_bytes_are_the_same(serde: AvroSerde, name: str) -> None:
+    assert serde.encode(name, SAMPLES[name], validate=False) == serde.encode(name, SAMPLES[name])
+
+
+@pytest.mark.parametrize(("change", "validate"), [
+    ({"request_id": None}, False), ({"priority": "URGENT"}, False), ({"metadata": {"k": 1}}, False),
+    ({"shoe_size": 9}, False), ({"width": True}, True), ({"width": 1.5}, True), ({"width": 2**31}, True)])
+def test_a_value_off_the_schema_is_refused_with_or_without_full_validation(
+        serde: AvroSerde, change: dict[str, Any], validate: bool) -> None:
+    with pytest.raises(InvalidRecord):
+        serde.encode("GenerationRequest", {**SAMPLES["GenerationRequest"], **change}, validate=validate)
+
+
 def test_missing_optional_fields_take_their_defaults(serde: AvroSerde) -> None:
     decoded = serde.decode("GenerationRequest",
                            serde.encode("GenerationRequest", {"request_id": "r", "prompt": "p", "submitted_at": T0}))
