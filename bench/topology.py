@@ -1,4 +1,4 @@
-"""The whole topology on the local stack: the gate and publication as processes, a worker with a null renderer.
+"""The whole topology on the local stack: the gate, a worker with a null renderer, and publication.
 
     python -m bench.topology [--light 200] [--burst 5000]     (part of `make bench`)
 
@@ -7,6 +7,9 @@ Figures, each measured in this one run:
 - cache-hit end-to-end latency: the same requests again under new ids, answered by the gate from Redis;
 - whole-topology capacity: a burst of distinct requests, from the first produce to the last ImageReady;
 - the resident memory of the gate and publication processes after the burst.
+
+The gate, the worker (with a renderer that takes no time: bench/null_worker.py) and publication each run in a
+process of their own, as deployed.
 """
 from __future__ import annotations
 
@@ -15,20 +18,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
 from confluent_kafka import Producer
 
-from bench.simulated import MemoryStore, SimulatedRenderer
 from connectors.kafka_admin import TopicWanted, apply_topics
 from schemas.serde import AvroSerde
 from streams.settings import Settings
 from streams.submit import build_request
 from streams.tail import EventFollower
-from streams.worker import RenderWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,19 +62,21 @@ class Topology:
     def __init__(self, state: Path):
         prefix = f"bt{uuid.uuid4().hex[:8]}"
         self.env = {**os.environ, "ZIMAGE_TOPIC_PREFIX": prefix, "ZIMAGE_STATE_DIR": str(state),
-                    "PYTHONUNBUFFERED": "1"}
+                    "ZIMAGE_WORKER_ID": "bench", "ZIMAGE_MAX_BATCH_SIZE": "16", "ZIMAGE_MAX_WAIT_MS": "2",
+                    "ZIMAGE_BUFFER_PER_PRIORITY": "4096", "PYTHONUNBUFFERED": "1"}
         self.settings = Settings(_env_file=None, topic_prefix=prefix, state_dir=str(state), worker_id="bench",
                                  bootstrap_servers=os.environ.get("ZIMAGE_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
                                  max_batch_size=16, max_wait_ms=2, buffer_per_priority=4096)
         self.conf = self.settings.kafka_config()
         apply_topics(self.conf, [TopicWanted(t.name, t.partitions, t.config) for t in self.settings.topology.topics()])
         self.serde = AvroSerde()
-        self.procs = {name: subprocess.Popen([sys.executable, "-m", "streams.cli", "processors", "--only", name,
-                                              "--no-restart"], cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.DEVNULL) for name in ("gate", "publication")}
-        self.worker = RenderWorker(self.settings, SimulatedRenderer(0.0, 0.0), MemoryStore(), self.serde)
-        self.thread = threading.Thread(target=self.worker.run, daemon=True)
-        self.thread.start()
+        # Every processor in a process of its own, as deployed; the worker renders nothing (bench/null_worker.py).
+        commands = {name: ["-m", "streams.cli", "processors", "--only", name, "--no-restart"]
+                    for name in ("gate", "publication")}
+        commands["worker"] = ["-m", "bench.null_worker"]
+        self.procs = {name: subprocess.Popen([sys.executable, *args], cwd=ROOT, env=self.env,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                      for name, args in commands.items()}
         self.producer = Producer({**self.conf, "linger.ms": 0, "enable.idempotence": True})
         self.follower = EventFollower(self.conf, {self.settings.topology.images_ready: "ImageReady"}, self.serde,
                                       from_beginning=True)
@@ -99,8 +101,6 @@ class Topology:
         return seen
 
     def close(self) -> None:
-        self.worker.stop()
-        self.thread.join(60)
         for proc in self.procs.values():
             proc.terminate()
             proc.wait(30)
