@@ -8,12 +8,15 @@ a segfault in a C extension, a deadline that ended it, an uncaught exception). E
 A record with one strike is rendered alone (an innocent batch mate is not blamed twice); a record with
 `max_strikes` is dead-lettered on sight without being decoded or rendered again. A deliberate exit (bad
 settings, a device outage) clears the file first, so it never counts. The files live in page cache: a SIGKILL
-does not lose them (only a machine crash, which blames nobody).
+does not lose them (only a machine crash, which blames nobody). They are written through a shared memory map:
+a write is a copy in memory, with no system call, so the intake loop (a write before and after every record)
+never hands the interpreter's lock to the render thread and waits to get it back.
 """
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 Source = tuple[str, int, int]  # topic, partition, offset
 ACTIVITIES = ("intake", "render")
+MAP_BYTES = 64 * 1024  # a batch's coordinates fit many times over; a larger write grows the file
 
 
 class Deliberate(Exception):
@@ -48,7 +52,11 @@ class CrashJournal:
             log.error("the last process died holding %d record(s); strikes now %s", len(died_holding),
                       {f"{t}[{p}]@{o}": n for (t, p, o), n in self._strikes.items()})
         self._save_strikes()
+        self._maps: dict[str, mmap.mmap] = {}
+        self._written: dict[str, int] = {}
         for activity in ACTIVITIES:
+            self._map(activity, MAP_BYTES)
+            self._written[activity] = MAP_BYTES  # blank whatever the last process left
             self._write(activity, [])
 
     def strikes(self, source: Source) -> int:
@@ -78,15 +86,29 @@ class CrashJournal:
     def _path(self, what: str) -> Path:
         return self._folder / f"{self._name}.{what}"
 
-    def _write(self, activity: str, sources: list[Source]) -> None:
-        data = json.dumps(sources).encode()
+    def _map(self, activity: str, size: int) -> None:
         fd = self._fds[activity]
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        old = self._maps.get(activity)
+        if old is not None:
+            old.close()
+        self._maps[activity] = mmap.mmap(fd, size)
+
+    def _write(self, activity: str, sources: list[Source]) -> None:
+        """The JSON of `sources`, then spaces over what is left of the previous, longer write."""
+        data = json.dumps(sources).encode()
+        if len(data) > len(self._maps[activity]):
+            self._map(activity, 2 * len(data))
+        m, before = self._maps[activity], self._written[activity]
+        m[:len(data)] = data
+        if before > len(data):
+            m[len(data):before] = b" " * (before - len(data))
+        self._written[activity] = len(data)
 
     def _read(self, activity: str) -> list[Source]:
         try:
-            raw = self._path(activity).read_text() or "[]"
+            raw = self._path(activity).read_bytes().rstrip(b"\0 ") or b"[]"
             return [(str(t), int(p), int(o)) for t, p, o in json.loads(raw)]
         except (ValueError, TypeError) as exc:
             log.warning("crash journal %s unreadable (%s); ignored", self._path(activity), exc)
@@ -111,5 +133,7 @@ class CrashJournal:
         os.replace(tmp, path)
 
     def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
         for fd in self._fds.values():
             os.close(fd)

@@ -326,10 +326,15 @@ class RenderWorker:
             self._tracker.complete(tp[0], tp[1], offset, outcome)
 
     def _all_finished(self) -> bool:
-        """Every record read is finished and some wait to commit: nothing is gained by waiting for the interval
-        (at light load a request's result commits at once; under load the interval batches the commits)."""
+        """Every record read is finished, some wait to commit, and Kafka holds no more: nothing is gained by
+        waiting for the interval (at light load a result commits at once; with a backlog the interval batches
+        the commits)."""
         with self._lock:
-            return self._tracker.pending_count() == 0 and self._tracker.held_count() > 0
+            if self._tracker.pending_count() or not self._tracker.held_count():
+                return False
+            waiting = lag.unfetched(self._consumer, [tp for tp in self._assigned if tp not in self._held],
+                                    self._priority_of_topic, {p: p in self._paused for p in self._overflow})
+        return waiting is not None and not any(waiting.values())
 
     def _commit(self) -> None:
         """Commits the finished prefix with its outputs. Does nothing while a rewind is due (the main loop does

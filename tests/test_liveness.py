@@ -80,6 +80,22 @@ def test_each_death_while_holding_a_record_is_a_strike(tmp_path, activity):
     assert CrashJournal(tmp_path, "w").strikes(SOURCE) == 0
 
 
+def test_a_death_after_a_long_write_and_a_short_one_blames_only_the_short_ones_records(tmp_path):
+    batch = [(f"zimage.render.turbo.{'x' * 200}", p, 10_000 + p) for p in range(400)]  # beyond the first map
+    done = run_python(f"""
+        import os, signal
+        from streams.crash_journal import CrashJournal
+        journal = CrashJournal({str(tmp_path)!r}, "w")
+        with journal.holding("render", {batch!r}):
+            pass
+        with journal.holding("render", [{SOURCE!r}]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert done.returncode == -9
+    journal = CrashJournal(tmp_path, "w")
+    assert journal.strikes(SOURCE) == 1 and not any(journal.strikes(src) for src in batch)
+
+
 def test_a_deliberate_exit_or_a_normal_end_is_no_strike(tmp_path):
     journal = CrashJournal(tmp_path, "w")
     with journal.holding("render", [SOURCE]):
