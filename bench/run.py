@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaException
+
 from bench.simulated import MemoryStore, SimulatedRenderer
 from connectors.kafka_admin import TopicWanted, apply_topics, group_lag
 from schemas.serde import AvroSerde
@@ -73,7 +75,13 @@ class Scenario:
         topics = list(self.settings.topology.render_input_topics(self.settings.pool).values())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            lag = group_lag(self.conf, self.worker.group_id, topics)
+            try:
+                lag = group_lag(self.conf, self.worker.group_id, topics)
+            except KafkaException as exc:  # a just-started broker: "not coordinator" for a moment
+                if not exc.args[0].retriable():
+                    raise
+                time.sleep(0.2)
+                continue
             if sum(lag.values()) == 0:
                 return time.monotonic()
             time.sleep(0.05)

@@ -58,3 +58,33 @@ class PartitionHolds:
         for tp in partitions:
             self._until.pop(tp, None)
             self._attempts.pop(tp, None)
+
+
+class ClassPauses:
+    """Priority classes whose partitions are paused while the class's buffer is full: intake stops reading what
+    it has no room for, and a held partition stays paused when its class resumes."""
+
+    def __init__(self, class_of: dict[str, str]) -> None:
+        self._class_of = class_of  # topic -> class
+        self.paused: set[str] = set()
+
+    def __contains__(self, cls: object) -> bool:
+        return cls in self.paused
+
+    def pause(self, consumer: Consumer, cls: str, assigned: Iterable[TP]) -> None:
+        if cls not in self.paused:
+            self.paused.add(cls)
+            consumer.pause([TopicPartition(t, p) for t, p in assigned if self._class_of[t] == cls])
+
+    def resume(self, consumer: Consumer, cls: str, assigned: Iterable[TP], held: PartitionHolds) -> None:
+        self.paused.discard(cls)
+        consumer.resume([TopicPartition(t, p) for t, p in assigned if self._class_of[t] == cls and (t, p) not in held])
+
+    def assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """librdkafka keeps an application pause across revoke and re-assign: sets every new partition explicitly."""
+        paused = [tp for tp in partitions if self._class_of[tp.topic] in self.paused]
+        running = [tp for tp in partitions if self._class_of[tp.topic] not in self.paused]
+        if paused:
+            consumer.pause(paused)
+        if running:
+            consumer.resume(running)

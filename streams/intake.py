@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from connectors.kafka import OutRecord
+from processors.admission import PoolInfo
 from processors.batching import CompatKey, Pending
 from processors.render_settings import UnsupportedSettings
 from processors.requests import InvalidRequest, settings_of, validate
@@ -60,6 +61,14 @@ class Intake:
         self._failures = failures
         self._limits = settings.limits()
         self._my_models = settings.pool_models
+        self._settings = settings
+
+    def pool_announcement(self, now_ms: int) -> dict[str, Any]:
+        """What this pool has loaded (model version, sizes), for the gate, which routes nothing here before it:
+        the same limits this intake checks, announced on the compacted pools topic."""
+        s, r = self._settings, self._renderer
+        info = PoolInfo(s.pool, s.pool_models[0], r.model_id, r.model_version, r.max_side, r.size_multiple)
+        return info.announcement(s.worker_id, now_ms)
 
     def decide(self, origin: Origin, priority: str) -> Admit | Finish | Hold:
         request: dict[str, Any] | None = None

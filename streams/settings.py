@@ -20,7 +20,9 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import NoDecode, SettingsConfigDict, SettingsError
 
 from connectors.storage import BUCKET_NAME
+from processors.quality import QualityPolicy
 from processors.requests import Limits
+from processors.scheduler import SchedulerConfig
 from streams.setting_values import (
     MASK,
     as_network,
@@ -284,6 +286,18 @@ class Settings(IngressSettings, ImageSafetySettings):
             except TemplateError as exc:
                 raise ValueError(f"ZIMAGE_SKU_TEMPLATES: {exc}") from None
         return self
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """How a worker forms batches from what it buffered (processors/scheduler.py)."""
+        return SchedulerConfig(
+            max_batch_size=self.max_batch_size, max_wait_s=self.max_wait_ms / 1000,
+            capacity_per_priority=self.buffer_per_priority,
+            min_share={"normal": self.min_share_normal, "low": self.min_share_low}, aging_s=self.aging_s,
+            share_patience_s=self.share_patience_s, fetch_wait_s=self.fetch_wait_ms / 1000)
+
+    def quality_policy(self) -> QualityPolicy:
+        return QualityPolicy(sharpness_min=self.quality_sharpness_min, min_width=self.quality_min_width,
+                             min_height=self.quality_min_height)
 
     def limits(self) -> Limits:
         """What intake accepts: every cap here also bounds the outputs a request can produce."""

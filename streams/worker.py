@@ -21,17 +21,15 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.storage import ObjectStore
-from processors.admission import PoolInfo
 from processors.batching import Batch, Pending
 from processors.offsets import OffsetTracker
-from processors.quality import QualityPolicy
-from processors.scheduler import Scheduler, SchedulerConfig
+from processors.scheduler import Scheduler
 from schemas.serde import AvroSerde
 from streams import lag, metrics
 from streams.cancellation import Cancellations
 from streams.crash_journal import CrashJournal
 from streams.failures import FailureRecords, Origin
-from streams.holds import PartitionHolds
+from streams.holds import ClassPauses, PartitionHolds
 from streams.intake import Admit, Finish, Hold, Intake, Outcome, pending_of
 from streams.liveness import Deadlines, Heartbeat
 from streams.progress_notes import ProgressNotes
@@ -62,16 +60,11 @@ class RenderWorker:
         self._consume_batch = consume_batch
         self._priority_of_topic = {t: p for p, t in self.topology.render_input_topics(settings.pool).items()}
         self._lock = threading.Condition()
-        self._scheduler = Scheduler(SchedulerConfig(
-            max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
-            capacity_per_priority=settings.buffer_per_priority,
-            min_share={"normal": settings.min_share_normal, "low": settings.min_share_low},
-            aging_s=settings.aging_s, share_patience_s=settings.share_patience_s,
-            fetch_wait_s=settings.fetch_wait_ms / 1000))
+        self._scheduler = Scheduler(settings.scheduler_config())
         self._tracker = OffsetTracker()
         self._epoch: dict[TP, int] = {}
         self._overflow: dict[str, list[Pending]] = {p: [] for p in self._priority_of_topic.values()}
-        self._paused: set[str] = set()
+        self._paused = ClassPauses(self._priority_of_topic)
         self._unfetched: dict[str, bool] = {}  # last reported to the scheduler: records of the class wait in Kafka
         self._incoming: list[Pending] = []  # admitted by the current consume() round, not yet offered
         self._held = PartitionHolds()  # partitions to read again once the registry answers
@@ -99,8 +92,7 @@ class RenderWorker:
                 device_fault_exit_s=settings.device_fault_exit_s,
                 batch_timeout_factor=settings.batch_timeout_factor,
                 batch_timeout_floor_s=settings.batch_timeout_floor_s, max_rerenders=settings.quality_max_rerenders),
-            quality=QualityPolicy(sharpness_min=settings.quality_sharpness_min, min_width=settings.quality_min_width,
-                                  min_height=settings.quality_min_height),
+            quality=settings.quality_policy(),
             cancelled=cancellations.start_rendering if cancellations else lambda requests: set(),
             on_start=self._notes.rendering)
 
@@ -141,7 +133,8 @@ class RenderWorker:
                     self._offer_incoming()
                 now = time.monotonic()
                 self._housekeeping(now)
-                if now - last_commit >= self._commit_interval or self._all_finished():
+                if now - last_commit >= self._commit_interval or (len(msgs) < self._consume_batch
+                                                                  and self._all_finished()):
                     self._commit()
                     last_commit = now
                 if self._step.needs_rewind:
@@ -156,11 +149,7 @@ class RenderWorker:
             self._shutdown(clean)
 
     def _announce(self) -> None:
-        """Tells the gate what this pool has loaded (model version, sizes), on the compacted pools topic."""
-        info = PoolInfo(self.s.pool, self.s.pool_models[0], self._renderer.model_id, self._renderer.model_version,
-                        self._renderer.max_side, self._renderer.size_multiple)
-        event = info.announcement(self.s.worker_id, int(time.time() * 1000))
-        topic = self.topology.pool_announcements
+        topic, event = self.topology.pool_announcements, self._intake.pool_announcement(int(time.time() * 1000))
         try:
             self._step.commit([OutRecord(topic, self._serde.encode("PoolAnnouncement", event, topic=topic),
                                          self.s.pool.encode())], {}, self._consumer)
@@ -237,7 +226,7 @@ class RenderWorker:
             for pending in self._incoming:
                 if self._overflow[pending.priority] or not self._scheduler.offer(pending):
                     self._overflow[pending.priority].append(pending)
-                    self._pause(pending.priority)
+                    self._paused.pause(self._consumer, pending.priority, self._assigned)
             if self._incoming:
                 self._lock.notify()
             self._incoming.clear()
@@ -275,13 +264,12 @@ class RenderWorker:
                     waiting.pop(0)
                     self._lock.notify()
                 if not waiting and priority in self._paused and self._scheduler.has_room(priority):
-                    self._resume(priority)
+                    self._paused.resume(self._consumer, priority, self._assigned, self._held)
 
     def _report_unfetched(self, now: float) -> None:
         """Tells the scheduler which classes still have records in Kafka not read yet (a partition just assigned
         counts as waiting; the scheduler bounds the hold), so that lower classes do not go first (lock held)."""
-        waiting = lag.unfetched(self._consumer, [tp for tp in self._assigned if tp not in self._held],
-                                self._priority_of_topic, {p: p in self._paused for p in self._overflow})
+        waiting = self._waiting_in_kafka()
         if waiting is None:
             return
         for priority, has_lag in waiting.items():
@@ -289,20 +277,6 @@ class RenderWorker:
         if any(self._unfetched.get(p) and not has_lag for p, has_lag in waiting.items()):
             self._lock.notify()  # a hold ended: the render thread may start a batch now
         self._unfetched = waiting
-
-    def _pause(self, priority: str) -> None:
-        if priority not in self._paused:
-            self._paused.add(priority)
-            self._consumer.pause(self._partitions_of(priority))
-
-    def _resume(self, priority: str) -> None:
-        self._paused.discard(priority)
-        self._consumer.resume([tp for tp in self._partitions_of(priority)
-                               if (tp.topic, tp.partition) not in self._held])
-
-    def _partitions_of(self, priority: str) -> list[TopicPartition]:
-        topic = self.topology.render_input_topics(self.s.pool)[priority]
-        return [TopicPartition(t, p) for t, p in self._assigned if t == topic]
 
     # ------------------------------------------------------------------ completion and commits
 
@@ -326,15 +300,15 @@ class RenderWorker:
             self._tracker.complete(tp[0], tp[1], offset, outcome)
 
     def _all_finished(self) -> bool:
-        """Every record read is finished, some wait to commit, and Kafka holds no more: nothing is gained by
-        waiting for the interval (at light load a result commits at once; with a backlog the interval batches
-        the commits)."""
+        """Every record read is finished and some wait to commit: at light load (the last round did not fill up)
+        nothing is gained by waiting for the interval, which batches the commits of a backlog."""
         with self._lock:
-            if self._tracker.pending_count() or not self._tracker.held_count():
-                return False
-            waiting = lag.unfetched(self._consumer, [tp for tp in self._assigned if tp not in self._held],
-                                    self._priority_of_topic, {p: p in self._paused for p in self._overflow})
-        return waiting is not None and not any(waiting.values())
+            return self._tracker.pending_count() == 0 and self._tracker.held_count() > 0
+
+    def _waiting_in_kafka(self) -> dict[str, bool] | None:
+        """Per class, whether records wait in Kafka not read yet (a paused class waits); lock held."""
+        return lag.unfetched(self._consumer, [tp for tp in self._assigned if tp not in self._held],
+                             self._priority_of_topic, {p: p in self._paused for p in self._overflow})
 
     def _commit(self) -> None:
         """Commits the finished prefix with its outputs. Does nothing while a rewind is due (the main loop does
@@ -384,13 +358,7 @@ class RenderWorker:
         with self._lock:
             for tp in partitions:
                 self._assigned.add((tp.topic, tp.partition))
-        # librdkafka keeps an application pause across revoke and re-assign: set every new partition explicitly.
-        paused = [tp for tp in partitions if self._priority_of_topic[tp.topic] in self._paused]
-        running = [tp for tp in partitions if self._priority_of_topic[tp.topic] not in self._paused]
-        if paused:
-            consumer.pause(paused)
-        if running:
-            consumer.resume(running)
+        self._paused.assigned(consumer, partitions)
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -424,5 +392,5 @@ class RenderWorker:
             self._last_state_log = time.monotonic()
             with self._lock:
                 log.info("lag %s; buffered %s; unfinished %d; paused %s; held %d partition(s)", backlog,
-                         self._scheduler.queue_lengths(), self._tracker.pending_count(), sorted(self._paused),
+                         self._scheduler.queue_lengths(), self._tracker.pending_count(), sorted(self._paused.paused),
                          len(self._held))
