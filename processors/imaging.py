@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 
+import imagecodecs
 import numpy as np
-from PIL import Image
 
-# Fixed encoder settings: the bytes must depend on the pixels only (no timestamps, no text chunks, no
-# adaptive "optimize" pass), so the same image always hashes to the same sha256.
+# Fixed encoder settings: the bytes must depend on the pixels only (libpng writes no timestamps or text chunks),
+# so the same image always hashes to the same sha256.
 PNG_COMPRESS_LEVEL = 6
 MAX_ID_CHARS = 64
 KEY_DIGEST_CHARS = 16
@@ -26,11 +25,7 @@ def encode_png(image: np.ndarray) -> bytes:
         raise ValueError(f"encode_png needs an HxWx3 uint8 array, got shape {shape} dtype {dtype}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"encode_png needs a non-empty image, got shape {image.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(
-        buffer, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL
-    )
-    return buffer.getvalue()
+    return bytes(imagecodecs.png_encode(np.ascontiguousarray(image), level=PNG_COMPRESS_LEVEL))
 
 
 def sha256_hex(data: bytes) -> str:
