@@ -4,7 +4,11 @@ Pure, so intake can check requests without torch."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -40,3 +44,25 @@ class RenderItem:
             raise TypeError(f"negative_prompt must be a str or None, got {type(self.negative_prompt).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
+
+
+class BatchRenderer(Protocol):
+    """What the worker needs of a renderer: the model adapter (torch, diffusers) and the benchmarks' simulated one."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def model_version(self) -> str: ...
+
+    @property
+    def max_side(self) -> int: ...  # largest width or height the model places
+
+    @property
+    def size_multiple(self) -> int: ...  # width and height must be multiples of this
+
+    def render(self, items: Sequence[RenderItem], settings: RenderSettings) -> list[np.ndarray]: ...
+
+    def check_settings(self, settings: RenderSettings) -> None: ...
+
+    def warmup(self) -> object: ...  # the device probe: whether it raises is what counts

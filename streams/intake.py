@@ -20,11 +20,11 @@ from typing import Any, NamedTuple
 from connectors.kafka import OutRecord
 from processors.admission import PoolInfo
 from processors.batching import CompatKey, Pending
-from processors.render_settings import UnsupportedSettings
+from processors.render_settings import BatchRenderer, UnsupportedSettings
 from processors.requests import InvalidRequest, settings_of, validate
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams.failures import FailureRecords, Origin
-from streams.rendering import Admitted, BatchRenderer
+from streams.rendering import Admitted
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -14,19 +14,24 @@ from streams import metrics
 TP = tuple[str, int]
 
 
-def _end_offset(consumer: Consumer, topic: str, partition: int) -> int:
-    """The partition's end offset as of the last fetch; -1 when not known yet (just assigned, never fetched)."""
+def _watermarks(consumer: Consumer, topic: str, partition: int) -> tuple[int, int]:
+    """The partition's (start, end) offsets as of the last fetch; negative when not known yet (never fetched)."""
     try:
-        return consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)[1]
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+        return low, high
     except KafkaException:
-        return -1
+        return -1, -1
+
+
+def _end_offset(consumer: Consumer, topic: str, partition: int) -> int:
+    return _watermarks(consumer, topic, partition)[1]
 
 
 def unfetched(consumer: Consumer, partitions: Iterable[TP], class_of: Mapping[str, str],
               waiting: dict[str, bool]) -> dict[str, bool] | None:
-    """Per class, whether any of `partitions` has records not yet handed to the application (or an unknown end
-    or position, which counts as waiting). `waiting` holds classes already known to be waiting (it is updated
-    and returned); None when the positions are not available."""
+    """Per class, whether any of `partitions` has records not yet handed to the application (an unknown end, or
+    no position on a partition that is not empty, counts as waiting). `waiting` holds classes already known to be
+    waiting (it is updated and returned); None when the positions are not available."""
     mine = [TopicPartition(t, p) for t, p in partitions]
     try:
         positions = consumer.position(mine) if mine else []
@@ -35,8 +40,15 @@ def unfetched(consumer: Consumer, partitions: Iterable[TP], class_of: Mapping[st
     for tp in positions:
         cls = class_of[tp.topic]
         if not waiting[cls]:
-            high = _end_offset(consumer, tp.topic, tp.partition)
-            waiting[cls] = high < 0 or tp.offset < 0 or tp.offset < high
+            low, high = _watermarks(consumer, tp.topic, tp.partition)
+            if high < 0:
+                waiting[cls] = True  # never fetched: the end is not known yet
+            elif tp.offset < 0:
+                # Nothing consumed since the assignment, so no position: only an empty partition surely has
+                # nothing waiting. (An empty one counted as waiting held every lower class on the start of a run.)
+                waiting[cls] = high > low
+            else:
+                waiting[cls] = tp.offset < high
     return waiting
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,8 +36,8 @@ from processors.events import image_rendered
 from processors.fault_isolation import render_isolating_faults
 from processors.imaging import encode_png, object_key, sha256_hex
 from processors.inflight import Answered, Failed, InFlight, Lead, Rendered
-from processors.quality import QualityPolicy, next_attempt, request_report, rerender_seed, score_image
-from processors.render_settings import RenderItem, RenderSettings, UnsupportedSettings
+from processors.quality import QualityPolicy, QualityReport, next_attempt, request_report, rerender_seed, score_image
+from processors.render_settings import BatchRenderer, RenderItem, RenderSettings, UnsupportedSettings
 from processors.renderer import render_splitting_on_oom
 from processors.requests import MAX_SEED, image_seeds, settings_of
 from streams import metrics
@@ -46,26 +46,6 @@ from streams.failures import Origin
 from streams.liveness import Deadlines, Heartbeat
 
 log = logging.getLogger(__name__)
-
-
-class BatchRenderer(Protocol):
-    @property
-    def model_id(self) -> str: ...
-
-    @property
-    def model_version(self) -> str: ...
-
-    @property
-    def max_side(self) -> int: ...  # largest width or height the model places
-
-    @property
-    def size_multiple(self) -> int: ...  # width and height must be multiples of this
-
-    def render(self, items: Sequence[RenderItem], settings: RenderSettings) -> list[np.ndarray]: ...
-
-    def check_settings(self, settings: RenderSettings) -> None: ...
-
-    def warmup(self) -> object: ...  # the device probe: whether it raises is what counts
 
 
 class DeviceFault(Deliberate):
@@ -186,7 +166,7 @@ class RenderStage:
         if not leaders:
             return
         requests = [p.payload.request for p in leaders]
-        self._on_start(requests)
+        self._pool.submit(self._notify_start, requests)  # off the device's path
         seeds = [image_seeds(r) for r in requests]
         settings = settings_of(requests[0])  # the batch's compatibility key makes them all equal
 
@@ -219,19 +199,27 @@ class RenderStage:
                                                            for i, images, quality in done], render_ms)
         fut.add_done_callback(self._stored)
 
+    def _notify_start(self, requests: list[dict[str, Any]]) -> None:
+        try:
+            self._on_start(requests)
+        except Exception as exc:  # noqa: BLE001 - best effort: the final status follows anyway
+            log.warning("rendering notes not sent: %r", exc)
+
     def _until_good_enough(self, index: int, request: dict[str, Any], seeds: list[list[int]],
                            images: list[np.ndarray], render: Callable, settings: RenderSettings,
-                           ) -> tuple[int, list[np.ndarray], Quality]:
+                           ) -> tuple[int, list[np.ndarray], Quality | None]:
         """Scores a request's images; a request that gave no seed is rendered again with new derived seeds while
-        it fails, a bounded number of times. What still fails goes out with its scores (`passed` 0)."""
+        it fails, a bounded number of times. What still fails goes out with its scores (`passed` 0). A request
+        that gave its seed is never rendered again: it is scored in the post threads (None here), off the
+        device's path."""
+        if request.get("seed") is not None:
+            return index, images, None
         attempt = 0
         while True:
             report = request_report(score_image(img, (settings.width, settings.height), self._quality)
                                     for img in images)
-            if report.passed or next_attempt(request.get("seed") is not None, attempt,
-                                             self._limits.max_rerenders) == "review":
-                metrics.QUALITY.labels("passed" if report.passed else "failed").inc()
-                return index, images, Quality({**report.scores, "passed": float(report.passed)}, attempt)
+            if report.passed or next_attempt(False, attempt, self._limits.max_rerenders) == "review":
+                return index, images, _counted(report, attempt)
             base = rerender_seed(request["request_id"], attempt + 1)
             previous = seeds[index]
             seeds[index] = [(base + k) & MAX_SEED for k in range(len(previous))]
@@ -299,7 +287,7 @@ class RenderStage:
             log.error("storing a batch failed: %r", exc)  # the worker stops loudly rather than stall a partition
             self.failure = exc
 
-    def _store_batch(self, batch: Batch, done: list[tuple[Pending, list[int], list[np.ndarray], Quality]],
+    def _store_batch(self, batch: Batch, done: list[tuple[Pending, list[int], list[np.ndarray], Quality | None]],
                      render_ms: float) -> None:
         for pending, seeds, images, quality in done:
             try:
@@ -347,8 +335,12 @@ class RenderStage:
         self._on_done(pending, [record], "deduplicated")
 
     def _store_request(self, batch: Batch, pending: Pending, seeds: list[int], images: list[np.ndarray],
-                       quality: Quality, render_ms: float) -> tuple[OutRecord, Rendered]:
+                       quality: Quality | None, render_ms: float) -> tuple[OutRecord, Rendered]:
         request = pending.payload.request
+        if quality is None:  # a request with its own seed: scored here, never rendered again
+            asked = settings_of(request)
+            quality = _counted(request_report(score_image(img, (asked.width, asked.height), self._quality)
+                                              for img in images), 0)
         t0 = time.monotonic()
         encoded = [encode_png(img) for img in images]
         t1 = time.monotonic()
@@ -384,6 +376,11 @@ class RenderStage:
         return until_done(lambda: self._store.put(key, data, "image/png"), stop=self._stop,
                           is_infrastructure=lambda exc: not isinstance(exc, (UnsafeKey, TypeError)),
                           on_retry=retrying)
+
+
+def _counted(report: QualityReport, attempt: int) -> Quality:
+    metrics.QUALITY.labels("passed" if report.passed else "failed").inc()
+    return Quality({**report.scores, "passed": float(report.passed)}, attempt)
 
 
 def _cache_key(pending: Pending) -> str | None:

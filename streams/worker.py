@@ -23,6 +23,7 @@ from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.storage import ObjectStore
 from processors.batching import Batch, Pending
 from processors.offsets import OffsetTracker
+from processors.render_settings import BatchRenderer
 from processors.scheduler import Scheduler
 from schemas.serde import AvroSerde
 from streams import lag, metrics
@@ -33,7 +34,7 @@ from streams.holds import ClassPauses, PartitionHolds
 from streams.intake import Admit, Finish, Hold, Intake, Outcome, pending_of
 from streams.liveness import Deadlines, Heartbeat
 from streams.progress_notes import ProgressNotes
-from streams.rendering import BatchRenderer, RenderStage, StageLimits
+from streams.rendering import RenderStage, StageLimits
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
