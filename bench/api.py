@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from bench.topology import Topology, percentile, rss_mb
+from bench.topology import Topology, drop_topics, percentile, rss_mb
 from connectors.kafka_admin import TopicWanted, apply_topics
 from streams.settings import Settings
 
@@ -191,6 +191,7 @@ def submit_capacity(requests: int, concurrency: int, tmp: Path) -> list[Figure]:
         rss = rss_mb(api.proc.pid)
     finally:
         api.close()
+        drop_topics(settings.kafka_config(), settings.topic_prefix)
     accepted = answers.get(202, 0)
     if accepted != requests:
         print(f"  not every POST was accepted: {dict(answers)}", flush=True)

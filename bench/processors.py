@@ -41,7 +41,7 @@ from typing import Any
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from bench.topology import rss_mb
+from bench.topology import drop_topics, rss_mb
 from connectors.kafka_admin import TopicWanted, apply_topics
 from processors.admission import PoolInfo
 from processors.events import image_rendered
@@ -259,6 +259,7 @@ def measure(case: Case, n: int, tmp: Path, timeout_s: float) -> Measured:
         log.close()
         progress.close()
     produced = count_committed(settings, case.outputs(settings))
+    drop_topics(settings.kafka_config(), prefix)
     if produced != n * case.per_record and case.outputs(settings):
         raise RuntimeError(f"{case.name}: {produced} outputs for {n} records, expected {n * case.per_record} (some "
                            f"failed?); see {log.name}")

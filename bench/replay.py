@@ -18,6 +18,7 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
+from bench.topology import drop_topics
 from connectors.kafka_admin import TopicWanted, apply_topics
 from processors.replay_plan import Bounds
 from schemas.serde import AvroSerde
@@ -60,6 +61,7 @@ def main() -> None:
     print(f"filled {source} with {args.records} requests in {time.monotonic() - started:.1f}s", flush=True)
     report = run(conf, serde, Replay(topics=(source,), into=target, replay_id="bench-replay",
                                      bounds=Bounds(), generation="bench-generation"))
+    drop_topics(conf, prefix)
     rate = report.produced / report.seconds
     ok = rate >= GOAL_RPS and report.produced == args.records
     print(f"  {'replay_redrive_rate':32} {rate:12.0f} {'records/s':10} goal {'>= ' + str(GOAL_RPS):14} "

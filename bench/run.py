@@ -20,6 +20,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from bench.simulated import MemoryStore, SimulatedRenderer
+from bench.topology import drop_topics
 from connectors.kafka_admin import TopicWanted, apply_topics, group_lag
 from schemas.serde import AvroSerde
 from streams.settings import Settings
@@ -68,6 +69,7 @@ class Scenario:
         if self.worker and self.thread:
             self.worker.stop()
             self.thread.join(60)
+        drop_topics(self.conf, self.settings.topic_prefix)
 
     def wait_drained(self, timeout_s: float = 300) -> float:
         """Waits until the group has committed everything; returns the time it saw that."""

@@ -22,7 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient
 
 from connectors.kafka_admin import TopicWanted, apply_topics
 from schemas.serde import AvroSerde
@@ -105,6 +106,19 @@ class Topology:
             proc.terminate()
             proc.wait(30)
         self.follower.close()
+        drop_topics(self.conf, self.settings.topic_prefix)
+
+
+def drop_topics(conf: dict[str, str], prefix: str) -> None:
+    """Deletes a benchmark's own topics: a broker left holding thousands of partitions from earlier runs is
+    slower, and its figures with it."""
+    admin = AdminClient(dict(conf))
+    mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith(f"{prefix}.")]
+    for future in admin.delete_topics(mine, operation_timeout=30).values() if mine else ():
+        try:
+            future.result()
+        except KafkaException as exc:  # already gone, or the broker is busy: the next purge takes it
+            print(f"  (a topic was not deleted: {exc})", file=sys.stderr)
 
 
 def request(tag: str, i: int, **fields) -> dict:
