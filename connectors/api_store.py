@@ -49,13 +49,6 @@ class ApiStore:
         except (redis.RedisError, OSError) as exc:
             raise self._failed(exc) from exc
 
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        self._check()
-        try:
-            await self._client.set(key, value, px=max(1, int(ttl_s * 1000)))
-        except (redis.RedisError, OSError) as exc:
-            raise self._failed(exc) from exc
-
     async def set_many(self, items: Sequence[tuple[str, bytes]], ttl_s: float) -> None:
         if not items:
             return
@@ -76,15 +69,17 @@ class ApiStore:
         except (redis.RedisError, OSError) as exc:
             raise self._failed(exc) from exc
 
-    async def index_add(self, key: str, member: str, score: float, keep: int, ttl_s: float) -> None:
-        """Adds `member` to the sorted set `key` (an existing member keeps its first score) and drops all but the
-        `keep` highest scores, in one round trip."""
+    async def set_and_index(self, key: str, value: bytes, ttl_s: float, index: str, member: str, score: float,
+                            keep: int, index_ttl_s: float) -> None:
+        """Sets `key`, and adds `member` to the sorted set `index` (an existing member keeps its first score),
+        dropping all but the `keep` highest scores: one round trip, one transaction."""
         self._check()
         try:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.zadd(key, {member: score}, nx=True)
-                pipe.zremrangebyrank(key, 0, -keep - 1)
-                pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+                pipe.set(key, value, px=max(1, int(ttl_s * 1000)))
+                pipe.zadd(index, {member: score}, nx=True)
+                pipe.zremrangebyrank(index, 0, -keep - 1)
+                pipe.pexpire(index, max(1, int(index_ttl_s * 1000)))
                 await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             raise self._failed(exc) from exc

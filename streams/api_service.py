@@ -158,11 +158,11 @@ class ApiService:
             raise ApiError(503, f"the request could not be queued ({exc}); retry", {"Retry-After": "5"}) from None
         accepted_at = request["submitted_at"]
         try:
-            await self._store.set(idempotency_key(self.s.topic_prefix, tenant, request_id),
-                                  json.dumps({"fp": fingerprint, "produced": True, "at": accepted_at}).encode(),
-                                  self._window_s)
-            await self._store.index_add(index_key(self.s.topic_prefix, tenant), request_id, accepted_at,
-                                        self.s.api_task_index_size, self._window_s)
+            await self._store.set_and_index(
+                idempotency_key(self.s.topic_prefix, tenant, request_id),
+                json.dumps({"fp": fingerprint, "produced": True, "at": accepted_at}).encode(), self._window_s,
+                index_key(self.s.topic_prefix, tenant), request_id, accepted_at, self.s.api_task_index_size,
+                self._window_s)
         except StoreUnavailable:
             DEGRADED.labels("index").inc()
 
