@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -157,16 +158,28 @@ def _encodable(text: str) -> bool:
     return True
 
 
+_CONTROLS = "".join(chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)])
+_CONTROL_PATTERNS: dict[str, re.Pattern[str]] = {}  # by the controls allowed; a regex scans in C, not per char
+
+
 def _has_control(text: str, allowed: str = "") -> bool:
     """C0 controls, DEL and C1 controls, except those in `allowed`."""
-    return any((ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F) and c not in allowed for c in text)
+    pattern = _CONTROL_PATTERNS.get(allowed)
+    if pattern is None:
+        refused = "".join(c for c in _CONTROLS if c not in allowed)
+        pattern = _CONTROL_PATTERNS[allowed] = re.compile(f"[{re.escape(refused)}]")
+    return pattern.search(text) is not None
+
+
+_PRINTABLE_ASCII = re.compile(r"[!-~]+")
+_PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # C0 controls but tab, line feed, carriage return
 
 
 def _check_request_id(rid: Any, limits: Limits) -> None:
     _check_text("request_id", rid, limits.max_request_id_chars)
     if not rid:
         raise _invalid("request_id is empty")
-    if not all("!" <= c <= "~" for c in rid):
+    if not _PRINTABLE_ASCII.fullmatch(rid):
         raise _invalid(f"request_id {rid[:60]!r} must be printable ASCII without whitespace or control characters")
 
 
@@ -178,7 +191,7 @@ def _check_prompts(request: Mapping[str, Any], limits: Limits) -> None:
         text = _check_text(field, text, limits.max_prompt_chars)
         if "\x00" in text:
             raise _invalid(f"{field} contains a NUL character")
-        if any(ord(c) < 0x20 and c not in "\t\n\r" for c in text):
+        if _PROMPT_CONTROL.search(text):
             raise _invalid(f"{field} contains a control character (only tab, line feed and carriage return pass)")
     if not request["prompt"].strip():
         raise _invalid("prompt is empty")
