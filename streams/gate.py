@@ -217,7 +217,7 @@ class Gate:
                 timings_ms={"render": 0.0}, batch_id="cache", batch_size=0, worker_id="gate",
                 source=origin.source, now_ms=now_ms, generation=generation, cache_key=ckey, cached=True,
                 replay_id=header_text(origin.headers, REPLAY_ID_HEADER))
-            value = self._serde.encode("ImageRendered", rendered, topic=self.topology.rendered, validate=False)
+            value = self._serde.encode("ImageRendered", rendered, topic=self.topology.rendered)  # from Redis: checked
             return [*out, OutRecord(self.topology.rendered, value, request["request_id"].encode()),
                     self._status(request, "cached", generation, now_ms, detail=flagged)]
         metrics.GATE.labels("admitted").inc()
