@@ -27,22 +27,31 @@ class Cancellations:
         self._prefix = topic_prefix
         self._ttl_s = ttl_s
 
-    def _keys(self, requests: Sequence[dict[str, Any]]) -> list[str]:
+    @property
+    def store(self) -> RedisStore | None:
+        return self._store
+
+    def keys(self, requests: Sequence[dict[str, Any]]) -> list[str]:
+        """Where each request's mark lives (the gate reads them with its cache entries, in one round trip)."""
         return [cancel_entry_key(self._prefix, r["tenant"], r["request_id"]) for r in requests]
+
+    @staticmethod
+    def cancelled_of(marks: Sequence[bytes | None]) -> set[int]:
+        """Indexes of the marks that say cancelled."""
+        return {i for i, value in enumerate(marks) if value == CANCELLED}
 
     def cancelled(self, requests: Sequence[dict[str, Any]]) -> set[int]:
         """The gate's check: indexes of the requests cancelled so far (none when Redis cannot be asked)."""
         if self._store is None or not requests:
             return set()
-        found = self._store.get_many(self._keys(requests)) or []
-        return {i for i, value in enumerate(found) if value == CANCELLED}
+        return self.cancelled_of(self._store.get_many(self.keys(requests)) or [])
 
     def start_rendering(self, requests: Sequence[dict[str, Any]]) -> set[int]:
         """A worker's claim when a batch takes these requests: indexes of those cancelled first. The others are
         marked rendering, so a later cancel is refused."""
         if self._store is None or not requests:
             return set()
-        found = self._store.claim_many(self._keys(requests), RENDERING, self._ttl_s)
+        found = self._store.claim_many(self.keys(requests), RENDERING, self._ttl_s)
         return set() if found is None else {i for i, value in enumerate(found) if value == CANCELLED}
 
     def cancel(self, tenant: str, request_id: str) -> Literal["cancelled", "too_late", "unavailable"]:

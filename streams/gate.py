@@ -130,8 +130,7 @@ class Gate:
         checked = [self._checked(origin) for origin in origins]
         valid = [c for c in checked if isinstance(c, tuple)]
         verdicts = iter(self._moderate([(r["prompt"], r.get("negative_prompt"), r["tenant"]) for r, _ in valid]))
-        cancelled = self._cancellations.cancelled([r for r, _ in valid])
-        self._cache_entries = self._look_up_cache(
+        cancelled, self._cache_entries = self._look_up(
             [(origin, check) for origin, check in zip(origins, checked, strict=True) if isinstance(check, tuple)])
         positions = iter(range(len(valid)))
         records: list[OutRecord] = []
@@ -233,10 +232,12 @@ class Gate:
         return [*out, OutRecord(topic, value, ckey.encode(), list(origin.headers)),
                 self._status(request, "admitted", generation, now_ms, detail=flagged)]
 
-    def _look_up_cache(self, admitted: list[tuple[Origin, tuple[dict[str, Any], PoolInfo]]]
-                       ) -> dict[str, bytes | None] | None:
-        """The cache entries of a batch's requests, by cache key, in one round trip (a batch of 500 requests
-        asked one by one spent most of the gate's time waiting for Redis); None when Redis cannot be asked."""
+    def _look_up(self, admitted: list[tuple[Origin, tuple[dict[str, Any], PoolInfo]]]
+                 ) -> tuple[set[int], dict[str, bytes | None] | None]:
+        """Which of a batch's requests were cancelled (by position), and their cache entries by cache key (None
+        when Redis cannot be asked): in one round trip where both live in the same Redis (a batch of 500
+        requests asked one by one spent most of the gate's time waiting for Redis)."""
+        requests = [request for _, (request, _) in admitted]
         keys = set()
         for origin, (request, info) in admitted:
             try:
@@ -244,11 +245,20 @@ class Gate:
                                                           header_text(origin.headers, GENERATION_HEADER))))
             except Exception:  # noqa: BLE001 - the request's own turn fails it, with the reason
                 continue
-        if self._cache is None or not keys:
-            return {}
         ordered = sorted(keys)
-        found = self._cache.get_many([cache_entry_key(self.s.topic_prefix, key) for key in ordered])
-        return None if found is None else dict(zip(ordered, found, strict=True))
+        entry_keys = [cache_entry_key(self.s.topic_prefix, key) for key in ordered]
+        if self._cache is None or not requests:
+            return self._cancellations.cancelled(requests), {}
+        if self._cancellations.store is not self._cache:
+            cancelled = self._cancellations.cancelled(requests)
+            found = self._cache.get_many(entry_keys) if entry_keys else []
+            return cancelled, None if found is None else dict(zip(ordered, found, strict=True))
+        cancel_keys = self._cancellations.keys(requests)
+        both = self._cache.get_many(cancel_keys + entry_keys)
+        if both is None:
+            return set(), None
+        return (Cancellations.cancelled_of(both[:len(cancel_keys)]),
+                dict(zip(ordered, both[len(cancel_keys):], strict=True)))
 
     def _cached(self, key: str) -> dict[str, Any] | None:
         if self._cache is None:
