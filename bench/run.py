@@ -17,11 +17,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from bench.simulated import MemoryStore, SimulatedRenderer
 from bench.topology import drop_topics
-from connectors.kafka_admin import TopicWanted, apply_topics, group_lag
+from connectors.kafka_admin import TopicWanted, apply_topics
 from schemas.serde import AvroSerde
 from streams.settings import Settings
 from streams.submit import Submitter, build_request
@@ -72,21 +72,31 @@ class Scenario:
         drop_topics(self.conf, self.settings.topic_prefix)
 
     def wait_drained(self, timeout_s: float = 300) -> float:
-        """Waits until the group has committed everything; returns the time it saw that."""
+        """Waits until the group has committed everything submitted; returns the time it saw that. Nothing more
+        is produced meanwhile, so the end offsets are read once, and each check is one request for the group's
+        committed offsets, from one client: the probe stays out of the figures it measures."""
         assert self.worker is not None, "start() first"
         topics = list(self.settings.topology.render_input_topics(self.settings.pool).values())
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                lag = group_lag(self.conf, self.worker.group_id, topics)
-            except KafkaException as exc:  # a just-started broker: "not coordinator" for a moment
-                if not exc.args[0].retriable():
-                    raise
-                time.sleep(0.2)
-                continue
-            if sum(lag.values()) == 0:
-                return time.monotonic()
-            time.sleep(0.05)
+        probe = Consumer({**self.conf, "group.id": self.worker.group_id, "enable.auto.commit": False})
+        try:
+            parts = [TopicPartition(t, p) for t in topics
+                     for p in probe.list_topics(t, timeout=10).topics[t].partitions]
+            ends = {(tp.topic, tp.partition): probe.get_watermark_offsets(tp, timeout=10)[1] for tp in parts}
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                try:
+                    committed = probe.committed(parts, timeout=10)
+                except KafkaException as exc:  # a just-started broker: "not coordinator" for a moment
+                    if not exc.args[0].retriable():
+                        raise
+                    time.sleep(0.2)
+                    continue
+                if all(tp.offset >= ends[(tp.topic, tp.partition)] for tp in committed
+                       if ends[(tp.topic, tp.partition)] > 0):
+                    return time.monotonic()
+                time.sleep(0.05)
+        finally:
+            probe.close()
         raise TimeoutError(f"not drained in {timeout_s}s")
 
     def batch_cost(self, n: int) -> float:

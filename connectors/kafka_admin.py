@@ -2,10 +2,10 @@
 group lag."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import (
     AdminClient,
     ConfigResource,
@@ -140,23 +140,3 @@ def wait_for_broker(base: dict[str, str], timeout_s: float = 30.0) -> None:
     except KafkaException as exc:
         raise RuntimeError(f"Kafka at {base.get('bootstrap.servers')} did not answer within {timeout_s:.0f}s: "
                            f"{exc}") from exc
-
-
-def group_lag(base: dict[str, str], group_id: str, topics: Sequence[str], timeout_s: float = 10.0) -> dict[str, int]:
-    """Per topic: end offset minus the group's committed offset (what the group still has to read)."""
-    c = Consumer({**base, "group.id": group_id, "enable.auto.commit": False})
-    try:
-        tps = []
-        for topic in topics:  # one topic's metadata at a time: a cluster's full metadata can be thousands of topics
-            found = c.list_topics(topic, timeout=timeout_s).topics.get(topic)
-            if found is not None and found.error is None:
-                tps += [TopicPartition(topic, p) for p in found.partitions]
-        committed = c.committed(tps, timeout=timeout_s) if tps else []
-        lag: dict[str, int] = {t: 0 for t in topics}
-        for tp in committed:
-            low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout_s)
-            start = tp.offset if tp.offset >= 0 else low
-            lag[tp.topic] += max(0, high - start)
-        return lag
-    finally:
-        c.close()
