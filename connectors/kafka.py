@@ -142,11 +142,12 @@ class TransactionalStep:
             "transactional.id": transactional_id, "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
             "message.max.bytes": 5 * 1024 * 1024,  # a dead letter carries a whole request plus its reason
             # A transaction begun while the markers of the one before are still being written is refused with
-            # CONCURRENT_TRANSACTIONS and retried after this backoff. librdkafka's 100 ms default made one commit
-            # in ten take 100 ms longer at light load, and a backoff growing to 20 ms still added up to 30 ms
-            # (the Java client retries it after 20 ms; KAFKA-5477). Only the transactional producers retry this
-            # fast; their few other retries wait for metadata anyway.
-            "retry.backoff.ms": 2, "retry.backoff.max.ms": 5,
+            # CONCURRENT_TRANSACTIONS and retried after this backoff: librdkafka's 100 ms default made one commit
+            # in ten take 100 ms longer at light load (the Java client retries it after 20 ms; KAFKA-5477). The
+            # backoff still doubles up to librdkafka's 1 s cap: a commit retried every few milliseconds through a
+            # broker restart reached the broker before it knew its partitions' leaders, and Kafka then skipped
+            # the commit markers of some partitions.
+            "retry.backoff.ms": 2,
             # Records go out while the offsets are being sent, not when the commit flushes them: a transaction
             # produces all of its records at once, so they still travel in few requests.
             "linger.ms": 0,
