@@ -270,7 +270,8 @@ class RenderWorker:
     def _report_unfetched(self, now: float) -> None:
         """Tells the scheduler which classes still have records in Kafka not read yet (a partition just assigned
         counts as waiting; the scheduler bounds the hold), so that lower classes do not go first (lock held)."""
-        waiting = self._waiting_in_kafka()
+        waiting = lag.unfetched(self._consumer, [tp for tp in self._assigned if tp not in self._held],
+                                self._priority_of_topic, {p: p in self._paused for p in self._overflow})
         if waiting is None:
             return
         for priority, has_lag in waiting.items():
@@ -305,11 +306,6 @@ class RenderWorker:
         nothing is gained by waiting for the interval, which batches the commits of a backlog."""
         with self._lock:
             return self._tracker.pending_count() == 0 and self._tracker.held_count() > 0
-
-    def _waiting_in_kafka(self) -> dict[str, bool] | None:
-        """Per class, whether records wait in Kafka not read yet (a paused class waits); lock held."""
-        return lag.unfetched(self._consumer, [tp for tp in self._assigned if tp not in self._held],
-                             self._priority_of_topic, {p: p in self._paused for p in self._overflow})
 
     def _commit(self) -> None:
         """Commits the finished prefix with its outputs. Does nothing while a rewind is due (the main loop does
