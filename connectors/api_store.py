@@ -69,21 +69,6 @@ class ApiStore:
         except (redis.RedisError, OSError) as exc:
             raise self._failed(exc) from exc
 
-    async def set_and_index(self, key: str, value: bytes, ttl_s: float, index: str, member: str, score: float,
-                            keep: int, index_ttl_s: float) -> None:
-        """Sets `key`, and adds `member` to the sorted set `index` (an existing member keeps its first score),
-        dropping all but the `keep` highest scores: one round trip, one transaction."""
-        self._check()
-        try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(key, value, px=max(1, int(ttl_s * 1000)))
-                pipe.zadd(index, {member: score}, nx=True)
-                pipe.zremrangebyrank(index, 0, -keep - 1)
-                pipe.pexpire(index, max(1, int(index_ttl_s * 1000)))
-                await pipe.execute()
-        except (redis.RedisError, OSError) as exc:
-            raise self._failed(exc) from exc
-
     async def index_page(self, key: str, before: float | None, limit: int) -> list[tuple[str, float]]:
         """Up to `limit` members with a score below `before` (all when None), highest first."""
         self._check()

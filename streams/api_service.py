@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from connectors.api_limiter import RedisLimiter
+from connectors.api_ledger import Admission, ProducedMark, SubmissionLedger
 from connectors.api_store import ApiStore, StoreUnavailable
 from connectors.api_urls import ImageUrls
 from connectors.redis_store import cancel_entry_key
@@ -57,12 +57,12 @@ def result_key(prefix: str, tenant: str, request_id: str) -> str:
 
 
 class ApiService:
-    def __init__(self, s: Settings, serde: AvroSerde, store: ApiStore, limiter: RedisLimiter, urls: ImageUrls,
+    def __init__(self, s: Settings, serde: AvroSerde, store: ApiStore, ledger: SubmissionLedger, urls: ImageUrls,
                  producer: AsyncRequestProducer, feed: OutcomeFeed | None = None):
         self.s = s
         self._serde = serde
         self._store = store
-        self._limiter = limiter
+        self._ledger = ledger
         self._urls = urls
         self._producer = producer
         self.feed = feed
@@ -87,9 +87,8 @@ class ApiService:
         except InvalidRequest as exc:
             SUBMITTED.labels("invalid").inc()
             raise ApiError(422, f"{exc.code}: {exc.reason}") from None
-        await self._take_budget(tenant)
         fingerprint = api_rules.body_fingerprint({k: v for k, v in request.items() if k != "submitted_at"})
-        produced_before = await self._claim_id(tenant, request_id, fingerprint)
+        produced_before = await self._admit(tenant, request_id, fingerprint)
         key: Key = (tenant, request_id)
         waiter = self.feed.wait_for(key) if body.mode == "sync" and self.feed is not None else None
         try:
@@ -114,33 +113,27 @@ class ApiService:
             if waiter is not None and self.feed is not None:
                 self.feed.forget(key, waiter)
 
-    async def _take_budget(self, tenant: str) -> None:
+    async def _admit(self, tenant: str, request_id: str, fingerprint: str) -> bool:
+        """Takes the tenant's budget (429 when spent) and records the request id as this body's; True when the same
+        body was already produced under it. A different body under the same id is refused (422). Redis down:
+        accepted unchecked (the gate still drops a repeat of an admitted (tenant, request_id))."""
         limits = api_rules.limits_for(tenant, self._default_limits, self.s.api_tenant_limits)
-        decision = await self._limiter.take(tenant, limits.rate_per_s, limits.burst, limits.daily_quota)
+        claim = json.dumps({"fp": fingerprint, "produced": False, "at": int(time.time() * 1000)}).encode()
+        decision = await self._ledger.admit(Admission(
+            tenant, limits.rate_per_s, limits.burst, limits.daily_quota,
+            idempotency_key(self.s.topic_prefix, tenant, request_id), claim, self._window_s))
         if decision.unavailable:
             DEGRADED.labels("limits").inc()
+            DEGRADED.labels("idempotency").inc()
+            return False
         if not decision.allowed:
             SUBMITTED.labels(f"limited_{decision.reason}").inc()
             what = "daily quota" if decision.reason == "quota" else "rate limit"
             raise ApiError(429, f"tenant {tenant!r} is over its {what}",
                            {"Retry-After": str(api_rules.retry_after_s(decision.wait_ms))})
-
-    async def _claim_id(self, tenant: str, request_id: str, fingerprint: str) -> bool:
-        """Records the request id as this body's; True when the same body was already produced under it. A
-        different body under the same id is refused (422). Redis down: accepted unchecked (the gate still drops a
-        repeat of an admitted (tenant, request_id))."""
-        key = idempotency_key(self.s.topic_prefix, tenant, request_id)
-        entry = json.dumps({"fp": fingerprint, "produced": False, "at": int(time.time() * 1000)}).encode()
-        try:
-            if await self._store.set_if_absent(key, entry, self._window_s):
-                return False
-            [held] = await self._store.get_many([key])
-        except StoreUnavailable:
-            DEGRADED.labels("idempotency").inc()
+        if decision.previous_claim is None:
             return False
-        if held is None:
-            return False  # expired between the two calls: as new
-        previous = json.loads(held)
+        previous = json.loads(decision.previous_claim)
         if previous["fp"] != fingerprint:
             SUBMITTED.labels("idempotency_conflict").inc()
             raise ApiError(422, f"Idempotency-Key was used for a different body (request {request_id!r}); use a "
@@ -158,11 +151,11 @@ class ApiService:
             raise ApiError(503, f"the request could not be queued ({exc}); retry", {"Retry-After": "5"}) from None
         accepted_at = request["submitted_at"]
         try:
-            await self._store.set_and_index(
+            await self._ledger.mark_produced(ProducedMark(
                 idempotency_key(self.s.topic_prefix, tenant, request_id),
                 json.dumps({"fp": fingerprint, "produced": True, "at": accepted_at}).encode(), self._window_s,
                 index_key(self.s.topic_prefix, tenant), request_id, accepted_at, self.s.api_task_index_size,
-                self._window_s)
+                self._window_s))
         except StoreUnavailable:
             DEGRADED.labels("index").inc()
 

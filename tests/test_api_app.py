@@ -70,3 +70,23 @@ def test_an_unknown_key_is_refused_before_the_service_is_called() -> None:
     assert answer.status_code == 401
     assert answer.headers["WWW-Authenticate"] == "Bearer"
     assert service.submitted == []
+
+
+def test_the_submit_body_is_checked_from_its_bytes_and_documented_in_openapi() -> None:
+    ring, service = RecordingRing("zk_good", "acme"), RecordingService()
+    key = {"Authorization": "Bearer zk_good"}
+    with app_with(ring, service) as client:
+        form = client.post("/v1/images/generations", content=b"prompt=a+teapot",
+                           headers={**key, "Content-Type": "application/x-www-form-urlencoded"})
+        broken = client.post("/v1/images/generations", content=b"{not json",
+                             headers={**key, "Content-Type": "application/json"})
+        wrong = client.post("/v1/images/generations", json={"prompt": "a teapot", "steps": "many"}, headers=key)
+        schema = client.get("/openapi.json").json()
+    assert form.status_code == 415
+    assert broken.status_code == 422 and "JSON" in broken.json()["detail"]
+    assert wrong.status_code == 422 and "body.steps" in wrong.json()["detail"]
+    assert service.submitted == []
+    submit = schema["paths"]["/v1/images/generations"]["post"]
+    body = submit["requestBody"]["content"]["application/json"]["schema"]
+    assert "prompt" in body["required"] and "callback_url" in body["properties"]
+    assert {"200", "202", "422", "429"} <= set(submit["responses"])

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from connectors.api_keys import KeyFileError, KeyRing, append_key, read_keys
-from connectors.api_limiter import RedisLimiter
+from connectors.api_ledger import Admission, SubmissionLedger
 from connectors.api_urls import ImageUrls
 from processors import api_rules
 from processors.api_rules import (
@@ -131,7 +131,7 @@ def test_the_token_bucket_in_redis_limits_rate_and_daily_quota():
     url = os.environ.get("ZIMAGE_REDIS_URL", "redis://127.0.0.1:6379/0")
 
     async def scenario() -> None:
-        limiter = RedisLimiter(url, f"t{uuid.uuid4().hex[:8]}")
+        limiter = SubmissionLedger(url, f"t{uuid.uuid4().hex[:8]}")
         try:
             got = [await limiter.take("acme", rate_per_s=1.0, burst=3, daily_quota=100) for _ in range(4)]
             assert [d.allowed for d in got] == [True, True, True, False]
@@ -144,12 +144,40 @@ def test_the_token_bucket_in_redis_limits_rate_and_daily_quota():
             assert (await limiter.take("acme", rate_per_s=1.0, burst=3, daily_quota=100)).allowed  # refilled
         finally:
             await limiter.close()
-        down = RedisLimiter("redis://127.0.0.1:1/0", "tdown")  # nothing listens on port 1
+        down = SubmissionLedger("redis://127.0.0.1:1/0", "tdown")  # nothing listens on port 1
         try:
             decision = await down.take("acme", 1.0, 1, 1)
             assert decision.allowed and decision.unavailable
         finally:
             await down.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.stack
+def test_admissions_of_one_turn_go_in_one_call_and_claim_each_id_once():
+    url = os.environ.get("ZIMAGE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    def ask(claim: str, value: bytes, tenant: str = "acme", burst: int = 100) -> Admission:
+        return Admission(tenant, 1.0, burst, 1000, f"zimage:{prefix}:claim:{claim}", value, 60.0)
+
+    async def scenario() -> None:
+        ledger = SubmissionLedger(url, prefix)
+        try:
+            answers = await asyncio.gather(ledger.admit(ask("a", b"first")), ledger.admit(ask("a", b"second")),
+                                           ledger.admit(ask("b", b"other")),
+                                           ledger.admit(ask("c", b"poor", tenant="poor", burst=1)),
+                                           ledger.admit(ask("d", b"poor again", tenant="poor", burst=1)))
+            assert ledger.admit.calls == 1  # five requests, one script call
+            assert [d.allowed for d in answers] == [True, True, True, True, False]
+            # the first claim of an id stands; the second learns what it was, in order within the batch
+            assert [d.previous_claim for d in answers[:3]] == [None, b"first", None]
+            assert answers[4].reason == "rate"
+            # a refused request claims nothing: its id is free for a later try
+            assert (await ledger.admit(ask("d", b"later", tenant="rich"))).previous_claim is None
+        finally:
+            await ledger.close()
 
     asyncio.run(scenario())
 
