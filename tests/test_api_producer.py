@@ -1,0 +1,79 @@
+"""The API's producer with an autospecced confluent-kafka Producer: delivery reports resolve the waiting sends, a
+failed delivery is NotDelivered, and a poll's reports wake the event loop once."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+from unittest import mock
+
+import pytest
+from confluent_kafka import KafkaError, Producer
+
+from streams import api_producer
+from streams.api_producer import AsyncRequestProducer, NotDelivered
+
+
+class Reports:
+    """What the autospecced producer was given; `release` makes its next poll() report those deliveries."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Any] = []
+        self.release = threading.Event()
+        self.errors: dict[bytes, KafkaError] = {}
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any) -> None:
+        self.callbacks.append((key, on_delivery))
+
+    def poll(self, timeout: float) -> int:
+        if not self.release.wait(timeout):
+            return 0
+        self.release.clear()
+        served, self.callbacks = self.callbacks, []
+        for key, callback in served:
+            callback(self.errors.get(key), None)
+        return len(served)
+
+
+def test_deliveries_resolve_their_sends_with_one_wake_up_per_poll() -> None:
+    reports = Reports()
+    client = mock.create_autospec(Producer, instance=True)
+    client.produce.side_effect = reports.produce
+    client.poll.side_effect = reports.poll
+    reports.errors[b"r3"] = KafkaError(KafkaError._MSG_TIMED_OUT)
+    with mock.patch.object(api_producer.kafka, "producer", return_value=client):
+        producer = AsyncRequestProducer({"bootstrap.servers": "127.0.0.1:1"})
+
+    async def scenario() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        wakes = mock.patch.object(loop, "call_soon_threadsafe", wraps=loop.call_soon_threadsafe)
+        with wakes as woken:
+            sends = [asyncio.ensure_future(producer.send("t", b"v", f"r{i}".encode())) for i in (1, 2, 3)]
+            while len(reports.callbacks) < 3:
+                await asyncio.sleep(0)
+            reports.release.set()
+            outcomes = await asyncio.gather(*sends, return_exceptions=True)
+            assert woken.call_count == 1  # three reports, one wake-up of the loop
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        producer.close(0)
+    assert outcomes[:2] == [None, None]
+    assert isinstance(outcomes[2], NotDelivered)
+    assert [c.args[2] for c in client.produce.call_args_list] == [b"r1", b"r2", b"r3"]
+
+
+def test_a_full_local_queue_is_retried_until_the_deadline() -> None:
+    client = mock.create_autospec(Producer, instance=True)
+    client.produce.side_effect = BufferError("queue full")
+    client.poll.return_value = 0
+    with mock.patch.object(api_producer.kafka, "producer", return_value=client):
+        producer = AsyncRequestProducer({"bootstrap.servers": "127.0.0.1:1"}, delivery_timeout_s=0.1)
+    try:
+        with pytest.raises(NotDelivered, match="queue stayed full"):
+            asyncio.run(producer.send("t", b"v", b"k"))
+    finally:
+        producer.close(0)
+    assert client.produce.call_count > 1
