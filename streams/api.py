@@ -11,7 +11,6 @@ rest. What each piece does is in streams/api_service.py; the outcomes come from 
 """
 # no `from __future__ import annotations`: FastAPI reads the route signatures, which name local dependencies
 import asyncio
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +32,7 @@ from streams.api_models import Accepted, GenerationBody, Task, TaskPage
 from streams.api_outcomes import OutcomeFeed
 from streams.api_producer import AsyncRequestProducer
 from streams.api_service import ApiError, ApiService
+from streams.heap import freeze_start_up_heap
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def create_app(s: Settings, *, keys: KeyRing | None = None, service: ApiService 
         built.feed.start(asyncio.get_running_loop())
         await asyncio.to_thread(built.feed.positioned.wait, 120)  # no sync request may miss its outcome
         state["service"] = built
-        gc.freeze()  # what start-up built lives as long as the process: full collections need not walk it again
+        freeze_start_up_heap()
         log.info("API on %s:%s, %d keys", s.api_host, s.api_port, len(ring))
         try:
             yield

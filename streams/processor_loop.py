@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, KafkaError, Message
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from streams import metrics
+from streams.heap import freeze_start_up_heap
 from streams.liveness import Deadlines
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ProcessorLoop:
 
     def run(self, stop: threading.Event) -> None:
         deadlines = Deadlines()
+        freeze_start_up_heap()
         while not stop.is_set():
             self.before_poll()
             msgs = kafka.consume_ready(self.consumer, self.batch, self.poll_s)

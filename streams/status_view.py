@@ -19,6 +19,7 @@ from connectors import kafka
 from connectors.redis_store import RedisStore
 from schemas.serde import AvroSerde, SerdeError
 from streams.failures import Origin
+from streams.heap import freeze_start_up_heap
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class StatusView:
         topic = self.s.topology.status
         consumer.subscribe([topic], on_assign=self._on_assign)
         log.info("keeping the status view of %s in Redis", topic)
+        freeze_start_up_heap()
         try:
             while not self._stop.is_set():
                 for msg in kafka.consume_ready(consumer, 500, 0.2):

@@ -30,6 +30,7 @@ from streams import lag, metrics
 from streams.cancellation import Cancellations
 from streams.crash_journal import CrashJournal
 from streams.failures import FailureRecords, Origin
+from streams.heap import freeze_start_up_heap
 from streams.holds import ClassPauses, PartitionHolds
 from streams.intake import Admit, Finish, Hold, Intake, Outcome, pending_of
 from streams.liveness import Deadlines, Heartbeat
@@ -110,6 +111,7 @@ class RenderWorker:
         self._consumer.subscribe(list(self._priority_of_topic), on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
         self._stage.start()
+        freeze_start_up_heap()
         metrics.READY.set(1)
         self._heartbeat.ready()
         log.info("worker %s serving pool %s (%s) in group %s", self.s.worker_id, self.s.pool,
