@@ -36,10 +36,15 @@ still on its way from Kafka, is not put behind lower riders.
 
 When to send (a Triton-like maximum queue delay): the batch of the chosen class is cut (see
 `processors.batching`) and returned only when it is full (the size is reached, or a same-key request was left
-over), or its head has waited at least `max_wait_s`, or the caller flushes, and it is not held for unfetched
-requests (a flush does not override that hold). Otherwise `next_batch` returns None and does not fall back to
-another class: the renderer stays idle at most `max_wait_s` rather than start a lower-priority batch while a
-more urgent one is filling. `time_until_ready` tells the render thread how long it may sleep.
+over), or its head has waited at least `max_wait_s`, or the caller flushes, or arrivals are sparse, and it is not
+held for unfetched requests (neither a flush nor sparse arrivals override that hold). Arrivals are sparse when
+`arrival_window_s` is set, no class is reported unfetched, and fewer than one more request is expected before the
+head's wait would end, at the rate of the requests offered over about the last `arrival_window_s` (a decaying
+count): waiting then would only delay the head, since nothing is likely to join it. At a steady 50 requests/s a
+2 ms wait goes at once, a 50 ms one waits; the first request after a quiet spell never waits. Otherwise
+`next_batch` returns None and does not fall back to another class: the renderer stays idle at most `max_wait_s`
+rather than start a lower-priority batch while a more urgent one is filling. `time_until_ready` tells the render
+thread how long it may sleep.
 
 Deadlines are not considered when choosing: call `expire(now)` before `next_batch` and fail what it returns.
 """
@@ -77,6 +82,7 @@ class SchedulerConfig:
     aging_s: float | None = None  # None: no aging
     share_patience_s: float = 2.0  # contention a class must have lasted before its share is owed
     fetch_wait_s: float = 0.5  # longest a lower class is held for a more urgent class's unfetched records
+    arrival_window_s: float | None = None  # None: a batch always waits max_wait_s to fill; else see above
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
@@ -105,6 +111,8 @@ class SchedulerConfig:
             raise ValueError(f"share_patience_s must be a finite number >= 0, got {self.share_patience_s!r}")
         if not _is_real(self.fetch_wait_s) or self.fetch_wait_s < 0:
             raise ValueError(f"fetch_wait_s must be a finite number >= 0, got {self.fetch_wait_s!r}")
+        if self.arrival_window_s is not None and (not _is_real(self.arrival_window_s) or self.arrival_window_s <= 0):
+            raise ValueError(f"arrival_window_s must be None or a finite number > 0, got {self.arrival_window_s!r}")
 
     def capacity(self, priority: str) -> int:
         if isinstance(self.capacity_per_priority, Mapping):
@@ -187,6 +195,8 @@ class Scheduler:
                                    patience_s=config.share_patience_s)
         self._unfetched_since: dict[str, float] = {}  # class -> when its unfetched records were first reported
         self._served = {p: 0 for p in PRIORITIES}
+        self._arrivals = 0.0  # requests offered, decayed with time constant arrival_window_s ...
+        self._arrivals_at = -math.inf  # ... as of this time
 
     # ---- buffer -----------------------------------------------------------------------------------------
 
@@ -195,6 +205,11 @@ class Scheduler:
         if not self.has_room(item.priority):
             return False
         seq = self._buffer.add(item)
+        window = self.config.arrival_window_s
+        if window is not None:
+            at = max(item.enqueued_at, self._arrivals_at)
+            self._arrivals = self._arrivals * math.exp(-(at - self._arrivals_at) / window) + 1.0
+            self._arrivals_at = at
         if item.deadline is not None:
             heapq.heappush(self._deadlines, (item.deadline, seq))
         return True
@@ -260,6 +275,8 @@ class Scheduler:
             reason = "timeout"
         elif flush:
             reason = "flush"
+        elif self._sparse(now, plan.head):
+            reason = "sparse"
         else:
             return None
         buffered = self._buffered()
@@ -273,17 +290,34 @@ class Scheduler:
         self._end_emptied()
         return Batch(id=self._new_batch_id(), key=plan.key, items=items, formed_at=now, reason=reason)
 
+    def _sparse(self, now: float, head: Pending) -> bool:
+        """Whether fewer than one more request is expected before `head`'s wait would end (see above)."""
+        window = self.config.arrival_window_s
+        if window is None or self._unfetched_since:
+            return False
+        left = self.config.max_wait_s - (now - head.enqueued_at)
+        rate = self._arrivals * math.exp(-max(0.0, now - self._arrivals_at) / window) / window
+        return rate * left < 1.0
+
     def time_until_ready(self, now: float) -> float | None:
         """Seconds until `next_batch` may return a batch: 0 if now, None if nothing is buffered.
 
         May be earlier than needed (an aging step or a share that changes nothing), never later, unless
-        requests arrive or `set_unfetched` is called.
+        requests arrive or `set_unfetched` is called; the moment arrivals become sparse is judged at the rate of
+        `now`, which only falls meanwhile, so that one may come a little sooner than said.
         """
         choice = self._choose(now)
         if choice is None:
             return None
         head = choice.plan.head
-        wait = 0.0 if choice.plan.full else max(0.0, self.config.max_wait_s - (now - head.enqueued_at))
+        wait = 0.0 if choice.plan.full or self._sparse(now, head) else \
+            max(0.0, self.config.max_wait_s - (now - head.enqueued_at))
+        if wait > 0.0 and self.config.arrival_window_s is not None and not self._unfetched_since:
+            # Arrivals become sparse once the wait left is under one expected gap (sooner, as the rate decays).
+            rate = self._arrivals * math.exp(-max(0.0, now - self._arrivals_at) / self.config.arrival_window_s) \
+                / self.config.arrival_window_s
+            if rate > 0:
+                wait = max(0.0, min(wait, wait - 1.0 / rate))
         if choice.held_until is not None:
             wait = max(wait, choice.held_until - now)
         if wait == 0.0:

@@ -134,6 +134,7 @@ class Settings(IngressSettings, ImageSafetySettings):
     # --- scheduling and batching ---
     max_batch_size: int = Field(4, ge=1)
     max_wait_ms: int = Field(50, ge=0)
+    arrival_window_ms: int = Field(1000, ge=0)  # 0: a batch always waits max_wait_ms to fill (see the scheduler)
     buffer_per_priority: int = Field(256, ge=1)
     min_share_normal: float = Field(0.2, ge=0, lt=1)
     min_share_low: float = Field(0.1, ge=0, lt=1)
@@ -293,7 +294,8 @@ class Settings(IngressSettings, ImageSafetySettings):
             max_batch_size=self.max_batch_size, max_wait_s=self.max_wait_ms / 1000,
             capacity_per_priority=self.buffer_per_priority,
             min_share={"normal": self.min_share_normal, "low": self.min_share_low}, aging_s=self.aging_s,
-            share_patience_s=self.share_patience_s, fetch_wait_s=self.fetch_wait_ms / 1000)
+            share_patience_s=self.share_patience_s, fetch_wait_s=self.fetch_wait_ms / 1000,
+            arrival_window_s=self.arrival_window_ms / 1000 if self.arrival_window_ms else None)
 
     def quality_policy(self) -> QualityPolicy:
         return QualityPolicy(sharpness_min=self.quality_sharpness_min, min_width=self.quality_min_width,

@@ -38,6 +38,7 @@ def ids(batch) -> list[str]:
     dict(min_share={"high": 0.1}), dict(min_share={"low": 1.0}), dict(min_share={"normal": 0.6, "low": 0.5}),
     dict(aging_s=0), dict(share_patience_s=-1), dict(share_patience_s=float("inf")), dict(share_patience_s=True),
     dict(fetch_wait_s=-0.5), dict(fetch_wait_s=float("nan")), dict(fetch_wait_s="0.5"),
+    dict(arrival_window_s=0), dict(arrival_window_s=float("inf")),
 ])
 def test_config_rejects_invalid_values(overrides):
     with pytest.raises(ValueError):
@@ -211,6 +212,48 @@ def test_batch_waits_for_max_wait_unless_full_or_flushed():
     batch = s.next_batch(12.0)
     assert ids(batch) == ["d", "e", "f"] and batch.reason == "full"
     assert s.time_until_ready(12.0) is None and s.next_batch(12.0) is None
+
+
+def test_a_head_that_nothing_is_likely_to_join_goes_at_once():
+    s = make(max_batch_size=4, max_wait_s=0.05, arrival_window_s=1.0)
+    s.offer(req("alone", at=100.0))  # the first request after a quiet spell
+    assert s.time_until_ready(100.0) == 0.0
+    batch = s.next_batch(100.0)
+    assert ids(batch) == ["alone"] and batch.reason == "sparse"
+    # a steady 20 requests/s: one more is expected every 50 ms, so a 50 ms wait is mostly in vain
+    for i in range(40):
+        s.offer(req(f"slow{i}", at=101.0 + i * 0.05))
+        assert ids(s.next_batch(101.0 + i * 0.05)) == [f"slow{i}"]
+
+
+def test_a_head_waits_when_arrivals_are_frequent_or_records_are_still_in_kafka():
+    s = make(max_batch_size=64, max_wait_s=0.05, arrival_window_s=1.0)
+    for i in range(500):  # 1,000 requests/s for half a second: about 20 more expected within 50 ms
+        s.offer(req(f"r{i}", at=i * 0.001))
+    assert s.next_batch(0.499).reason == "full"
+    while s.next_batch(0.499, flush=True) is not None:
+        pass
+    s.offer(req("fresh", at=0.5))
+    assert s.next_batch(0.5) is None  # it waits to fill
+    assert 0.04 < s.time_until_ready(0.5) < 0.05
+    quiet = make(max_batch_size=4, max_wait_s=0.05, arrival_window_s=1.0)
+    quiet.set_unfetched("normal", True, 10.0)  # more of it is on its way from Kafka
+    quiet.offer(req("first", at=10.0))
+    assert quiet.next_batch(10.0) is None and quiet.time_until_ready(10.0) == pytest.approx(0.05)
+    quiet.set_unfetched("normal", False, 10.01)
+    assert quiet.next_batch(10.01).reason == "sparse"
+
+
+def test_the_expected_arrivals_decay_until_the_head_goes_before_max_wait():
+    s = make(max_batch_size=8, max_wait_s=0.1, arrival_window_s=1.0)
+    for i in range(30):  # 30 requests/s for a second: 3 expected in a 100 ms wait
+        s.offer(req(f"r{i}", at=i / 30))
+        s.next_batch(i / 30, flush=True)
+    s.offer(req("head", at=1.0))  # about 20 requests/s over the last second: 2 expected in 100 ms
+    assert s.next_batch(1.0) is None
+    wake = s.time_until_ready(1.0)
+    assert 0.02 < wake < 0.1  # sooner than max_wait: the wait left falls under one expected gap
+    assert s.next_batch(1.0 + wake + 1e-6).reason == "sparse"
 
 
 def test_a_flushed_batch_says_so_and_ids_come_from_the_factory():
