@@ -88,6 +88,7 @@ class StageLimits:
     max_rerenders: int = 2  # renders with new seeds of a request that gave none, while its quality fails
     post_threads: int = 2
     max_inflight_batches: int = 4
+    rendering_note_after_s: float = 0.05  # how long a batch renders before its requests are marked `rendering`
 
 
 class RenderStage:
@@ -115,6 +116,7 @@ class RenderStage:
         self._on_start = on_start  # told which requests a batch starts rendering (their `rendering` status)
         self._inflight: InFlight[Pending] = InFlight()
         self._pool = ThreadPoolExecutor(limits.post_threads, thread_name_prefix="zimage-post")
+        self._notes = ThreadPoolExecutor(1, thread_name_prefix="zimage-notes")  # waits, so apart from the pool
         self._handoff = threading.BoundedSemaphore(limits.max_inflight_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="zimage-render", daemon=True)
@@ -130,6 +132,7 @@ class RenderStage:
         self._stop.set()
         self._thread.join(timeout_s)
         self._pool.shutdown(wait=True)
+        self._notes.shutdown(wait=True)
 
     def _loop(self) -> None:
         try:
@@ -166,7 +169,14 @@ class RenderStage:
         if not leaders:
             return
         requests = [p.payload.request for p in leaders]
-        self._pool.submit(self._notify_start, requests)  # off the device's path
+        rendered = threading.Event()
+        self._notes.submit(self._notify_start, requests, rendered)  # off the device's path
+        try:
+            self._render_leaders(batch, leaders, requests)
+        finally:
+            rendered.set()
+
+    def _render_leaders(self, batch: Batch, leaders: list[Pending], requests: list[dict[str, Any]]) -> None:
         seeds = [image_seeds(r) for r in requests]
         settings = settings_of(requests[0])  # the batch's compatibility key makes them all equal
 
@@ -199,7 +209,12 @@ class RenderStage:
                                                            for i, images, quality in done], render_ms)
         fut.add_done_callback(self._stored)
 
-    def _notify_start(self, requests: list[dict[str, Any]]) -> None:
+    def _notify_start(self, requests: list[dict[str, Any]], rendered: threading.Event) -> None:
+        """The `rendering` notes of a batch still rendering `rendering_note_after_s` after it started. A shorter
+        one gets none: its `rendered` status follows within milliseconds, and a note would only cost a record."""
+        after = self._limits.rendering_note_after_s
+        if after > 0 and rendered.wait(after):
+            return
         try:
             self._on_start(requests)
         except Exception as exc:  # noqa: BLE001 - best effort: the final status follows anyway

@@ -134,6 +134,7 @@ class Settings(IngressSettings, ImageSafetySettings):
     # --- scheduling and batching ---
     max_batch_size: int = Field(4, ge=1)
     max_wait_ms: int = Field(50, ge=0)
+    rendering_note_after_ms: int = Field(50, ge=0)  # a batch rendering this long marks its requests `rendering`
     arrival_window_ms: int = Field(1000, ge=0)  # 0: a batch always waits max_wait_ms to fill (see the scheduler)
     buffer_per_priority: int = Field(256, ge=1)
     min_share_normal: float = Field(0.2, ge=0, lt=1)

@@ -93,7 +93,8 @@ class RenderWorker:
             heartbeat=self._heartbeat, limits=StageLimits(
                 device_fault_exit_s=settings.device_fault_exit_s,
                 batch_timeout_factor=settings.batch_timeout_factor,
-                batch_timeout_floor_s=settings.batch_timeout_floor_s, max_rerenders=settings.quality_max_rerenders),
+                batch_timeout_floor_s=settings.batch_timeout_floor_s, max_rerenders=settings.quality_max_rerenders,
+                rendering_note_after_s=settings.rendering_note_after_ms / 1000),
             quality=settings.quality_policy(),
             cancelled=cancellations.start_rendering if cancellations else lambda requests: set(),
             on_start=self._notes.rendering)

@@ -29,7 +29,7 @@ def kafka_bootstrap() -> str:
 def pipeline(kafka_bootstrap, tmp_path_factory):
     """Private topics plus one worker and the processors, shared by a module's tests."""
     p = Pipeline(tmp_path_factory.mktemp("pipeline"))
-    p.start("worker-1", "worker")
+    p.start("worker-1", "worker", ZIMAGE_RENDERING_NOTE_AFTER_MS="0")  # every batch notes `rendering`, however quick
     p.start("processors", "processors", wait_ready=False)
     yield p
     p.stop_all()

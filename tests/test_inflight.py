@@ -100,7 +100,7 @@ def pending(offset: int, prompt: str, cache_key: str | None, seed: int = 7) -> P
 class Stage:
     """A render stage fed the given batches in turn; records what it finished and how."""
 
-    def __init__(self, tmp_path, renderer, batches, cancelled=lambda requests: set()):
+    def __init__(self, tmp_path, renderer, batches, cancelled=lambda requests: set(), on_start=None):
         self.batches = list(batches)
         self.expected = sum(len(b) for b in self.batches)
         self.done: dict[str, tuple[str, list]] = {}
@@ -110,7 +110,8 @@ class Stage:
             renderer=renderer, store=cast(ObjectStore, MemoryStore()), encode_rendered=lambda v: json.dumps(v).encode(),
             rendered_topic="t.rendered", max_rendered_bytes=100_000, worker_id="w", take_batch=self._take,
             on_done=self._done, on_fail=self._fail, journal=CrashJournal(tmp_path, "j"), deadlines=Deadlines(),
-            heartbeat=Heartbeat(None, "w"), limits=StageLimits(), cancelled=cancelled)
+            heartbeat=Heartbeat(None, "w"), limits=StageLimits(), cancelled=cancelled,
+            **({} if on_start is None else {"on_start": on_start}))
 
     def _take(self, timeout):
         if not self.batches:
@@ -188,3 +189,12 @@ def test_a_request_cancelled_while_queued_is_failed_and_never_rendered(tmp_path)
     s = Stage(tmp_path, renderer, [[keep, drop]], cancelled=cancelled).run()
     assert asked == [[keep.request_id, drop.request_id]]
     assert s.failed == {drop.request_id: "cancelled"} and renderer.rendered_prompts == ["a chair"]
+
+
+def test_only_a_batch_still_rendering_after_a_moment_is_marked_rendering(tmp_path):
+    noted: list[list[str]] = []
+    on_start = lambda requests: noted.append([r["prompt"] for r in requests])  # noqa: E731
+    Stage(tmp_path, Renderer(), [[pending(0, "a quick chair", "k1")]], on_start=on_start).run()
+    assert noted == []  # its `rendered` status follows at once: a note would only cost a record
+    Stage(tmp_path, Renderer(slow_s=0.3), [[pending(1, "a slow lamp", "k2")]], on_start=on_start).run()
+    assert noted == [["a slow lamp"]]
