@@ -235,7 +235,8 @@ def test_a_head_waits_when_arrivals_are_frequent_or_records_are_still_in_kafka()
         pass
     s.offer(req("fresh", at=0.5))
     assert s.next_batch(0.5) is None  # it waits to fill
-    assert 0.04 < s.time_until_ready(0.5) < 0.05
+    wake = s.time_until_ready(0.5)
+    assert wake is not None and 0.04 < wake < 0.05
     quiet = make(max_batch_size=4, max_wait_s=0.05, arrival_window_s=1.0)
     quiet.set_unfetched("normal", True, 10.0)  # more of it is on its way from Kafka
     quiet.offer(req("first", at=10.0))
@@ -252,7 +253,7 @@ def test_the_expected_arrivals_decay_until_the_head_goes_before_max_wait():
     s.offer(req("head", at=1.0))  # about 20 requests/s over the last second: 2 expected in 100 ms
     assert s.next_batch(1.0) is None
     wake = s.time_until_ready(1.0)
-    assert 0.02 < wake < 0.1  # sooner than max_wait: the wait left falls under one expected gap
+    assert wake is not None and 0.02 < wake < 0.1  # sooner than max_wait: the wait left falls under one expected gap
     assert s.next_batch(1.0 + wake + 1e-6).reason == "sparse"
 
 
