@@ -159,3 +159,15 @@ def test_rerender_seeds_are_stable_new_and_start_from_the_request_seed() -> None
     assert all(0 <= seed < 2**63 for seed in seeds)
     with pytest.raises(ValueError):
         rerender_seed("r-1", -1)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 3), (16, 16, 3), (48, 64, 4), (200, 120, 3)])
+def test_scores_equal_numpys_mean_std_and_laplacian_variance(shape) -> None:
+    pixels = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    luma = pixels[:, :, :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    centre = luma[1:-1, 1:-1]
+    laplacian = luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:] - 4.0 * centre
+    scores = score_image(pixels, (shape[1], shape[0]), QualityPolicy()).scores
+    assert scores["mean_luminance"] == pytest.approx(luma.mean(), rel=1e-12)
+    assert scores["contrast"] == pytest.approx(luma.std(), rel=1e-12)
+    assert scores["sharpness"] == pytest.approx(laplacian.var(), rel=1e-12)
