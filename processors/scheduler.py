@@ -292,12 +292,15 @@ class Scheduler:
 
     def _sparse(self, now: float, head: Pending) -> bool:
         """Whether fewer than one more request is expected before `head`'s wait would end (see above)."""
+        rate = self._arrival_rate(now)
+        return rate is not None and rate * (self.config.max_wait_s - (now - head.enqueued_at)) < 1.0
+
+    def _arrival_rate(self, now: float) -> float | None:
+        """Requests per second offered lately; None when sparse arrivals may not send a batch."""
         window = self.config.arrival_window_s
         if window is None or self._unfetched_since:
-            return False
-        left = self.config.max_wait_s - (now - head.enqueued_at)
-        rate = self._arrivals * math.exp(-max(0.0, now - self._arrivals_at) / window) / window
-        return rate * left < 1.0
+            return None
+        return self._arrivals * math.exp(-max(0.0, now - self._arrivals_at) / window) / window
 
     def time_until_ready(self, now: float) -> float | None:
         """Seconds until `next_batch` may return a batch: 0 if now, None if nothing is buffered.
@@ -312,12 +315,9 @@ class Scheduler:
         head = choice.plan.head
         wait = 0.0 if choice.plan.full or self._sparse(now, head) else \
             max(0.0, self.config.max_wait_s - (now - head.enqueued_at))
-        if wait > 0.0 and self.config.arrival_window_s is not None and not self._unfetched_since:
-            # Arrivals become sparse once the wait left is under one expected gap (sooner, as the rate decays).
-            rate = self._arrivals * math.exp(-max(0.0, now - self._arrivals_at) / self.config.arrival_window_s) \
-                / self.config.arrival_window_s
-            if rate > 0:
-                wait = max(0.0, min(wait, wait - 1.0 / rate))
+        rate = self._arrival_rate(now)
+        if wait > 0.0 and rate:  # sparse once the wait left is under one expected gap (sooner, as the rate decays)
+            wait = max(0.0, wait - 1.0 / rate)
         if choice.held_until is not None:
             wait = max(wait, choice.held_until - now)
         if wait == 0.0:

@@ -130,14 +130,17 @@ class Gate:
         checked = [self._checked(origin) for origin in origins]
         valid = [c for c in checked if isinstance(c, tuple)]
         verdicts = iter(self._moderate([(r["prompt"], r.get("negative_prompt"), r["tenant"]) for r, _ in valid]))
+        keyed = [self._keys_of(origin, request, info) for origin, check in zip(origins, checked, strict=True)
+                 if isinstance(check, tuple) for request, info in [check]]
         cancelled, self._cache_entries = self._look_up(
-            [(origin, check) for origin, check in zip(origins, checked, strict=True) if isinstance(check, tuple)])
+            [request for request, _ in valid], sorted({k[1] for k in keyed if isinstance(k, tuple)}))
         positions = iter(range(len(valid)))
         records: list[OutRecord] = []
         offsets: dict[TP, int] = {}
         for origin, check in zip(origins, checked, strict=True):
             verdict = next(verdicts) if isinstance(check, tuple) else None
-            was_cancelled = isinstance(check, tuple) and next(positions) in cancelled
+            position = next(positions) if isinstance(check, tuple) else -1
+            was_cancelled = position in cancelled
             tp = (origin.topic, origin.partition)
             if tp in self._held:
                 continue  # read again from the held offset once the hold ends
@@ -148,9 +151,10 @@ class Gate:
                 request, info = check
                 assert verdict is not None
                 try:
-                    generation = generation_of(request, info.model_version,
-                                               header_text(origin.headers, GENERATION_HEADER))
-                    records += self._admit(origin, request, info, generation, verdict, was_cancelled)
+                    keys = keyed[position]
+                    if isinstance(keys, Exception):
+                        raise keys
+                    records += self._admit(origin, request, info, keys, verdict, was_cancelled)
                 except (KafkaException, RestoreFailed):
                     raise  # the state in Kafka could not be read: not the request's fault; a new process retries
                 except Exception as exc:  # a record never ends the process
@@ -185,8 +189,18 @@ class Gate:
             return self._failed("internal_error", f"{type(exc).__name__}: {exc}", origin, request)
         return request, info
 
-    def _admit(self, origin: Origin, request: dict[str, Any], info: PoolInfo, generation: str,
+    @staticmethod
+    def _keys_of(origin: Origin, request: dict[str, Any], info: PoolInfo) -> tuple[str, str] | Exception:
+        """A request's generation and cache key, or what prevented them (failed in the request's own turn)."""
+        try:
+            generation = generation_of(request, info.model_version, header_text(origin.headers, GENERATION_HEADER))
+            return generation, cache_key(request, generation)
+        except Exception as exc:  # noqa: BLE001 - the request's own turn fails it, with the reason
+            return exc
+
+    def _admit(self, origin: Origin, request: dict[str, Any], info: PoolInfo, keys: tuple[str, str],
                verdict: tuple[str, str | None], cancelled: bool = False) -> list[OutRecord]:
+        generation, ckey = keys
         now_ms = int(time.time() * 1000)
         deadline = request.get("deadline")
         if deadline is not None and deadline <= now_ms:
@@ -207,7 +221,6 @@ class Gate:
             metrics.GATE.labels("blocked").inc()
             return out + self._failed("blocked", f"prompt blocked by {why}", origin, request, dead_letter=False)
         flagged = f"prompt flagged for review by {why}" if action == "review" else None
-        ckey = cache_key(request, generation)
         hit = self._cached(ckey)
         if hit is not None:
             metrics.GATE.labels("cached").inc()
@@ -232,20 +245,11 @@ class Gate:
         return [*out, OutRecord(topic, value, ckey.encode(), list(origin.headers)),
                 self._status(request, "admitted", generation, now_ms, detail=flagged)]
 
-    def _look_up(self, admitted: list[tuple[Origin, tuple[dict[str, Any], PoolInfo]]]
+    def _look_up(self, requests: list[dict[str, Any]], ordered: list[str]
                  ) -> tuple[set[int], dict[str, bytes | None] | None]:
-        """Which of a batch's requests were cancelled (by position), and their cache entries by cache key (None
-        when Redis cannot be asked): in one round trip where both live in the same Redis (a batch of 500
-        requests asked one by one spent most of the gate's time waiting for Redis)."""
-        requests = [request for _, (request, _) in admitted]
-        keys = set()
-        for origin, (request, info) in admitted:
-            try:
-                keys.add(cache_key(request, generation_of(request, info.model_version,
-                                                          header_text(origin.headers, GENERATION_HEADER))))
-            except Exception:  # noqa: BLE001 - the request's own turn fails it, with the reason
-                continue
-        ordered = sorted(keys)
+        """Which of a batch's requests were cancelled (by position), and the cache entries of the cache keys
+        `ordered` (None when Redis cannot be asked): in one round trip where both live in the same Redis (a batch
+        of 500 requests asked one by one spent most of the gate's time waiting for Redis)."""
         entry_keys = [cache_entry_key(self.s.topic_prefix, key) for key in ordered]
         if self._cache is None or not requests:
             return self._cancellations.cancelled(requests), {}

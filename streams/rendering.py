@@ -210,10 +210,8 @@ class RenderStage:
         fut.add_done_callback(self._stored)
 
     def _notify_start(self, requests: list[dict[str, Any]], rendered: threading.Event) -> None:
-        """The `rendering` notes of a batch still rendering `rendering_note_after_s` after it started. A shorter
-        one gets none: its `rendered` status follows within milliseconds, and a note would only cost a record."""
-        after = self._limits.rendering_note_after_s
-        if after > 0 and rendered.wait(after):
+        # Only for a batch still rendering after a moment: a quicker one's `rendered` status follows at once.
+        if self._limits.rendering_note_after_s > 0 and rendered.wait(self._limits.rendering_note_after_s):
             return
         try:
             self._on_start(requests)
@@ -231,8 +229,7 @@ class RenderStage:
             return index, images, None
         attempt = 0
         while True:
-            report = request_report(score_image(img, (settings.width, settings.height), self._quality)
-                                    for img in images)
+            report = self._report(images, settings)
             if report.passed or next_attempt(False, attempt, self._limits.max_rerenders) == "review":
                 return index, images, _counted(report, attempt)
             base = rerender_seed(request["request_id"], attempt + 1)
@@ -349,13 +346,15 @@ class RenderStage:
             return
         self._on_done(pending, [record], "deduplicated")
 
+    def _report(self, images: list[np.ndarray], asked: RenderSettings) -> QualityReport:
+        """The quality report of a request's images, against the size it asked for."""
+        return request_report(score_image(img, (asked.width, asked.height), self._quality) for img in images)
+
     def _store_request(self, batch: Batch, pending: Pending, seeds: list[int], images: list[np.ndarray],
                        quality: Quality | None, render_ms: float) -> tuple[OutRecord, Rendered]:
         request = pending.payload.request
         if quality is None:  # a request with its own seed: scored here, never rendered again
-            asked = settings_of(request)
-            quality = _counted(request_report(score_image(img, (asked.width, asked.height), self._quality)
-                                              for img in images), 0)
+            quality = _counted(self._report(images, settings_of(request)), 0)
         t0 = time.monotonic()
         encoded = [encode_png(img) for img in images]
         t1 = time.monotonic()
