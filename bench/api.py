@@ -9,9 +9,10 @@ Figures, each measured in this one run:
   answered, at the client) gives p50 and p99. Nothing renders meanwhile: the API's topics have no gate. The load
   generator runs on the same CPU cores as the API, Kafka and Redis, so it takes part of the capacity measured.
 - the latency sync mode adds over the pipeline: with the gate and publication running as processes and a worker
-  with a renderer that costs nothing (as bench/topology.py runs them), sync requests are sent one at a time; for
-  each, added = (wall clock when its 200 answer arrived at the client) - ImageReady.published_at (the publication
-  process's wall clock when it began deciding the batch that holds the event, before its transaction committed).
+  with a renderer that costs nothing (as bench/topology.py runs them, warmed up the same way), sync requests are
+  sent one at a time; for each, added = (wall clock when its 200 answer arrived at the client) -
+  ImageReady.published_at (the publication process's wall clock when it began deciding the batch that holds the
+  event, before its transaction committed).
   That covers publication's decision and the commit of its transaction, the API's outcome consumer reading it
   (read committed), waking the waiting request, building the answer and the HTTP response; both clocks are this
   machine's, in milliseconds.
@@ -215,6 +216,7 @@ def sync_added_latency(count: int, tmp: Path) -> list[Figure]:
     topo = Topology(state)
     api = ApiProcess(topo.settings.topic_prefix, tmp)
     try:
+        topo.warm_up(3000)  # unmeasured, as bench/topology.py does: a broker that started lately is slower
         tag = uuid.uuid4().hex[:6]
         with httpx.Client(base_url=api.base, headers={"Authorization": f"Bearer {api.key}"}, timeout=120) as client:
             answered_at: dict[str, float] = {}

@@ -1,6 +1,9 @@
 """The whole topology on the local stack: the gate, a worker with a null renderer, and publication.
 
-    python -m bench.topology [--light 200] [--burst 5000]     (part of `make bench`)
+    python -m bench.topology [--warmup 3000] [--light 200] [--burst 5000]     (part of `make bench`)
+
+Before anything is measured, `--warmup` distinct requests go through the topology, unmeasured: a broker started
+a minute ago still compiles its hot paths, and answered every hop about twice as slowly then.
 
 Figures, each measured in this one run:
 - the latency the topology adds at light load: ImageReady.published_at - submitted_at - render time;
@@ -93,6 +96,16 @@ class Topology:
         self.producer.produce(self.settings.topology.request_topic("normal"), value, key)
         self.producer.poll(0)
 
+    def warm_up(self, count: int) -> None:
+        """`count` distinct requests through the topology, unmeasured, then a second of quiet."""
+        tag = uuid.uuid4().hex[:6]
+        warming = [self.encoded(request(f"warmup-{tag}", i)) for i in range(count)]
+        for value, key in warming:
+            self.send(value, key)
+        self.producer.flush(60)
+        self.wait_for_keys({key for _, key in warming})
+        time.sleep(1.0)
+
     def wait_for_keys(self, keys: set[bytes], timeout_s: float = 600) -> None:
         """Until an ImageReady keyed by each of `keys` is committed. It reads keys only: decoding thousands of
         events would take the topology's cores for the benchmark's own work."""
@@ -150,7 +163,7 @@ def request(tag: str, i: int, **fields) -> dict:
                           "priority": "normal", "tenant": "bench", **fields})
 
 
-def run(light: int, burst: int) -> dict[str, float]:
+def run(light: int, burst: int, warmup: int = 3000) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as state:
         topo = Topology(Path(state))
         try:
@@ -159,6 +172,7 @@ def run(light: int, burst: int) -> dict[str, float]:
             topo.wait_for({warm["request_id"]}, timeout_s=120)  # the pool announced, every process is up
             figures: dict[str, float] = {}
 
+            topo.warm_up(warmup)
             tag = uuid.uuid4().hex[:6]
             light_requests = [request(f"light-{tag}", i) for i in range(light)]
             for r in light_requests:
@@ -201,8 +215,9 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--warmup", type=int, default=3000, help="requests through the topology before measuring")
     ap.add_argument("--light", type=int, default=200)
     ap.add_argument("--burst", type=int, default=5000)
     args = ap.parse_args()
-    for name, value in run(args.light, args.burst).items():
+    for name, value in run(args.light, args.burst, args.warmup).items():
         print(f"  {name:34} {value:10.2f}")
