@@ -1,6 +1,8 @@
 """`make bench`: the render worker against the real local broker, with a simulated renderer (cost a + b*n s).
 
-Each figure is measured in one run of this script; ratios compare runs made here, one after the other.
+Each figure is measured in one run of this script; ratios compare runs made here, one after the other. First, an
+unmeasured backlog of 3,000 requests at no render cost goes through a worker (`--warmup`): a broker started a
+minute ago still compiles its hot paths, and the first figures after a fresh start were the slowest.
 Prints a table and writes bench/results/latest.json ([{name, value, goal, unit, ok}]).
 """
 from __future__ import annotations
@@ -210,10 +212,13 @@ def main() -> None:
     ap.add_argument("--b", type=float, default=0.002, help="seconds per image in a batch")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke run)")
+    ap.add_argument("--warmup", type=int, default=3000, help="unmeasured requests through a worker first")
     args = ap.parse_args()
     a, b, batch = args.a, args.b, args.batch
     scale = 0.25 if args.quick else 1.0
     figures = []
+    if args.warmup:
+        saturated(0.0, 0.0, 16, args.warmup)
 
     def figure(name: str, value: float, goal: str, unit: str, ok: bool) -> None:
         figures.append({"name": name, "value": round(value, 4), "goal": goal, "unit": unit, "ok": ok})
