@@ -39,6 +39,7 @@ class ProcessorLoop:
     rewind: Callable[[], None]
     batch: int = 500
     poll_s: float = 0.1
+    fill_s: float = 0.005  # under load, how long a batch may wait to fill (nothing waits at light load)
     before_poll: Callable[[], None] = _nothing  # holds that are due, new pool announcements, ...
     after_commit: Callable[[], None] = _nothing  # what may happen only once the outputs are committed
     on_abort: Callable[[int], None] = field(default=lambda records: None)
@@ -49,6 +50,10 @@ class ProcessorLoop:
         while not stop.is_set():
             self.before_poll()
             msgs = kafka.consume_ready(self.consumer, self.batch, self.poll_s)
+            if 1 < len(msgs) < self.batch and self.fill_s > 0:
+                # Under load (more than one record was waiting), a moment more fills the batch: the transaction's
+                # fixed cost (five round trips, markers on every partition) is then shared by more records.
+                msgs += self.consumer.consume(self.batch - len(msgs), timeout=self.fill_s)
             if self.step.needs_rewind:  # what is in hand was fetched before the rewind: read it again
                 self.rewind()
                 continue

@@ -22,6 +22,7 @@ from connectors import kafka
 from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
 from connectors.storage import ObjectStore
 from processors.batching import Batch, Pending
+from processors.commit_policy import commit_due
 from processors.offsets import OffsetTracker
 from processors.render_settings import BatchRenderer
 from processors.scheduler import Scheduler
@@ -137,8 +138,8 @@ class RenderWorker:
                     self._offer_incoming()
                 now = time.monotonic()
                 self._housekeeping(now)
-                if now - last_commit >= self._commit_interval or (len(msgs) < self._consume_batch
-                                                                  and self._all_finished()):
+                if commit_due(now, last_commit, len(msgs), self._consume_batch, self._commit_interval,
+                              self._all_finished()):
                     self._commit()
                     last_commit = now
                 if self._step.needs_rewind:

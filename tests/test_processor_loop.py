@@ -53,9 +53,10 @@ class Rig:
         if self.kafka.committed.get((TOPIC, 0)) == 5:
             self.stop.set()
 
-    def run(self, decide=None, timeout_s: float = 10.0):
-        loop = ProcessorLoop(self.consumer.mock, self.step, decide or self.decide, self.rewind, batch=2,
-                             poll_s=0.01, after_commit=self.after_commit, on_abort=self.aborted.append)
+    def run(self, decide=None, timeout_s: float = 10.0, batch: int = 2, fill_s: float = 0.005):
+        loop = ProcessorLoop(self.consumer.mock, self.step, decide or self.decide, self.rewind, batch=batch,
+                             poll_s=0.01, fill_s=fill_s, after_commit=self.after_commit,
+                             on_abort=self.aborted.append)
         threading.Timer(timeout_s, self.stop.set).start()
         loop.run(self.stop)
 
@@ -79,3 +80,15 @@ def test_a_batch_that_decides_to_wait_commits_nothing():
     rig = Rig()
     rig.run(decide=lambda msgs: ([], {}), timeout_s=0.5)
     assert rig.kafka.transactions == 0 and rig.kafka.outputs == []
+
+
+def test_under_load_a_batch_waits_a_moment_to_fill_and_a_lone_record_does_not():
+    busy = Rig(records=5)
+    busy.run(batch=10, fill_s=0.05)
+    fills = [c for c in busy.consumer.mock.consume.call_args_list if c.kwargs.get("timeout") == 0.05]
+    assert [c.args for c in fills] == [(5,)]  # five were waiting: up to five more, for at most fill_s
+    assert busy.kafka.transactions == 1 and busy.kafka.committed[(TOPIC, 0)] == 5
+    lone = Rig(records=1)
+    lone.run(batch=10, fill_s=0.05, timeout_s=0.5)
+    assert not [c for c in lone.consumer.mock.consume.call_args_list if c.kwargs.get("timeout") == 0.05]
+    assert lone.kafka.committed[(TOPIC, 0)] == 1
