@@ -66,3 +66,27 @@ class BatchRenderer(Protocol):
     def check_settings(self, settings: RenderSettings) -> None: ...
 
     def warmup(self) -> object: ...  # the device probe: whether it raises is what counts
+
+
+class RenderCost:
+    """How long a batch may render before the process is deemed stuck: `factor` times its expected time, never
+    under `floor_s`. The expectation is the slowest recent cost per pixel-step-image, decaying: a limit set from
+    a lucky fast batch would end a normal slow one."""
+
+    def __init__(self, factor: float, floor_s: float) -> None:
+        self._factor = factor
+        self._floor_s = floor_s
+        self._seconds_per_unit: float | None = None
+
+    def limit_s(self, items: Sequence[RenderItem], settings: RenderSettings) -> float:
+        expected = 0.0 if self._seconds_per_unit is None else self._seconds_per_unit * _units(items, settings)
+        return max(self._floor_s, self._factor * expected)
+
+    def measured(self, seconds: float, items: Sequence[RenderItem], settings: RenderSettings) -> None:
+        per_unit = seconds / _units(items, settings)
+        previous = self._seconds_per_unit
+        self._seconds_per_unit = per_unit if previous is None else max(per_unit, 0.9 * previous + 0.1 * per_unit)
+
+
+def _units(items: Sequence[RenderItem], settings: RenderSettings) -> float:
+    return max(1.0, len(items) * settings.width * settings.height * settings.steps)

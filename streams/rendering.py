@@ -37,7 +37,7 @@ from processors.fault_isolation import render_isolating_faults
 from processors.imaging import encode_png, object_key, sha256_hex
 from processors.inflight import Answered, Failed, InFlight, Lead, Rendered
 from processors.quality import QualityPolicy, QualityReport, next_attempt, request_report, rerender_seed, score_image
-from processors.render_settings import BatchRenderer, RenderItem, RenderSettings, UnsupportedSettings
+from processors.render_settings import BatchRenderer, RenderCost, RenderItem, RenderSettings, UnsupportedSettings
 from processors.renderer import render_splitting_on_oom
 from processors.requests import MAX_SEED, image_seeds, settings_of
 from streams import metrics
@@ -120,7 +120,7 @@ class RenderStage:
         self._handoff = threading.BoundedSemaphore(limits.max_inflight_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="zimage-render", daemon=True)
-        self._seconds_per_unit: float | None = None  # measured render cost per pixel-step-image
+        self._cost = RenderCost(limits.batch_timeout_factor, limits.batch_timeout_floor_s)
         self.busy = metrics.BusyMeter()
         self.failure: BaseException | None = None
 
@@ -184,7 +184,7 @@ class RenderStage:
             items = [RenderItem(requests[i]["prompt"], requests[i].get("negative_prompt"), s)
                      for i in indexes for s in seeds[i]]
             start = time.monotonic()
-            with self._deadlines.guard("a render batch", self._batch_limit(items, settings)):
+            with self._deadlines.guard("a render batch", self._cost.limit_s(items, settings)):
                 images = render_splitting_on_oom(self._renderer.render, items, settings)
             self._measured(start, time.monotonic(), items, settings)
             out, at = [], 0
@@ -277,18 +277,11 @@ class RenderStage:
             log.warning("device probe failed: %r", exc)
             return False
 
-    def _batch_limit(self, items: Sequence[RenderItem], settings: RenderSettings) -> float:
-        expected = 0.0 if self._seconds_per_unit is None else self._seconds_per_unit * _units(items, settings)
-        return max(self._limits.batch_timeout_floor_s, self._limits.batch_timeout_factor * expected)
-
     def _measured(self, start: float, end: float, items: Sequence[RenderItem], settings: RenderSettings) -> None:
         self.busy.add(start, end)
         metrics.INFERENCE_LATENCY.observe(end - start)
         metrics.BATCH_SIZE.observe(len(items))
-        per_unit = (end - start) / _units(items, settings)
-        # The slowest recent cost, decaying: a limit set from a lucky fast batch would kill a normal slow one.
-        previous = self._seconds_per_unit
-        self._seconds_per_unit = per_unit if previous is None else max(per_unit, 0.9 * previous + 0.1 * per_unit)
+        self._cost.measured(end - start, items, settings)
 
     # ------------------------------------------------------------------ storing
 
@@ -399,7 +392,3 @@ def _counted(report: QualityReport, attempt: int) -> Quality:
 
 def _cache_key(pending: Pending) -> str | None:
     return (pending.payload.request.get("admission") or {}).get("cache_key")
-
-
-def _units(items: Sequence[RenderItem], settings: RenderSettings) -> float:
-    return max(1.0, len(items) * settings.width * settings.height * settings.steps)
