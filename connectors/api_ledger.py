@@ -162,16 +162,18 @@ class Coalesced(Generic[T, R]):
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         self.calls += 1
+        failure: BaseException = RuntimeError("the batch call gave no answer for this item")
         try:
             answers = await self._send([item for item, _ in batch])
+            for (_, future), answer in zip(batch, answers, strict=True):
+                if not future.done():
+                    future.set_result(answer)
         except Exception as exc:  # noqa: BLE001 - each caller decides what the failure means for it
+            failure = exc
+        finally:  # whatever happened (a cancellation too), nobody waits forever
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), answer in zip(batch, answers, strict=True):
-            if not future.done():
-                future.set_result(answer)
+                    future.set_exception(failure)
 
 
 class SubmissionLedger:

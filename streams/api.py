@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from connectors.api_keys import KeyRing
 from connectors.api_ledger import SubmissionLedger
@@ -116,7 +117,11 @@ def create_app(s: Settings, *, keys: KeyRing | None = None, service: ApiService 
         seed, or the failure), or 202 when it is still running then."""
         headers = request.headers
         tenant = tenant_for(headers.get("authorization"), headers.get("x-api-key"))
-        body = parse_generation_body(await request.body(), headers.get("content-type"))
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            raise ApiError(400, "the client went away before its body arrived") from None
+        body = parse_generation_body(raw, headers.get("content-type"))
         request_id, task = await state["service"].submit(tenant, body, headers.get("idempotency-key"))
         location = {"Location": f"/v1/tasks/{request_id}"}
         if task is not None:

@@ -72,6 +72,8 @@ class AsyncRequestProducer:
         self._stop.set()
         self._thread.join(5)
         self._producer.flush(timeout_s)
+        if self._settled and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._settle_queued)  # reports that flush() served: their sends are done
 
 
 def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:

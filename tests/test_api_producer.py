@@ -77,3 +77,29 @@ def test_a_full_local_queue_is_retried_until_the_deadline() -> None:
     finally:
         producer.close(0)
     assert client.produce.call_count > 1
+
+
+def test_reports_that_close_flushes_still_resolve_their_sends() -> None:
+    reports = Reports()
+    client = mock.create_autospec(Producer, instance=True)
+    client.produce.side_effect = reports.produce
+    client.poll.side_effect = reports.poll  # never released: only flush() serves the reports
+
+    def flush(timeout: float) -> int:
+        served, reports.callbacks = reports.callbacks, []
+        for _key, callback in served:
+            callback(None, None)
+        return 0
+
+    client.flush.side_effect = flush
+    with mock.patch.object(api_producer.kafka, "producer", return_value=client):
+        producer = AsyncRequestProducer({"bootstrap.servers": "127.0.0.1:1"})
+
+    async def scenario() -> None:
+        send = asyncio.ensure_future(producer.send("t", b"v", b"late"))
+        while not reports.callbacks:
+            await asyncio.sleep(0)
+        await asyncio.to_thread(producer.close, 1.0)  # shutting down with a send in flight
+        await asyncio.wait_for(send, 1.0)  # acknowledged by the flush: not a timeout, not NotDelivered
+
+    asyncio.run(scenario())
