@@ -187,10 +187,6 @@ class SubmissionLedger:
         self.admit = Coalesced(self._admit_many)  # (Admission) -> Decision
         self.mark_produced = Coalesced(self._mark_many)  # (ProducedMark) -> None, or StoreUnavailable
 
-    async def take(self, tenant: str, rate_per_s: float, burst: int, daily_quota: int, cost: int = 1) -> Decision:
-        """Takes from the tenant's budget only."""
-        return await self.admit(Admission(tenant, rate_per_s, burst, daily_quota, cost=cost))
-
     def _failed(self, exc: Exception) -> None:
         self._down_until = time.monotonic() + RETRY_AFTER_S
         log.warning("API ledger: Redis unavailable (%s); not asking again for %.0fs", exc, RETRY_AFTER_S)

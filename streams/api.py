@@ -12,7 +12,7 @@ rest. What each piece does is in streams/api_service.py; the outcomes come from 
 # no `from __future__ import annotations`: FastAPI reads the route signatures, which name local dependencies
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -100,8 +100,7 @@ def create_app(s: Settings, *, keys: KeyRing | None = None, service: ApiService 
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"detail": "; ".join(problems)[:2000]}, status_code=422)
+        return JSONResponse({"detail": _described(exc.errors())}, status_code=422)
 
     # The submit route reads its own body and writes its own answer, the way FastAPI documents for a hot path
     # ("custom OpenAPI path operation schema"): the body is one pydantic model checked from the JSON bytes, so
@@ -171,8 +170,13 @@ def parse_generation_body(raw: bytes, content_type: str | None) -> GenerationBod
     try:
         return GenerationBody.model_validate_json(raw)
     except ValidationError as exc:
-        problems = [f"{'.'.join(('body', *(str(p) for p in e['loc'])))}: {e['msg']}" for e in exc.errors()]
-        raise ApiError(422, "; ".join(problems)[:2000]) from None
+        raise ApiError(422, _described(exc.errors(), within=("body",))) from None
+
+
+def _described(errors: Sequence[Any], within: tuple[str, ...] = ()) -> str:
+    """pydantic's errors as one line: `where.it.is: what is wrong; ...`."""
+    problems = [f"{'.'.join(str(p) for p in (*within, *e['loc']))}: {e['msg']}" for e in errors]
+    return "; ".join(problems)[:2000]
 
 
 def _build_service(s: Settings) -> ApiService:

@@ -128,10 +128,10 @@ class Gate:
         # routed, and reaches the workers, in priority order.
         origins = [Origin.of(m) for m in sorted(msgs, key=lambda m: self._urgency.get(m.topic() or "", 0))]
         checked = [self._checked(origin) for origin in origins]
-        valid = [c for c in checked if isinstance(c, tuple)]
+        admitted = [(origin, check) for origin, check in zip(origins, checked, strict=True) if isinstance(check, tuple)]
+        valid = [check for _, check in admitted]
         verdicts = iter(self._moderate([(r["prompt"], r.get("negative_prompt"), r["tenant"]) for r, _ in valid]))
-        keyed = [self._keys_of(origin, request, info) for origin, check in zip(origins, checked, strict=True)
-                 if isinstance(check, tuple) for request, info in [check]]
+        keyed = [self._keys_of(origin, request, info) for origin, (request, info) in admitted]
         cancelled, self._cache_entries = self._look_up(
             [request for request, _ in valid], sorted({k[1] for k in keyed if isinstance(k, tuple)}))
         positions = iter(range(len(valid)))

@@ -2,8 +2,8 @@
 
 - `rendering`, when a batch is still rendering ZIMAGE_RENDERING_NOTE_AFTER_MS after it started (streams/rendering.py):
   best effort, from a plain idempotent producer outside the transaction, because it must show while the batch
-  renders, not when it commits. A note that is lost or late
-  costs nothing: the status view keeps the latest by time, and the final status always follows.
+  renders, not when it commits. A note that is lost or late costs nothing: the status view keeps the latest by
+  time, and the final status always follows.
 - `rendered`, produced in the transaction with the request's ImageRendered, so it is true when it shows.
 """
 from __future__ import annotations

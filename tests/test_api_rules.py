@@ -133,20 +133,20 @@ def test_the_token_bucket_in_redis_limits_rate_and_daily_quota():
     async def scenario() -> None:
         limiter = SubmissionLedger(url, f"t{uuid.uuid4().hex[:8]}")
         try:
-            got = [await limiter.take("acme", rate_per_s=1.0, burst=3, daily_quota=100) for _ in range(4)]
+            got = [await limiter.admit(Admission("acme", 1.0, 3, 100)) for _ in range(4)]
             assert [d.allowed for d in got] == [True, True, True, False]
             assert got[-1].reason == "rate" and 0 < got[-1].wait_ms <= 1000
-            assert (await limiter.take("globex", rate_per_s=1.0, burst=3, daily_quota=100)).allowed  # per tenant
-            quota = [await limiter.take("small", rate_per_s=1000.0, burst=1000, daily_quota=2) for _ in range(3)]
+            assert (await limiter.admit(Admission("globex", 1.0, 3, 100))).allowed  # per tenant
+            quota = [await limiter.admit(Admission("small", 1000.0, 1000, 2)) for _ in range(3)]
             assert [d.allowed for d in quota] == [True, True, False]
             assert quota[-1].reason == "quota" and quota[-1].wait_ms > 0
             await asyncio.sleep(1.05)
-            assert (await limiter.take("acme", rate_per_s=1.0, burst=3, daily_quota=100)).allowed  # refilled
+            assert (await limiter.admit(Admission("acme", 1.0, 3, 100))).allowed  # refilled
         finally:
             await limiter.close()
         down = SubmissionLedger("redis://127.0.0.1:1/0", "tdown")  # nothing listens on port 1
         try:
-            decision = await down.take("acme", 1.0, 1, 1)
+            decision = await down.admit(Admission("acme", 1.0, 1, 1))
             assert decision.allowed and decision.unavailable
         finally:
             await down.close()
