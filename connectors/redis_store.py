@@ -27,10 +27,31 @@ def cancel_entry_key(topic_prefix: str, tenant: str, request_id: str) -> str:
     return f"zimage:{topic_prefix}:cancel:{tenant}:{request_id}"
 
 
+# One script call for a whole batch: a pipeline of one command per key spent more time in the client's Python
+# (packing and parsing each command) than Redis spent on the keys. ARGV[1] is the TTL in milliseconds.
+SET_MANY_LUA = """
+for i, key in ipairs(KEYS) do
+    redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1])
+end
+return #KEYS
+"""
+# Each key set to ARGV[2] where absent; answers what each key holds afterwards.
+CLAIM_MANY_LUA = """
+local held = {}
+for i, key in ipairs(KEYS) do
+    redis.call('SET', key, ARGV[2], 'PX', ARGV[1], 'NX')
+    held[i] = redis.call('GET', key)
+end
+return held
+"""
+
+
 class RedisStore:
     def __init__(self, url: str, timeout_s: float = 0.25, client: redis.Redis | None = None):
         self._client = client if client is not None else redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._set_many = self._client.register_script(SET_MANY_LUA)
+        self._claim_many = self._client.register_script(CLAIM_MANY_LUA)
         self._down_until = 0.0
         self.failures = 0
 
@@ -53,7 +74,7 @@ class RedisStore:
         if not self.available:
             return False
         try:
-            self._client.set(key, value, px=max(1, int(ttl_s * 1000)))
+            self._client.set(key, value, px=_ttl_ms(ttl_s))
             return True
         except redis.RedisError as exc:
             self._failed(exc)
@@ -66,10 +87,8 @@ class RedisStore:
         if not self.available:
             return False
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for key, value in items:
-                pipe.set(key, value, px=max(1, int(ttl_s * 1000)))
-            pipe.execute()
+            self._set_many(keys=[key for key, _ in items],
+                           args=[_ttl_ms(ttl_s), *(value for _, value in items)])
             return True
         except redis.RedisError as exc:
             self._failed(exc)
@@ -81,12 +100,7 @@ class RedisStore:
         if not keys or not self.available:
             return None if keys else []
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.set(key, value, px=max(1, int(ttl_s * 1000)), nx=True)
-                pipe.get(key)
-            answers = pipe.execute()
-            held = answers[1::2]
+            held = self._claim_many(keys=list(keys), args=[_ttl_ms(ttl_s), value])
             return [v.encode() if isinstance(v, str) else v for v in held]
         except redis.RedisError as exc:
             self._failed(exc)
@@ -96,3 +110,7 @@ class RedisStore:
         self.failures += 1
         self._down_until = time.monotonic() + RETRY_AFTER_S
         log.warning("Redis unavailable (%s); going on without it for %.0fs", exc, RETRY_AFTER_S)
+
+
+def _ttl_ms(ttl_s: float) -> int:
+    return max(1, int(ttl_s * 1000))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from processors.moderation_rules import DEFAULT_CATEGORIES, SEVERITIES
 from schemas.moderation import ACTIONS, Action
@@ -58,6 +59,10 @@ class TenantPolicy:
     classifier: ClassifierThresholds | None = None
 
 
+# What a tenant without a policy of its own gets: built once, since it is asked for per category per prompt.
+NO_TENANT_POLICY = TenantPolicy(actions=MappingProxyType({}))
+
+
 def default_categories() -> tuple[Category, ...]:
     return tuple(Category(name, spec["severity"], spec["action"], tuple(spec.get("terms", ())),
                           tuple(spec.get("patterns", ())), bool(spec.get("locked", False)))
@@ -92,7 +97,7 @@ class ModerationPolicy:
                     raise PolicyError(f"tenant {tenant!r} may not set locked category {name!r} to {action!r}")
 
     def tenant(self, tenant: str) -> TenantPolicy:
-        return self.tenants.get(tenant) or TenantPolicy()
+        return self.tenants.get(tenant) or NO_TENANT_POLICY
 
     def action_for(self, category: str, tenant: str) -> Action:
         default = next(c.action for c in self.categories if c.name == category)

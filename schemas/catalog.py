@@ -175,6 +175,9 @@ class WriterSchema:
     fingerprint: int
     parsed: dict[str, Any]  # parsed by fastavro, logical types stripped
     field_names: frozenset[str]
+    # (field, record name) of each field whose type is null or one record: the writer is told the branch, so
+    # that it does not first validate the whole record against every branch (half the cost of a request).
+    record_branches: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> str:
         return f"{short_name(self.full_name)} {self.label} (0x{self.fingerprint:016x})"
@@ -201,7 +204,23 @@ def parse_writer_schema(schema: Any, label: str) -> WriterSchema:
     except Exception as exc:  # fastavro raises several types for a malformed schema
         raise UnknownSchema(f"writer schema {schema.get('name')!r} ({label}) does not parse: {exc}") from exc
     fields = frozenset(field["name"] for field in schema.get("fields", []))
-    return WriterSchema(full_name(schema), label, fingerprint, parsed, fields)
+    return WriterSchema(full_name(schema), label, fingerprint, parsed, fields, _record_branches(parsed))
+
+
+def _record_branches(parsed: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The fields of a parsed record whose type is ["null", one record] (in either order), with that record's
+    full name as fastavro's parser wrote it: a definition (a dict) or a reference to one defined before."""
+    named = parsed.get("__named_schemas", {})
+    found = []
+    for field in parsed.get("fields", []):
+        branches = field["type"]
+        if not isinstance(branches, list) or len(branches) != 2 or "null" not in branches:
+            continue
+        other = branches[1] if branches[0] == "null" else branches[0]
+        name = other.get("name") if isinstance(other, dict) and other.get("type") == "record" else other
+        if isinstance(name, str) and isinstance(named.get(name), dict) and named[name].get("type") == "record":
+            found.append((field["name"], name))
+    return tuple(found)
 
 
 class SchemaCatalog:

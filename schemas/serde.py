@@ -120,7 +120,7 @@ class AvroSerde:
         buffer = BytesIO()
         buffer.write(self._header(schema, topic))
         try:
-            fastavro.schemaless_writer(buffer, schema.parsed, value)
+            fastavro.schemaless_writer(buffer, schema.parsed, _branches_named(schema, value))
         except Exception as exc:  # noqa: BLE001 - the writer fails in many ways; each means "not this schema"
             _validate(schema, value)  # says why, field by field
             raise InvalidRecord(short_name(schema.full_name), [f"{type(exc).__name__}: {exc}"]) from None
@@ -269,6 +269,16 @@ def _try_bare(data: bytes, reader: WriterSchema) -> dict[str, Any] | None:
     except Exception:  # noqa: BLE001 - garbage fails inside fastavro in any way; all of them mean "not a bare body"
         return None
     return value if again.getvalue() == data else None
+
+
+def _branches_named(schema: WriterSchema, value: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`value` with each optional record written in fastavro's tuple notation, (record name, record): the writer
+    then takes that branch at once instead of validating the whole record against each branch first."""
+    for field, record_name in schema.record_branches:
+        inner = value.get(field)
+        if isinstance(inner, Mapping):
+            value = {**value, field: (record_name, inner)}
+    return value
 
 
 def _check_fields(schema: WriterSchema, value: Any) -> None:

@@ -78,6 +78,9 @@ def test_requests_are_told_apart_by_tenant_and_request_id() -> None:
     # a request id and tenant that would run together if joined naively stay apart
     publish(state, rendered(tenant="a", request_id="b:c"), T0)
     assert state.decide(rendered(tenant="a:b", request_id="c"), T0).publish
+    publish(state, rendered(tenant="x'", request_id="y"), T0)  # quotes and separators inside the parts, too
+    assert state.decide(rendered(tenant="x", request_id="'y"), T0).publish
+    assert state.decide(rendered(tenant="x', 'y", request_id=""), T0).publish
 
 
 def test_state_rebuilt_from_the_topic_in_any_order_decides_the_same() -> None:

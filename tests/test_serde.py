@@ -174,6 +174,16 @@ def test_without_full_validation_the_bytes_are_the_same(serde: AvroSerde, name: 
     assert serde.encode(name, SAMPLES[name], validate=False) == serde.encode(name, SAMPLES[name])
 
 
+def test_optional_records_are_written_with_their_branch_named(serde: AvroSerde) -> None:
+    """The writer is told the branch of each optional record (the bytes are the plain writer's: above and below)."""
+    assert serde.catalog.current("GenerationRequest").record_branches == (
+        ("sku_event", "zimage.v1.SkuEventRef"), ("admission", "zimage.v1.Admission"))
+    assert serde.catalog.current("ImageReady").record_branches == (("safety", "zimage.v1.SafetyVerdict"),)
+    incomplete = {**SAMPLES["GenerationRequest"], "admission": {"source_topic": "t"}}
+    with pytest.raises(InvalidRecord, match="Admission"):
+        serde.encode("GenerationRequest", incomplete, validate=False)
+
+
 @pytest.mark.parametrize(("change", "validate"), [
     ({"request_id": None}, False), ({"priority": "URGENT"}, False), ({"metadata": {"k": 1}}, False),
     ({"shoe_size": 9}, False), ({"width": True}, True), ({"width": 1.5}, True), ({"width": 2**31}, True)])
