@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from processors.moderation_policy import (
     TenantPolicy,
     default_categories,
 )
+from processors.moderation_prefilter import FirstWords, words_of
 from schemas.moderation import (
     Action,
     ImageModerator,
@@ -68,16 +70,26 @@ _LOOKALIKES = str.maketrans(
     "abeekmhopctyxijsdgabeikvoptux",
 )
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
-_LEET_TOKEN = re.compile(r"[a-z0-9@$!]*[a-z][a-z0-9@$!]*")  # in words with a letter: a bare number stays one
+# A whole run of [a-z0-9@$!] with a digit or symbol that may stand for a letter. Only runs with a letter are read
+# as letters (a bare number stays one); runs with neither are left alone without a call per word. The
+# look-behind keeps the search from trying again inside a run that has no such digit or symbol.
+_LEET_RUN = re.compile(r"(?<![a-z0-9@$!])[a-z0-9@$!]*[013457@$!][a-z0-9@$!]*")
+_LETTER = re.compile(r"[a-z]")
+_LEET_CHAR = re.compile(r"[013457@$!]")  # without one of these, the leet reading is the text as written
 # Three or more letters each followed by one separator: "p o r n", "p.o.r.n", "p-o-r-n".
 _SPACED_LETTERS = re.compile(r"(?<![a-z0-9])(?:[a-z0-9@$!][ .\-_*·|/\\,+~:;'\"]){2,}[a-z0-9@$!](?![a-z0-9])")
 _SEPARATOR_RUN = re.compile(r"[\W_]+")
 _BETWEEN_WORDS = r"[\W_]*"
+# In ASCII the normal forms change nothing and the only characters dropped are the controls (Cc), of which the
+# whitespace ones become spaces: one table does what the loop below does.
+_ASCII_CONTROLS = {code: (" " if chr(code) in _WHITESPACE_CONTROLS else None) for code in (*range(0x20), 0x7f)}
 
 
 def normalize(text: str) -> str:
     """Compatibility forms folded (NFKC), combining marks, format and control characters removed (whitespace
     controls become spaces), case folded, runs of whitespace made one space."""
+    if text.isascii():
+        return " ".join(text.translate(_ASCII_CONTROLS).casefold().split())
     kept: list[str] = []
     for char in unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text)):
         if char in _WHITESPACE_CONTROLS:
@@ -91,17 +103,33 @@ def normalize(text: str) -> str:
 class _Readings:
     latin: tuple[str, ...]  # the text as written, and with digits and symbols read as letters
     spaced_runs: tuple[str, ...]  # letters spaced one separator apart, joined
-    compact: str  # every separator removed, for CJK terms
+    words: frozenset[str]  # the runs of [a-z0-9] in `latin`, where a whole-word match can start
+    normalized: str  # before look-alikes are read as Latin
 
     @classmethod
     def of(cls, text: str) -> _Readings:
         base = normalize(text)
-        latin = base.translate(_LOOKALIKES)
-        leet = _LEET_TOKEN.sub(lambda m: m.group().translate(_LEET), latin)
-        runs = {_SEPARATOR_RUN.sub("", m.group()) for m in _SPACED_LETTERS.finditer(latin)}
-        runs |= {_SEPARATOR_RUN.sub("", m.group()).translate(_LEET) for m in _SPACED_LETTERS.finditer(latin)}
+        latin = base if base.isascii() else base.translate(_LOOKALIKES)  # the look-alikes are not ASCII
+        leet = _LEET_RUN.sub(_read_leet, latin) if _LEET_CHAR.search(latin) else latin
+        spaced = [_SEPARATOR_RUN.sub("", m.group()) for m in _SPACED_LETTERS.finditer(latin)]
+        runs = {*spaced, *(run.translate(_LEET) for run in spaced)}
         readings = (latin,) if leet == latin else (latin, leet)
-        return cls(readings, tuple(sorted(runs)), _SEPARATOR_RUN.sub("", base))
+        return cls(readings, tuple(sorted(runs)), words_of(readings), base)
+
+    # The two below are worked out only when asked: most texts have no CJK, and then no default term needs them.
+    @cached_property
+    def compact_has_cjk(self) -> bool:
+        """If not, only CJK terms that normalize to no CJK character can match."""
+        return not self.normalized.isascii() and bool(_CJK.search(self.compact))
+
+    @cached_property
+    def compact(self) -> str:
+        """Every separator removed, for CJK terms."""
+        return _SEPARATOR_RUN.sub("", self.normalized)
+
+
+def _read_leet(run: re.Match[str]) -> str:
+    return run.group().translate(_LEET) if _LETTER.search(run.group()) else run.group()
 
 
 # ---------------------------------------------------------------------------------------------------- matching
@@ -121,25 +149,31 @@ def _word_regex(word: str) -> str:
     return re.escape(word.rstrip("*")) + ("[a-z]*" if word.endswith("*") else "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a matcher is a key of `FirstWords`
 class _Matcher:
     """The compiled terms and patterns of one category."""
 
     category: str
     whole_words: re.Pattern[str] | None
+    first_words: tuple[str, ...]  # each whole-word term's first word, for `FirstWords`
     inside_runs: re.Pattern[str] | None
     cjk_terms: tuple[tuple[str, str], ...]  # (compacted, as written)
+    # Those of `cjk_terms` whose compacted form has no CJK character (NFKC may fold one away): the only ones
+    # that can be found in a text without one.
+    cjk_terms_without_cjk: tuple[tuple[str, str], ...]
     patterns: tuple[tuple[re.Pattern[str], str], ...]
     term_of: Mapping[str, str]  # regex group name -> term as written
 
     @classmethod
     def build(cls, category: str, terms: Sequence[str], patterns: Sequence[str]) -> _Matcher:
-        whole, loose, cjk, names = [], [], [], {}
+        whole, first, loose, cjk, names = [], [], [], [], {}
         for index, term in enumerate(terms):
             if _is_cjk(term):
                 cjk.append((_SEPARATOR_RUN.sub("", normalize(term)), term))
                 continue
-            words = [_word_regex(w) for w in _latin_words(term)]
+            latin_words = _latin_words(term)
+            first.append(latin_words[0])
+            words = [_word_regex(w) for w in latin_words]
             names[f"t{index}"] = term
             whole.append(f"(?P<t{index}>{_BETWEEN_WORDS.join(words)})")
             loose.append(f"(?P<t{index}>{''.join(words)})")
@@ -151,23 +185,28 @@ class _Matcher:
                 raise PolicyError(f"category {category!r}: pattern {pattern!r} is not a valid expression: "
                                   f"{error}") from error
         # The word boundaries stand outside the alternation, so that the search gives up at once inside a word.
+        # moderation_prefilter relies on this shape: change one, change the other.
         return cls(category, re.compile(f"(?<![a-z0-9])(?:{'|'.join(whole)})(?![a-z0-9])") if whole else None,
-                   re.compile("|".join(loose)) if loose else None, tuple(cjk), tuple(compiled), names)
+                   tuple(first), re.compile("|".join(loose)) if loose else None, tuple(cjk),
+                   tuple((compacted, term) for compacted, term in cjk if not _CJK.search(compacted)),
+                   tuple(compiled), names)
 
-    def first_match(self, readings: _Readings) -> str | None:
-        """The term or pattern that matches, or None."""
-        for text in readings.latin:
+    def first_match(self, readings: _Readings, words_may_match: bool = True) -> str | None:
+        """The term or pattern that matches, or None. `words_may_match` False (from `FirstWords`) skips the
+        whole-word search, which cannot then match."""
+        for text in readings.latin if words_may_match else ():
             if self.whole_words and (found := self.whole_words.search(text)):
                 return self.term_of[str(found.lastgroup)]
         for run in readings.spaced_runs:
             if self.inside_runs and (found := self.inside_runs.search(run)):
                 return self.term_of[str(found.lastgroup)]
-        for compacted, term in self.cjk_terms:
+        for compacted, term in self.cjk_terms if readings.compact_has_cjk else self.cjk_terms_without_cjk:
             if compacted and compacted in readings.compact:
                 return term
         for pattern, name in self.patterns:
-            if any(pattern.search(text) for text in readings.latin):
-                return name
+            for text in readings.latin:
+                if pattern.search(text):
+                    return name
         return None
 
 
@@ -267,6 +306,14 @@ class RuleModerator:
         self.policy = policy or ModerationPolicy()
         self._matchers = tuple(_Matcher.build(c.name, c.terms, c.patterns) for c in self.policy.categories)
         self._tenant_matchers = {tenant: self._build_tenant(p) for tenant, p in self.policy.tenants.items()}
+        # What each tenant searches, in order, is fixed by the policy: worked out here once for each tenant it
+        # names, and once for all others. Nothing is added per call, so tenant names from outside cannot grow it.
+        self._default_order = self._strictest_first(TenantPolicy(), ())
+        self._orders = {tenant: self._strictest_first(p, self._tenant_matchers[tenant])
+                        for tenant, p in self.policy.tenants.items()}
+        self._first_words = FirstWords((m, m.first_words) for m in self._matchers)
+        self._tenant_first_words = {tenant: FirstWords((m, m.first_words) for m, _ in matchers)
+                                    for tenant, matchers in self._tenant_matchers.items() if matchers}
 
     @staticmethod
     def _build_tenant(policy: TenantPolicy) -> tuple[tuple[_Matcher, Action], ...]:
@@ -277,17 +324,23 @@ class RuleModerator:
             matchers.append((_Matcher.build(TENANT_REVIEW, policy.review_terms, ()), "review"))
         return tuple(matchers)
 
+    def _strictest_first(self, tenant: TenantPolicy, own: Iterable[tuple[_Matcher, Action]]
+                         ) -> tuple[tuple[_Matcher, Action], ...]:
+        """The matchers a tenant searches with the action each takes, strictest first: the first match is then
+        the verdict. Allowed categories are left out, as they are never searched."""
+        candidates = [(m, tenant.actions.get(c.name, c.action))
+                      for m, c in zip(self._matchers, self.policy.categories, strict=True)]
+        candidates += own
+        candidates.sort(key=lambda pair: -strictness(pair[1]))  # stable: equally strict ones keep their order
+        return tuple(pair for pair in candidates if pair[1] != "allow")
+
     def check(self, text: str, tenant: str) -> Verdict:
         readings = _Readings.of(text)
-        candidates: list[tuple[_Matcher, Action]] = [
-            (m, self.policy.action_for(m.category, tenant)) for m in self._matchers]
-        candidates += self._tenant_matchers.get(tenant, ())
-        # Strictest first: the first match is then the verdict, and allowed categories are never searched.
-        candidates.sort(key=lambda pair: -strictness(pair[1]))
-        for matcher, action in candidates:
-            if action == "allow":
-                break
-            hit = matcher.first_match(readings)
+        may_match = self._first_words.could_match(readings.words)
+        if tenant_words := self._tenant_first_words.get(tenant):
+            may_match |= tenant_words.could_match(readings.words)
+        for matcher, action in self._orders.get(tenant, self._default_order):
+            hit = matcher.first_match(readings, matcher in may_match)
             if hit is not None:
                 return Verdict(action, f"{matcher.category}:{hit}", matcher.category, None, self.provider)
         return Verdict("allow", None, None, None, self.provider)
