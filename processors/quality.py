@@ -2,15 +2,20 @@
 
 Scores are computed with numpy alone on the image's luminance (ITU-R BT.601 weights, 0-255 scale, as
 OpenCV's grayscale conversion): sharpness is the variance of its 3x3 Laplacian (the kernel of OpenCV's
-`Laplacian` with ksize=1, over the interior pixels), exposure its mean, contrast its standard deviation."""
+`Laplacian` with ksize=1, over the interior pixels), exposure its mean, contrast its standard deviation.
+
+A batch of images is scored together (`score_images`, `score_requests`): the images of one shape and dtype are
+stacked and each score is computed for all of them at once, by the same numpy operations along the image axes, so
+that the scores are those of `score_image`, to the bit (tests/test_quality_batch.py checks it). On small images
+the cost is numpy's per-call overhead, which a stack pays once instead of once per image."""
 from __future__ import annotations
 
 import hashlib
 import io
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -19,6 +24,9 @@ from processors.requests import MAX_SEED, derived_seed
 
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 DEFAULT_MAX_RERENDERS = 2
+# Images scored together in one stack (score_images): enough for a batch of small ones, not so many that
+# the float64 copies of a stack (8 bytes a channel) leave the caches.
+STACK_MAX_PIXELS = 32 * 1024
 # A PNG from our own workers is at most Limits.max_width x max_height; this only stops a decompression bomb.
 DECODE_MAX_PIXELS = 64 * 1024 * 1024
 
@@ -54,12 +62,23 @@ class QualityReport:
     failures: list[str] = field(default_factory=list)  # codes: blurry, wrong_size, too_small, dark, bright, flat
 
 
+class Quality(NamedTuple):
+    """What a worker keeps of a rendered request's quality: the scores its ImageRendered carries (`passed` among
+    them) and the render that they are of."""
+
+    scores: dict[str, float]
+    attempt: int  # 0: the first render passed (or nothing more was tried); n: the n-th re-render
+
+
 def luminance(pixels: np.ndarray) -> np.ndarray:
-    """HxW float64 luminance of an HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA: alpha ignored) uint8 image."""
+    """HxW float64 luminance of an HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA: alpha ignored) uint8 image.
+
+    The pixels are converted in C order whatever their layout (a renderer's are often planar): the weighted sum
+    of each pixel is then the same BLAS call, with the same rounding, as in a stack of images (`score_images`)."""
     if pixels.ndim == 2:
-        return pixels.astype(np.float64)
+        return pixels.astype(np.float64, order="C")
     if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
-        return pixels[:, :, :3].astype(np.float64) @ LUMA_WEIGHTS
+        return pixels[:, :, :3].astype(np.float64, order="C") @ LUMA_WEIGHTS
     raise ValueError(f"expected an HxW, HxWx3 or HxWx4 image, got shape {pixels.shape}")
 
 
@@ -90,8 +109,73 @@ def score_image(pixels: np.ndarray, requested: tuple[int, int], policy: QualityP
     height, width = int(pixels.shape[0]), int(pixels.shape[1])
     luma = luminance(pixels)
     mean, variance = _mean_and_variance(luma.ravel()) if luma.size else (0.0, 0.0)
+    return _judged(width, height, requested, laplacian_variance(luma), mean, variance, policy)
+
+
+def score_images(images: Sequence[np.ndarray], requested: Sequence[tuple[int, int]],
+                 policy: QualityPolicy) -> list[QualityReport]:
+    """`score_image` of each image, in input order (`requested[i]` is the width and height image i's request
+    asked for). Images of one shape and dtype are scored together, stacked, up to STACK_MAX_PIXELS pixels at a
+    time (beyond that numpy's per-call overhead is small beside the work, and a large stack only spills the
+    caches); an image alone in its stack is scored by `score_image`."""
+    if len(images) != len(requested):
+        raise ValueError(f"{len(images)} images but {len(requested)} requested sizes")
+    groups: dict[tuple[tuple[int, ...], np.dtype], list[int]] = {}
+    for index, pixels in enumerate(images):
+        groups.setdefault((pixels.shape, pixels.dtype), []).append(index)
+    reports: dict[int, QualityReport] = {}
+    for (shape, _), indexes in groups.items():
+        per_stack = max(1, STACK_MAX_PIXELS // max(1, math.prod(shape[:2])))
+        for at in range(0, len(indexes), per_stack):
+            chunk = indexes[at:at + per_stack]
+            if len(chunk) == 1:  # nothing to share: the one-image path, without the stacking
+                reports[chunk[0]] = score_image(images[chunk[0]], requested[chunk[0]], policy)
+                continue
+            stacked = _stack_scores(np.stack([images[i] for i in chunk]))
+            for index, (sharpness, mean, variance) in zip(chunk, stacked, strict=True):
+                reports[index] = _judged(shape[1], shape[0], requested[index], sharpness, mean, variance, policy)
+    return [reports[index] for index in range(len(images))]
+
+
+def _stack_scores(stack: np.ndarray) -> list[tuple[float, float, float]]:
+    """(sharpness, mean, variance) of the luminance of each of N stacked images (NxHxW, NxHxWx3 or NxHxWx4),
+    by the operations of `luminance`, `laplacian_variance` and `_mean_and_variance` along the image axes."""
+    if stack.ndim == 3:
+        luma = stack.astype(np.float64, order="C")
+    elif stack.ndim == 4 and stack.shape[3] in (3, 4):
+        luma = stack[..., :3].astype(np.float64, order="C") @ LUMA_WEIGHTS  # each row of pixels: one BLAS call
+    else:
+        raise ValueError(f"expected an HxW, HxWx3 or HxWx4 image, got shape {stack.shape[1:]}")
+    count, height, width = luma.shape
+    if not luma.size:
+        return [(0.0, 0.0, 0.0)] * count
+    means, variances = _means_and_variances(luma.reshape(count, -1))
+    if height < 3 or width < 3:
+        return [(0.0, mean, variance) for mean, variance in zip(means, variances, strict=True)]
+    laplacian = luma[:, :-2, 1:-1] + luma[:, 2:, 1:-1]
+    laplacian += luma[:, 1:-1, :-2]
+    laplacian += luma[:, 1:-1, 2:]
+    laplacian -= 4.0 * luma[:, 1:-1, 1:-1]
+    sharpness = _means_and_variances(laplacian.reshape(count, -1))[1]
+    return list(zip(sharpness, means, variances, strict=True))
+
+
+def _means_and_variances(rows: np.ndarray) -> tuple[list[float], list[float]]:
+    """`_mean_and_variance` of each row of a non-empty NxM float array, with the same figures: numpy sums each
+    row pairwise as it does a 1-D array, a division is a division, and a stack of (1xM)@(Mx1) products is one
+    dot product (the same BLAS call as np.dot) each."""
+    size = rows.shape[1]
+    means = rows.sum(axis=1) / size
+    deviations = rows - means[:, np.newaxis]
+    squares = np.matmul(deviations[:, np.newaxis, :], deviations[:, :, np.newaxis]).ravel()
+    return means.tolist(), (squares / size).tolist()
+
+
+def _judged(width: int, height: int, requested: tuple[int, int], sharpness: float, mean: float, variance: float,
+            policy: QualityPolicy) -> QualityReport:
+    """The report of an image of `width` x `height` from its luminance's scores."""
     scores = {
-        "sharpness": laplacian_variance(luma),
+        "sharpness": sharpness,
         "width": float(width),
         "height": float(height),
         "size_match": 1.0 if (width, height) == tuple(requested) else 0.0,
@@ -112,6 +196,21 @@ def score_image(pixels: np.ndarray, requested: tuple[int, int], policy: QualityP
     if scores["contrast"] < policy.contrast_min:
         failures.append("flat")
     return QualityReport(passed=not failures, scores=scores, failures=failures)
+
+
+def score_requests(images: Sequence[Sequence[np.ndarray]], requested: Sequence[tuple[int, int]],
+                   policy: QualityPolicy) -> list[QualityReport]:
+    """The `request_report` of each request from its images (`images[r]`, in index order) against the width and
+    height it asked for (`requested[r]`), the images of all the requests scored by one `score_images`."""
+    if len(images) != len(requested):
+        raise ValueError(f"images of {len(images)} requests but {len(requested)} requested sizes")
+    reports = score_images([image for own in images for image in own],
+                           [size for own, size in zip(images, requested, strict=True) for _ in own], policy)
+    out, at = [], 0
+    for own in images:
+        out.append(request_report(reports[at:at + len(own)]))
+        at += len(own)
+    return out
 
 
 def request_report(reports: Iterable[QualityReport]) -> QualityReport:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from processors.events import image_rendered
 from processors.fault_isolation import render_isolating_faults
 from processors.imaging import encode_png, object_key, sha256_hex
 from processors.inflight import Answered, Failed, InFlight, Lead, Rendered
-from processors.quality import QualityPolicy, QualityReport, next_attempt, request_report, rerender_seed, score_image
+from processors.quality import Quality, QualityPolicy, QualityReport, next_attempt, rerender_seed, score_requests
 from processors.render_settings import BatchRenderer, RenderCost, RenderItem, RenderSettings, UnsupportedSettings
 from processors.renderer import render_splitting_on_oom
 from processors.requests import MAX_SEED, image_seeds, settings_of
@@ -72,11 +72,6 @@ OnDone = Callable[[Pending, list[OutRecord], str], None]
 OnFail = Callable[[Pending, str, str], None]
 # Called with a batch's requests when it starts: the indexes of those cancelled while they were queued.
 Cancelled = Callable[[list[dict[str, Any]]], set[int]]
-
-
-class Quality(NamedTuple):
-    scores: dict[str, float]
-    attempt: int  # 0: the first render passed (or nothing more was tried); n: the n-th re-render
 
 
 @dataclass(frozen=True)
@@ -196,7 +191,10 @@ class RenderStage:
         started = time.monotonic()
         with self._journal.holding("render", [p.source for p in leaders]):
             isolated = self._render_until_the_device_works(render, len(leaders))
-            done = [self._until_good_enough(i, requests[i], seeds, isolated.results[i], render, settings)
+            unseeded = [i for i in sorted(isolated.results) if requests[i].get("seed") is None]  # scored here
+            reports = self._reports([isolated.results[i] for i in unseeded], [settings] * len(unseeded))
+            first = dict(zip(unseeded, reports, strict=True))
+            done = [self._until_good_enough(i, requests[i], seeds, isolated.results[i], first.get(i), render, settings)
                     for i in sorted(isolated.results)]
         render_ms = (time.monotonic() - started) * 1000
         for index, exc in sorted(isolated.errors.items()):
@@ -219,17 +217,15 @@ class RenderStage:
             log.warning("rendering notes not sent: %r", exc)
 
     def _until_good_enough(self, index: int, request: dict[str, Any], seeds: list[list[int]],
-                           images: list[np.ndarray], render: Callable, settings: RenderSettings,
-                           ) -> tuple[int, list[np.ndarray], Quality | None]:
-        """Scores a request's images; a request that gave no seed is rendered again with new derived seeds while
-        it fails, a bounded number of times. What still fails goes out with its scores (`passed` 0). A request
-        that gave its seed is never rendered again: it is scored in the post threads (None here), off the
-        device's path."""
-        if request.get("seed") is not None:
+                           images: list[np.ndarray], report: QualityReport | None, render: Callable,
+                           settings: RenderSettings) -> tuple[int, list[np.ndarray], Quality | None]:
+        """Given its images' `report`, a request that gave no seed is rendered again with new derived seeds while it
+        fails, a bounded number of times; what still fails goes out with its scores (`passed` 0). One that gave its
+        seed (no report) is never rendered again: it is scored in the post threads, off the device's path."""
+        if report is None:
             return index, images, None
         attempt = 0
         while True:
-            report = self._report(images, settings)
             if report.passed or next_attempt(False, attempt, self._limits.max_rerenders) == "review":
                 return index, images, _counted(report, attempt)
             base = rerender_seed(request["request_id"], attempt + 1)
@@ -245,6 +241,7 @@ class RenderStage:
                 return index, images, Quality({**report.scores, "passed": 0.0}, attempt)
             attempt += 1
             metrics.QUALITY.labels("rerendered").inc()
+            report = self._reports([images], [settings])[0]
 
     def _render_until_the_device_works(self, render: Callable, count: int):
         fault_since: float | None = None
@@ -294,9 +291,16 @@ class RenderStage:
 
     def _store_batch(self, batch: Batch, done: list[tuple[Pending, list[int], list[np.ndarray], Quality | None]],
                      render_ms: float) -> None:
-        for pending, seeds, images, quality in done:
+        seeded = [k for k, (_, _, _, quality) in enumerate(done) if quality is None]  # they gave their seed
+        try:  # scored here, all together; should that fail, _store_request scores each alone (a fault its own)
+            asked = [settings_of(done[k][0].payload.request) for k in seeded]
+            reports = self._reports([done[k][2] for k in seeded], asked)
+            scored = {k: _counted(report, 0) for k, report in zip(seeded, reports, strict=True)}
+        except Exception:  # noqa: BLE001 - the fault is met again in _store_request, where it is that request's
+            scored = {}
+        for k, (pending, seeds, images, quality) in enumerate(done):
             try:
-                record, outcome = self._store_request(batch, pending, seeds, images, quality, render_ms)
+                record, outcome = self._store_request(batch, pending, seeds, images, scored.get(k, quality), render_ms)
             except OutputTooLarge as exc:
                 self._fail(pending, "output_too_large", str(exc))
                 continue
@@ -339,15 +343,16 @@ class RenderStage:
             return
         self._on_done(pending, [record], "deduplicated")
 
-    def _report(self, images: list[np.ndarray], asked: RenderSettings) -> QualityReport:
-        """The quality report of a request's images, against the size it asked for."""
-        return request_report(score_image(img, (asked.width, asked.height), self._quality) for img in images)
+    def _reports(self, images: list[list[np.ndarray]], asked: list[RenderSettings]) -> list[QualityReport]:
+        """The quality report of each request from its images, against the size it asked for; the images of all
+        of them are scored in one call (processors/quality.py scores those of one shape together)."""
+        return score_requests(images, [(a.width, a.height) for a in asked], self._quality)
 
     def _store_request(self, batch: Batch, pending: Pending, seeds: list[int], images: list[np.ndarray],
                        quality: Quality | None, render_ms: float) -> tuple[OutRecord, Rendered]:
         request = pending.payload.request
-        if quality is None:  # a request with its own seed: scored here, never rendered again
-            quality = _counted(self._report(images, settings_of(request)), 0)
+        if quality is None:  # a request with its own seed, if scoring those of its batch together failed
+            quality = _counted(self._reports([images], [settings_of(request)])[0], 0)
         t0 = time.monotonic()
         encoded = [encode_png(img) for img in images]
         t1 = time.monotonic()
