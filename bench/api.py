@@ -197,15 +197,14 @@ def submit_capacity(requests: int, concurrency: int, tmp: Path) -> list[Figure]:
     if accepted != requests:
         print(f"  not every POST was accepted: {dict(answers)}", flush=True)
     rate, p99 = accepted / seconds, percentile(latencies, 0.99)
-    ok = rate >= GOAL_SUBMIT_RPS and p99 <= GOAL_SUBMIT_P99_MS
     print(f"  async submit: {requests} POSTs from {concurrency} concurrent clients in {seconds:.1f}s; the load "
           f"generator (this process) shares the machine's {os.cpu_count()} cores with the API, Kafka and Redis",
           flush=True)
     print(f"  CPU per POST: {api_cpu / requests * 1000:.2f} ms in the API process, {own_cpu / requests * 1000:.2f} ms "
           f"in the load generator", flush=True)
-    return [Figure("api_submit_rate", rate, "requests/s", f">= {GOAL_SUBMIT_RPS:.0f}", ok),
+    return [Figure("api_submit_rate", rate, "requests/s", f">= {GOAL_SUBMIT_RPS:.0f}", rate >= GOAL_SUBMIT_RPS),
             Figure("api_submit_latency_p50", statistics.median(latencies), "ms"),
-            Figure("api_submit_latency_p99", p99, "ms", f"<= {GOAL_SUBMIT_P99_MS:.0f}", ok),
+            Figure("api_submit_latency_p99", p99, "ms", f"<= {GOAL_SUBMIT_P99_MS:.0f}", p99 <= GOAL_SUBMIT_P99_MS),
             Figure("api_cpu_per_request", api_cpu / requests * 1000, "ms"),
             Figure("api_rss", rss, "MB")]
 
