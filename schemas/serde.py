@@ -276,14 +276,14 @@ def _branches_named(schema: WriterSchema, value: Mapping[str, Any]) -> Mapping[s
     then takes that branch at once instead of validating the whole record against each branch first."""
     for field, record_name in schema.record_branches:
         inner = value.get(field)
-        if isinstance(inner, Mapping):
+        if inner is not None and isinstance(inner, Mapping):
             value = {**value, field: (record_name, inner)}
     return value
 
 
 def _check_fields(schema: WriterSchema, value: Any) -> None:
     name = short_name(schema.full_name)
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict) and not isinstance(value, Mapping):  # the first is the common, quick case
         raise InvalidRecord(name, [f"expected a dict, got {type(value).__name__}"])
     unknown = value.keys() - schema.field_names
     if unknown:
