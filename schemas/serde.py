@@ -282,8 +282,10 @@ def _branches_named(schema: WriterSchema, value: Mapping[str, Any]) -> Mapping[s
 
 
 def _check_fields(schema: WriterSchema, value: Any) -> None:
+    if isinstance(value, dict) and schema.field_names.issuperset(value):  # the common case, with no set built
+        return
     name = short_name(schema.full_name)
-    if not isinstance(value, dict) and not isinstance(value, Mapping):  # the first is the common, quick case
+    if not isinstance(value, Mapping):
         raise InvalidRecord(name, [f"expected a dict, got {type(value).__name__}"])
     unknown = value.keys() - schema.field_names
     if unknown:
