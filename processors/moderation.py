@@ -90,6 +90,11 @@ def normalize(text: str) -> str:
     controls become spaces), case folded, runs of whitespace made one space."""
     if text.isascii():
         return " ".join(text.translate(_ASCII_CONTROLS).casefold().split())
+    return normalize_unicode(text)
+
+
+def normalize_unicode(text: str) -> str:
+    """`normalize` character by character through the Unicode tables: what the ASCII path above must equal."""
     kept: list[str] = []
     for char in unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text)):
         if char in _WHITESPACE_CONTROLS:

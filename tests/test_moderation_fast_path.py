@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import re
-import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,17 +22,18 @@ from processors.moderation import (
     _LOOKALIKES,
     _SEPARATOR_RUN,
     _SPACED_LETTERS,
-    _WHITESPACE_CONTROLS,
     TENANT_BLOCKED,
     TENANT_REVIEW,
     Category,
     ModerationPolicy,
-    PolicyError,
     RuleModerator,
     TenantPolicy,
     Verdict,
+    _latin_words,
     _Readings,
+    _word_regex,
     normalize,
+    normalize_unicode,
 )
 from processors.moderation_prefilter import words_of
 from processors.moderation_rules import DEFAULT_CATEGORIES
@@ -45,14 +45,9 @@ _REFERENCE_LEET_TOKEN = re.compile(r"[a-z0-9@$!]*[a-z][a-z0-9@$!]*")
 _REFERENCE_BETWEEN_WORDS = r"[\W_]*"
 
 
-def reference_normalize(text: str) -> str:
-    kept: list[str] = []
-    for char in unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text)):
-        if char in _WHITESPACE_CONTROLS:
-            kept.append(" ")
-        elif unicodedata.category(char) not in ("Mn", "Me", "Cf", "Cc", "Co", "Cs"):
-            kept.append(char)
-    return " ".join(unicodedata.normalize("NFC", "".join(kept)).casefold().split())
+# The character-by-character path, which the previous algorithm ran on every text; the ASCII shortcut is checked
+# against it below.
+reference_normalize = normalize_unicode
 
 
 @dataclass(frozen=True)
@@ -72,17 +67,6 @@ class ReferenceReadings:
         return cls(readings, tuple(sorted(runs)), _SEPARATOR_RUN.sub("", base))
 
 
-def _reference_latin_words(term: str) -> list[str]:
-    words = [w for w in re.split(r"[^a-z0-9*]+", reference_normalize(term).translate(_LOOKALIKES)) if w.strip("*")]
-    if not words:
-        raise PolicyError(f"term {term!r} has no letters to match")
-    return words
-
-
-def _reference_word_regex(word: str) -> str:
-    return re.escape(word.rstrip("*")) + ("[a-z]*" if word.endswith("*") else "")
-
-
 @dataclass(frozen=True)
 class ReferenceMatcher:
     category: str
@@ -99,7 +83,7 @@ class ReferenceMatcher:
             if _CJK.search(term):
                 cjk.append((_SEPARATOR_RUN.sub("", reference_normalize(term)), term))
                 continue
-            words = [_reference_word_regex(w) for w in _reference_latin_words(term)]
+            words = [_word_regex(w) for w in _latin_words(term)]
             names[f"t{index}"] = term
             whole.append(f"(?P<t{index}>{_REFERENCE_BETWEEN_WORDS.join(words)})")
             loose.append(f"(?P<t{index}>{''.join(words)})")
