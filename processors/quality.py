@@ -5,9 +5,9 @@ OpenCV's grayscale conversion): sharpness is the variance of its 3x3 Laplacian (
 `Laplacian` with ksize=1, over the interior pixels), exposure its mean, contrast its standard deviation.
 
 A batch of images is scored together (`score_images`, `score_requests`): the images of one shape and dtype are
-stacked and each score is computed for all of them at once, by the same numpy operations along the image axes, so
-that the scores are those of `score_image`, to the bit (tests/test_quality_batch.py checks it). On small images
-the cost is numpy's per-call overhead, which a stack pays once instead of once per image."""
+stacked and each score is computed for all of them at once, along the image axes; one image alone is a stack of
+one, with the same figures to the bit (tests/test_quality_batch.py checks it). On small images the cost is numpy's
+per-call overhead, which a stack pays once instead of once per image."""
 from __future__ import annotations
 
 import hashlib
@@ -71,45 +71,20 @@ class Quality(NamedTuple):
 
 
 def luminance(pixels: np.ndarray) -> np.ndarray:
-    """HxW float64 luminance of an HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA: alpha ignored) uint8 image.
-
-    The pixels are converted in C order whatever their layout (a renderer's are often planar): the weighted sum
-    of each pixel is then the same BLAS call, with the same rounding, as in a stack of images (`score_images`)."""
-    if pixels.ndim == 2:
-        return pixels.astype(np.float64, order="C")
-    if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
-        return pixels[:, :, :3].astype(np.float64, order="C") @ LUMA_WEIGHTS
-    raise ValueError(f"expected an HxW, HxWx3 or HxWx4 image, got shape {pixels.shape}")
+    """HxW float64 luminance of an HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA: alpha ignored) uint8 image."""
+    return _luminances(pixels[np.newaxis])[0]
 
 
 def laplacian_variance(luma: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian over the interior pixels; 0 for an image under 3x3."""
-    if luma.shape[0] < 3 or luma.shape[1] < 3:
-        return 0.0
-    laplacian = luma[:-2, 1:-1] + luma[2:, 1:-1]
-    laplacian += luma[1:-1, :-2]
-    laplacian += luma[1:-1, 2:]
-    laplacian -= 4.0 * luma[1:-1, 1:-1]
-    return _mean_and_variance(laplacian.ravel())[1]
-
-
-def _mean_and_variance(values: np.ndarray) -> tuple[float, float]:
-    """The mean and (population) variance of a 1-D float array, in two passes as numpy's var does, with the
-    squares summed by one dot product: a few numpy calls instead of a dozen, which is what scoring a small
-    image cost."""
-    mean = float(values.sum()) / values.size
-    deviations = values - mean
-    return mean, float(np.dot(deviations, deviations)) / values.size
+    """Variance of the 4-neighbour Laplacian of an HxW luminance over the interior pixels; 0 under 3x3."""
+    return _laplacian_variances(luma[np.newaxis])[0]
 
 
 def score_image(pixels: np.ndarray, requested: tuple[int, int], policy: QualityPolicy) -> QualityReport:
     """Scores of one image against `policy`. `requested` is (width, height) as the request asked.
 
     Scores: sharpness, width, height, size_match (1 or 0), mean_luminance, contrast."""
-    height, width = int(pixels.shape[0]), int(pixels.shape[1])
-    luma = luminance(pixels)
-    mean, variance = _mean_and_variance(luma.ravel()) if luma.size else (0.0, 0.0)
-    return _judged(width, height, requested, laplacian_variance(luma), mean, variance, policy)
+    return score_images([pixels], [requested], policy)[0]
 
 
 def score_images(images: Sequence[np.ndarray], requested: Sequence[tuple[int, int]],
@@ -117,7 +92,7 @@ def score_images(images: Sequence[np.ndarray], requested: Sequence[tuple[int, in
     """`score_image` of each image, in input order (`requested[i]` is the width and height image i's request
     asked for). Images of one shape and dtype are scored together, stacked, up to STACK_MAX_PIXELS pixels at a
     time (beyond that numpy's per-call overhead is small beside the work, and a large stack only spills the
-    caches); an image alone in its stack is scored by `score_image`."""
+    caches)."""
     if len(images) != len(requested):
         raise ValueError(f"{len(images)} images but {len(requested)} requested sizes")
     groups: dict[tuple[tuple[int, ...], np.dtype], list[int]] = {}
@@ -128,42 +103,49 @@ def score_images(images: Sequence[np.ndarray], requested: Sequence[tuple[int, in
         per_stack = max(1, STACK_MAX_PIXELS // max(1, math.prod(shape[:2])))
         for at in range(0, len(indexes), per_stack):
             chunk = indexes[at:at + per_stack]
-            if len(chunk) == 1:  # nothing to share: the one-image path, without the stacking
-                reports[chunk[0]] = score_image(images[chunk[0]], requested[chunk[0]], policy)
-                continue
             stacked = _stack_scores(np.stack([images[i] for i in chunk]))
             for index, (sharpness, mean, variance) in zip(chunk, stacked, strict=True):
                 reports[index] = _judged(shape[1], shape[0], requested[index], sharpness, mean, variance, policy)
     return [reports[index] for index in range(len(images))]
 
 
-def _stack_scores(stack: np.ndarray) -> list[tuple[float, float, float]]:
-    """(sharpness, mean, variance) of the luminance of each of N stacked images (NxHxW, NxHxWx3 or NxHxWx4),
-    by the operations of `luminance`, `laplacian_variance` and `_mean_and_variance` along the image axes."""
+def _luminances(stack: np.ndarray) -> np.ndarray:
+    """NxHxW float64 luminances of N stacked images (NxHxW gray, NxHxWx3 RGB or NxHxWx4 RGBA, alpha ignored)."""
+    # In C order whatever the layout (a renderer's pixels are often planar): each pixel's weighted sum is then the
+    # same BLAS call, with the same rounding, for an image alone or in a stack.
     if stack.ndim == 3:
-        luma = stack.astype(np.float64, order="C")
-    elif stack.ndim == 4 and stack.shape[3] in (3, 4):
-        luma = stack[..., :3].astype(np.float64, order="C") @ LUMA_WEIGHTS  # each row of pixels: one BLAS call
-    else:
-        raise ValueError(f"expected an HxW, HxWx3 or HxWx4 image, got shape {stack.shape[1:]}")
+        return stack.astype(np.float64, order="C")
+    if stack.ndim == 4 and stack.shape[3] in (3, 4):
+        return stack[..., :3].astype(np.float64, order="C") @ LUMA_WEIGHTS
+    raise ValueError(f"expected an HxW, HxWx3 or HxWx4 image, got shape {stack.shape[1:]}")
+
+
+def _laplacian_variances(luma: np.ndarray) -> list[float]:
+    """The variance of each NxHxW luminance's 4-neighbour Laplacian over its interior pixels; 0 under 3x3."""
     count, height, width = luma.shape
-    if not luma.size:
-        return [(0.0, 0.0, 0.0)] * count
-    means, variances = _means_and_variances(luma.reshape(count, -1))
     if height < 3 or width < 3:
-        return [(0.0, mean, variance) for mean, variance in zip(means, variances, strict=True)]
+        return [0.0] * count
     laplacian = luma[:, :-2, 1:-1] + luma[:, 2:, 1:-1]
     laplacian += luma[:, 1:-1, :-2]
     laplacian += luma[:, 1:-1, 2:]
     laplacian -= 4.0 * luma[:, 1:-1, 1:-1]
-    sharpness = _means_and_variances(laplacian.reshape(count, -1))[1]
-    return list(zip(sharpness, means, variances, strict=True))
+    return _means_and_variances(laplacian.reshape(count, -1))[1]
+
+
+def _stack_scores(stack: np.ndarray) -> list[tuple[float, float, float]]:
+    """(sharpness, mean, variance) of the luminance of each of N stacked images."""
+    luma = _luminances(stack)
+    count = luma.shape[0]
+    if not luma.size:
+        return [(0.0, 0.0, 0.0)] * count
+    means, variances = _means_and_variances(luma.reshape(count, -1))
+    return list(zip(_laplacian_variances(luma), means, variances, strict=True))
 
 
 def _means_and_variances(rows: np.ndarray) -> tuple[list[float], list[float]]:
-    """`_mean_and_variance` of each row of a non-empty NxM float array, with the same figures: numpy sums each
-    row pairwise as it does a 1-D array, a division is a division, and a stack of (1xM)@(Mx1) products is one
-    dot product (the same BLAS call as np.dot) each."""
+    """The mean and (population) variance of each row of a non-empty NxM float array, in two passes as numpy's
+    var does, with each row's squares summed by one product: a few numpy calls for the whole stack, where numpy's
+    own mean and var cost a dozen per image, which is what scoring small images cost."""
     size = rows.shape[1]
     means = rows.sum(axis=1) / size
     deviations = rows - means[:, np.newaxis]

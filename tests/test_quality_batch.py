@@ -138,7 +138,7 @@ def test_a_batch_larger_than_one_stack_is_scored_in_several(monkeypatch) -> None
     stacks = spy_on_stacks(monkeypatch)
     images = [noise((16, 16, 3), seed) for seed in range(7)] + [noise((64, 64, 3), 99)]
     reports = score_images(images, [(16, 16)] * 7 + [(64, 64)], POLICY)
-    assert [shape[0] for shape in stacks] == [3, 3]  # the 7th and the big one are alone: scored as alone
+    assert [shape[0] for shape in stacks] == [3, 3, 1, 1]  # the 7th, and the big one of another shape, alone
     for pixels, report in zip(images, reports, strict=True):
         assert_same(report, score_image(pixels, (pixels.shape[1], pixels.shape[0]), POLICY))
 
