@@ -313,9 +313,9 @@ class RuleModerator:
         self._tenant_matchers = {tenant: self._build_tenant(p) for tenant, p in self.policy.tenants.items()}
         # What each tenant searches, in order, is fixed by the policy: worked out here once for each tenant it
         # names, and once for all others. Nothing is added per call, so tenant names from outside cannot grow it.
-        self._default_order = self._strictest_first(TenantPolicy(), ())
-        self._orders = {tenant: self._strictest_first(p, self._tenant_matchers[tenant])
-                        for tenant, p in self.policy.tenants.items()}
+        self._default_order = self._strictest_first(None, ())
+        self._orders = {tenant: self._strictest_first(tenant, self._tenant_matchers[tenant])
+                        for tenant in self.policy.tenants}
         self._first_words = FirstWords((m, m.first_words) for m in self._matchers)
         self._tenant_first_words = {tenant: FirstWords((m, m.first_words) for m, _ in matchers)
                                     for tenant, matchers in self._tenant_matchers.items() if matchers}
@@ -329,12 +329,12 @@ class RuleModerator:
             matchers.append((_Matcher.build(TENANT_REVIEW, policy.review_terms, ()), "review"))
         return tuple(matchers)
 
-    def _strictest_first(self, tenant: TenantPolicy, own: Iterable[tuple[_Matcher, Action]]
+    def _strictest_first(self, tenant: str | None, own: Iterable[tuple[_Matcher, Action]]
                          ) -> tuple[tuple[_Matcher, Action], ...]:
-        """The matchers a tenant searches with the action each takes, strictest first: the first match is then
-        the verdict. Allowed categories are left out, as they are never searched."""
-        candidates = [(m, tenant.actions.get(c.name, c.action))
-                      for m, c in zip(self._matchers, self.policy.categories, strict=True)]
+        """The matchers a tenant (None: any the policy does not name) searches with the action each takes,
+        strictest first: the first match is then the verdict. Allowed categories are left out, as they are never
+        searched."""
+        candidates = [(m, self.policy.action_for(m.category, tenant)) for m in self._matchers]
         candidates += own
         candidates.sort(key=lambda pair: -strictness(pair[1]))  # stable: equally strict ones keep their order
         return tuple(pair for pair in candidates if pair[1] != "allow")

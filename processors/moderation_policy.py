@@ -96,10 +96,11 @@ class ModerationPolicy:
                 if by_name[name].locked and action != "block":
                     raise PolicyError(f"tenant {tenant!r} may not set locked category {name!r} to {action!r}")
 
-    def tenant(self, tenant: str) -> TenantPolicy:
-        return self.tenants.get(tenant) or NO_TENANT_POLICY
+    def tenant(self, tenant: str | None) -> TenantPolicy:
+        """The tenant's own policy; None, or a tenant the policy does not name, has none of its own."""
+        return (self.tenants.get(tenant) if tenant is not None else None) or NO_TENANT_POLICY
 
-    def action_for(self, category: str, tenant: str) -> Action:
+    def action_for(self, category: str, tenant: str | None) -> Action:
         default = next(c.action for c in self.categories if c.name == category)
         return self.tenant(tenant).actions.get(category, default)
 
