@@ -100,8 +100,7 @@ class Gate:
         self._step = self._step_factory(conf, f"{self.group_id}-{self.s.worker_id}")
         self._admitted = AdmittedKeys(conf, self.topology.gate_changelog, self.s.idempotency_window_days)
         self._pools = PoolDirectory(conf, self.topology.pool_announcements, self._serde)
-        self._consumer.subscribe(list(self.topology.request_topics), on_revoke=self._on_revoke,
-                                 on_lost=self._on_revoke)
+        self._subscribe()
         log.info("gate of %s in group %s", ", ".join(self.topology.request_topics), self.group_id)
         clean = False
         try:
@@ -113,6 +112,10 @@ class Gate:
                 self._consumer.close()
             self._pools.close()
             self._step.close()
+
+    def _subscribe(self) -> None:
+        self._consumer.subscribe(list(self.topology.request_topics), on_revoke=self._on_revoke,
+                                 on_lost=self._on_revoke)
 
     def _resume_what_may_go(self) -> None:
         if self._pools.refresh():
@@ -302,7 +305,7 @@ class Gate:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        self._held.drop(gone)
+        self._held.drop(consumer, gone)
         still = {tp.partition for tp in consumer.assignment() if (tp.topic, tp.partition) not in gone}
         self._admitted.forget({p for _t, p in gone} - still)
 

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from connectors.retry import backoff_delay
 
@@ -54,10 +54,19 @@ class PartitionHolds:
             self._until[tp] = 0.0
         self.resume_due(consumer)
 
-    def drop(self, partitions: Iterable[TP]) -> None:
+    def drop(self, consumer: Consumer, partitions: Iterable[TP]) -> None:
+        """Forgets the holds of partitions being revoked (or lost), and resumes those still paused: librdkafka
+        keeps an application's pause across a revoke and a re-assign, so a partition revoked while held would
+        come back paused, with nothing left to resume it, and its records would never be read again."""
+        partitions = list(partitions)
+        paused = [tp for tp in partitions if self._until.pop(tp, None) is not None]
         for tp in partitions:
-            self._until.pop(tp, None)
             self._attempts.pop(tp, None)
+        if paused:
+            try:
+                consumer.resume([TopicPartition(*tp) for tp in paused])
+            except KafkaException as exc:  # a rebalance callback must not raise; the partition is going anyway
+                log.warning("resuming %s as it is revoked: %s", paused, exc)
 
 
 class ClassPauses:

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 
-from confluent_kafka import KafkaException, Message
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionalStep
@@ -209,8 +209,8 @@ class PublicationRelay:
         failure = self._failures("unsafe", f"{describe(safety)}; {removed}", origin, rendered)
         return [r for r in failure if r.topic != self.topology.dlq]  # a decision, not a broken record
 
-    def _on_revoke(self, consumer: object, parts: list) -> None:
-        self._held.drop((p.topic, p.partition) for p in parts)
+    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._held.drop(consumer, [(p.topic, p.partition) for p in parts])
         self._published.forget(p.partition for p in parts)
 
     def _status(self, status: dict) -> OutRecord:

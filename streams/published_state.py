@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from processors.publication_state import DAY_MS, PublicationState, SkuLatest
 from schemas.serde import AvroSerde
@@ -18,10 +18,15 @@ from streams.topology import Topology
 
 log = logging.getLogger(__name__)
 
+# (base config, topic, partitions, apply(key, value)): streams.changelog_table.read_to_end
+ReadTopic = Callable[[dict[str, str], str, list[int], Callable[[bytes | None, bytes | None], None]], None]
+
 
 class PublishedState:
-    def __init__(self, base: dict[str, str], topology: Topology, serde: AvroSerde, window_days: float):
+    def __init__(self, base: dict[str, str], topology: Topology, serde: AvroSerde, window_days: float,
+                 read: ReadTopic = read_to_end):
         self._base = base
+        self._read = read  # how a topic's committed records are read (tests pass their own)
         self._topology = topology
         self._serde = serde
         self._window_ms = int(window_days * DAY_MS)
@@ -32,28 +37,32 @@ class PublishedState:
         state = self._partitions.get(partition)
         if state is None:
             started = time.monotonic()
-            state = self._partitions[partition] = PublicationState(self._window_ms)
+            # Kept only once read whole: a restore that fails part-way (a broker restarting) would otherwise leave
+            # a partial state in use, and what it missed would be published again.
+            state = PublicationState(self._window_ms)
 
             def restore(_key: bytes | None, value: bytes | None) -> None:
                 if value is not None:
                     state.apply(self._ready(value))
 
-            read_to_end(self._base, self._topology.images_ready, [partition], restore)
+            self._read(self._base, self._topology.images_ready, [partition], restore)
             state.evict(int(time.time() * 1000))
+            self._partitions[partition] = state
             log.info("restored the publications of partition %d (%d requests) in %.2fs", partition, len(state),
                      time.monotonic() - started)
         return state
 
     def sku_latest(self) -> SkuLatest:
         if self._sku is None:
-            sku = self._sku = SkuLatest()
+            sku = SkuLatest()
 
             def restore(_key: bytes | None, value: bytes | None) -> None:
                 if value is not None:
                     sku.offer(self._ready(value))
 
-            read_to_end(self._base, self._topology.images_by_sku, list(range(self._topology.output_partitions)),
-                        restore)
+            self._read(self._base, self._topology.images_by_sku, list(range(self._topology.output_partitions)),
+                       restore)
+            self._sku = sku
         return self._sku
 
     def forget(self, partitions: Iterable[int] | None = None) -> None:

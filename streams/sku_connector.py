@@ -183,6 +183,6 @@ class SkuConnector:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        self._held.drop(gone)
+        self._held.drop(consumer, gone)
         self._versions.forget({p for _t, p in gone})
 

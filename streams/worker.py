@@ -381,7 +381,7 @@ class RenderWorker:
             self._assigned.difference_update(parts)
             for tp in parts:
                 self._committed.pop(tp, None)
-            self._held.drop(parts)
+            self._held.drop(self._consumer, parts)
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in parts))
 
     # ------------------------------------------------------------------ gauges

@@ -154,7 +154,8 @@ class FakeConsumer:
         for tp in parts:
             self.assigned.append(tp)
             self.cursor[tp] = self.kafka.committed.get(tp, 0)
-        self.callbacks["assign"](self.mock, [TopicPartition(t, p) for t, p in parts])
+        if self.callbacks.get("assign"):
+            self.callbacks["assign"](self.mock, [TopicPartition(t, p) for t, p in parts])
 
     def revoke(self, parts: list[TP]) -> None:
         self.callbacks["revoke"](self.mock, [TopicPartition(t, p) for t, p in parts])

@@ -256,3 +256,23 @@ def test_a_request_cancelled_while_queued_is_failed_not_routed_and_a_repeat_chan
     assert "dlq" not in out and offsets  # asked for, not broken: no dead letter; the offset moves on
     out, _ = rig.decide(rig.message(cancelled))
     assert "requests.failed" not in out  # a repeat of a cancelled request fails nothing twice
+
+
+def test_a_partition_revoked_while_held_is_read_again_once_assigned_back():
+    """librdkafka keeps a pause across a revoke and a re-assign: a partition held when a rebalance took it (a gate
+    just restarted, its pools not read yet) must come back unpaused, or its requests are never routed."""
+    rig = Rig(pools={})
+    tp = (f"{PREFIX}.requests.normal", 1)
+    request = req()
+    rig.kafka.append(*tp, rig.serde.encode("GenerationRequest", request), request["request_id"].encode())
+    rig.gate._subscribe()
+    [held] = rig.consumer.mock.consume(10, timeout=0)
+    assert rig.decide(held) == ({}, {}) and tp in rig.consumer.paused
+    rig.consumer.revoke([tp])  # the group rebalances before the hold is due
+    rig.consumer.assign([tp])
+    rig.gate._pools = Pools({"turbo": POOL})  # type: ignore[assignment]
+    [again] = rig.consumer.mock.consume(10, timeout=0)
+    out, offsets = rig.decide(again)
+    [routed] = out["render.turbo.normal"]
+    assert rig.serde.decode("GenerationRequest", routed.value)["request_id"] == request["request_id"]
+    assert offsets == {tp: again.offset() + 1}

@@ -1,6 +1,8 @@
 """Publication's decisions, in process: versions, replays, the SKU view, review holds and decisions, unscanned."""
 from __future__ import annotations
 
+import pytest
+
 from processors.events import image_rendered
 from processors.publication_state import PublicationState, SkuLatest
 from schemas.serde import AvroSerde
@@ -150,3 +152,61 @@ def test_state_that_cannot_be_read_back_holds_the_partition_and_fails_no_record(
     rig.relay._held.resume_all(rig.relay._consumer)
     ready = rig.decode(rig.out([msg])["images.ready"], "ImageReady")
     assert [v["request_id"] for v in ready] == [request["request_id"]]
+
+
+def test_a_partition_revoked_while_held_is_resumed_so_it_does_not_come_back_paused():
+    """librdkafka keeps a pause across a revoke and a re-assign: the hold is dropped with the partition, and so
+    must the pause be, or the partition's images are never published once it is assigned back."""
+    from unittest.mock import create_autospec
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    from streams.changelog_table import RestoreFailed
+
+    rig = Rig()
+    consumer = create_autospec(Consumer, instance=True)
+    rig.relay._consumer = consumer
+
+    class Unreadable(MemoryState):
+        def of_partition(self, partition: int) -> PublicationState:
+            raise RestoreFailed("restoring tp.images.ready[1]: Local: Timed out")
+
+    rig.relay._published = Unreadable()  # type: ignore[assignment]
+    msg = rig.message("rendered", rig.serde.encode("ImageRendered", rig.rendered(req())), b"k")
+    assert rig.relay.publish([msg]) == ([], {})  # type: ignore[list-item]  # a FakeMessage reads like a Message
+    [paused] = consumer.pause.call_args.args[0]
+    rig.relay._on_revoke(consumer, [TopicPartition(paused.topic, paused.partition), TopicPartition("tp.rendered", 2)])
+    [resumed] = consumer.resume.call_args.args[0]
+    assert (resumed.topic, resumed.partition) == (paused.topic, paused.partition)  # only the held one
+    assert (paused.topic, paused.partition) not in rig.relay._held
+
+
+def test_a_restore_that_fails_part_way_is_read_again_whole_not_used_in_part():
+    from streams.published_state import PublishedState
+
+    serde = AvroSerde()
+    topology = Settings(_env_file=None, topic_prefix=PREFIX, output_partitions=3).topology
+    first, second = (image_ready_value(serde, req()) for _ in range(2))
+    reads: list[int] = []
+
+    def read(_base, _topic, _partitions, apply) -> None:
+        reads.append(1)
+        apply(b"k1", first)
+        if len(reads) == 1:
+            raise RuntimeError("the broker went away part-way")  # as read_to_end's RestoreFailed would
+        apply(b"k2", second)
+
+    state = PublishedState({}, topology, serde, 30.0, read=read)
+    with pytest.raises(RuntimeError):
+        state.of_partition(1)
+    assert len(state.of_partition(1)) == 2 and len(reads) == 2
+
+
+def image_ready_value(serde: AvroSerde, request: dict) -> bytes:
+    import time
+
+    from processors.events import image_ready
+
+    rendered = Rig().rendered(request)
+    published_at = int(time.time() * 1000)  # within the state's window
+    return serde.encode("ImageReady", image_ready(rendered, published_at, version=1, supersedes=None, safety=None))
