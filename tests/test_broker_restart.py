@@ -73,6 +73,7 @@ def test_requests_survive_a_broker_restart(fresh_pipeline):
         print(healed.stdout, healed.stderr)
         events = p.collect(ids, timeout_s=150, settle_s=5)
     missing = [i for i in ids if i not in events]
-    assert not missing, f"{len(missing)} lost; worker log:\n{p.log('worker')[-3000:]}"
+    assert not missing, (f"{len(missing)} lost; worker log:\n{p.log('worker')[-3000:]}\nprocessors log:\n"
+                         f"{p.log('processors')[-3000:]}")
     doubled = {i: [n for n, _ in e] for i, e in events.items() if len(e) != 1 or e[0][0] != "ImageReady"}
     assert not doubled, doubled
