@@ -1,11 +1,16 @@
 """Publication's decisions, in process: versions, replays, the SKU view, review holds and decisions, unscanned."""
 from __future__ import annotations
 
+from typing import Any
+from unittest.mock import create_autospec
+
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from processors.events import image_rendered
 from processors.publication_state import PublicationState, SkuLatest
 from schemas.serde import AvroSerde
+from streams.changelog_table import RestoreFailed
 from streams.publication import PublicationRelay
 from streams.settings import Settings
 from streams.submit import build_request
@@ -127,27 +132,29 @@ def test_an_unreadable_record_fails_alone():
     assert rig.decode(out["requests.failed"], "RequestFailed")[0]["reason_code"] == "unpublishable"
 
 
-def test_state_that_cannot_be_read_back_holds_the_partition_and_fails_no_record():
-    from unittest.mock import create_autospec
+class Unreadable(MemoryState):
+    """Publication state that Kafka cannot give back (a broker restarting)."""
 
-    from confluent_kafka import Consumer
+    def of_partition(self, partition: int) -> PublicationState:
+        raise RestoreFailed(f"restoring tp.images.ready[{partition}]: Local: Timed out")
 
-    from streams.changelog_table import RestoreFailed
 
+def held_by_unreadable_state() -> tuple[Rig, Any, FakeMessage, dict]:
+    """A relay whose state cannot be read back, after it decided one ImageRendered: nothing failed, nothing
+    committed, its partition held (sought back and paused)."""
     rig = Rig()
     consumer = create_autospec(Consumer, instance=True)
     rig.relay._consumer = consumer
-
-    class Unreadable(MemoryState):
-        def of_partition(self, partition: int) -> PublicationState:
-            raise RestoreFailed("restoring tp.images.ready[1]: Local: Unknown partition")
-
     rig.relay._published = Unreadable()  # type: ignore[assignment]
     request = req()
     msg = rig.message("rendered", rig.serde.encode("ImageRendered", rig.rendered(request)), b"k")
-    records, offsets = rig.relay.publish([msg])  # type: ignore[list-item]  # a FakeMessage reads like a Message
-    assert records == [] and offsets == {}  # nothing failed, nothing committed: read again after a backoff
-    consumer.seek.assert_called_once()
+    assert rig.relay.publish([msg]) == ([], {})  # type: ignore[list-item]  # a FakeMessage reads like a Message
+    return rig, consumer, msg, request
+
+
+def test_state_that_cannot_be_read_back_holds_the_partition_and_fails_no_record():
+    rig, consumer, msg, request = held_by_unreadable_state()
+    consumer.seek.assert_called_once()  # read again after a backoff
     rig.relay._published = MemoryState()  # type: ignore[assignment]  # the broker answers again
     rig.relay._held.resume_all(rig.relay._consumer)
     ready = rig.decode(rig.out([msg])["images.ready"], "ImageReady")
@@ -157,23 +164,7 @@ def test_state_that_cannot_be_read_back_holds_the_partition_and_fails_no_record(
 def test_a_partition_revoked_while_held_is_resumed_so_it_does_not_come_back_paused():
     """librdkafka keeps a pause across a revoke and a re-assign: the hold is dropped with the partition, and so
     must the pause be, or the partition's images are never published once it is assigned back."""
-    from unittest.mock import create_autospec
-
-    from confluent_kafka import Consumer, TopicPartition
-
-    from streams.changelog_table import RestoreFailed
-
-    rig = Rig()
-    consumer = create_autospec(Consumer, instance=True)
-    rig.relay._consumer = consumer
-
-    class Unreadable(MemoryState):
-        def of_partition(self, partition: int) -> PublicationState:
-            raise RestoreFailed("restoring tp.images.ready[1]: Local: Timed out")
-
-    rig.relay._published = Unreadable()  # type: ignore[assignment]
-    msg = rig.message("rendered", rig.serde.encode("ImageRendered", rig.rendered(req())), b"k")
-    assert rig.relay.publish([msg]) == ([], {})  # type: ignore[list-item]  # a FakeMessage reads like a Message
+    rig, consumer, _msg, _request = held_by_unreadable_state()
     [paused] = consumer.pause.call_args.args[0]
     rig.relay._on_revoke(consumer, [TopicPartition(paused.topic, paused.partition), TopicPartition("tp.rendered", 2)])
     [resumed] = consumer.resume.call_args.args[0]
