@@ -7,10 +7,7 @@ a segfault in a C extension, a deadline that ended it, an uncaught exception). E
 
 A record with one strike is rendered alone (an innocent batch mate is not blamed twice); a record with
 `max_strikes` is dead-lettered on sight without being decoded or rendered again. A deliberate exit (bad
-settings, a device outage) clears the file first, so it never counts. Nor does a death while the main thread
-waits on Kafka (a commit, a rewind): a deadline that ends the process there is a broker outage, and the batch the
-render thread held at that moment is not to blame (a record that does kill the process is blamed at its next
-death, which is very unlikely to fall in a commit again). The files live in page cache: a SIGKILL
+settings, a device outage) clears the file first, so it never counts. The files live in page cache: a SIGKILL
 does not lose them (only a machine crash, which blames nobody). They are written through a shared memory map:
 a write is a copy in memory, with no system call, so the intake loop (a write before and after every record)
 never hands the interpreter's lock to the render thread and waits to get it back.
@@ -32,7 +29,6 @@ log = logging.getLogger(__name__)
 
 Source = tuple[str, int, int]  # topic, partition, offset
 ACTIVITIES = ("intake", "render")
-WAITING = "kafka"  # the file that names the step waiting on Kafka, if any
 MAP_BYTES = 64 * 1024  # a batch's coordinates fit many times over; a larger write grows the file
 
 
@@ -47,14 +43,9 @@ class CrashJournal:
         self._name = name
         self.max_strikes = max_strikes
         self._lock = threading.Lock()
-        self._fds = {a: os.open(self._path(a), os.O_RDWR | os.O_CREAT, 0o644) for a in (*ACTIVITIES, WAITING)}
+        self._fds = {a: os.open(self._path(a), os.O_RDWR | os.O_CREAT, 0o644) for a in ACTIVITIES}
         self._strikes: dict[Source, int] = self._load_strikes()
         died_holding = [src for a in ACTIVITIES for src in self._read(a)]
-        died_waiting = self._read_json(WAITING)
-        if died_waiting and died_holding:
-            log.warning("the last process died waiting on Kafka (%s): the %d record(s) it held are not blamed",
-                        died_waiting[0], len(died_holding))
-            died_holding = []
         for src in died_holding:
             self._strikes[src] = self._strikes.get(src, 0) + 1
         if died_holding:
@@ -63,7 +54,7 @@ class CrashJournal:
         self._save_strikes()
         self._maps: dict[str, mmap.mmap] = {}
         self._written: dict[str, int] = {}
-        for activity in (*ACTIVITIES, WAITING):
+        for activity in ACTIVITIES:
             self._map(activity, MAP_BYTES)
             self._written[activity] = MAP_BYTES  # blank whatever the last process left
             self._write(activity, [])
@@ -82,15 +73,6 @@ class CrashJournal:
             self._write(activity, [])
             raise
         self._write(activity, [])
-
-    @contextmanager
-    def waiting_on_kafka(self, step: str) -> Iterator[None]:
-        """Names `step` (a commit, a rewind) as waiting on the broker for its duration: see the module's doc."""
-        self._write(WAITING, [step])
-        try:
-            yield
-        finally:
-            self._write(WAITING, [])
 
     def committed(self, offsets: dict[tuple[str, int], int]) -> None:
         """Forgets the strikes of records whose offsets are now committed (their outcome is final)."""
@@ -113,7 +95,7 @@ class CrashJournal:
             old.close()
         self._maps[activity] = mmap.mmap(fd, size)
 
-    def _write(self, activity: str, sources: list[Source] | list[str]) -> None:
+    def _write(self, activity: str, sources: list[Source]) -> None:
         """The JSON of `sources`, then spaces over what is left of the previous, longer write."""
         data = json.dumps(sources).encode()
         if len(data) > len(self._maps[activity]):
@@ -126,18 +108,11 @@ class CrashJournal:
 
     def _read(self, activity: str) -> list[Source]:
         try:
-            return [(str(t), int(p), int(o)) for t, p, o in self._read_json(activity)]
+            raw = self._path(activity).read_bytes().rstrip(b"\0 ") or b"[]"
+            return [(str(t), int(p), int(o)) for t, p, o in json.loads(raw)]
         except (ValueError, TypeError) as exc:
             log.warning("crash journal %s unreadable (%s); ignored", self._path(activity), exc)
             return []
-
-    def _read_json(self, activity: str) -> list:
-        try:
-            found = json.loads(self._path(activity).read_bytes().rstrip(b"\0 ") or b"[]")
-        except ValueError as exc:
-            log.warning("crash journal %s unreadable (%s); ignored", self._path(activity), exc)
-            return []
-        return found if isinstance(found, list) else []
 
     def _load_strikes(self) -> dict[Source, int]:
         path = self._path("strikes")

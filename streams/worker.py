@@ -322,8 +322,7 @@ class RenderWorker:
             return
         records = [r for outcome in results for r in outcome.records]
         try:
-            with self._deadlines.guard("a transaction commit", COMMIT_LIMIT_S), \
-                    self._journal.waiting_on_kafka("a transaction commit"):
+            with self._deadlines.guard("a transaction commit", COMMIT_LIMIT_S):
                 self._step.commit(records, offsets, self._consumer)
         except TransactionAborted as exc:
             metrics.ERRORS.labels("transaction").inc()
@@ -337,8 +336,7 @@ class RenderWorker:
 
     def _rewind(self) -> None:
         """After an aborted transaction: read again from the committed offsets, then forget all local state."""
-        with self._journal.waiting_on_kafka("a rewind"):  # its committed() waits out a broker restart
-            self._step.rewind(self._consumer, self._forget_locked)
+        self._step.rewind(self._consumer, self._forget_locked)
 
     def _forget_locked(self, parts: list[TP]) -> None:
         with self._lock:

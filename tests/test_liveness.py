@@ -80,24 +80,6 @@ def test_each_death_while_holding_a_record_is_a_strike(tmp_path, activity):
     assert CrashJournal(tmp_path, "w").strikes(SOURCE) == 0
 
 
-def test_a_death_while_waiting_on_kafka_blames_no_record_held_in_another_thread(tmp_path):
-    """A commit that outlives its deadline in a broker outage ends the process: the batch the render thread held
-    then is not to blame. The mark is cleared with the step, so a later death while rendering blames again."""
-    done = run_python(f"""
-        import os, signal
-        from streams.crash_journal import CrashJournal
-        journal = CrashJournal({str(tmp_path)!r}, "w")
-        with journal.waiting_on_kafka("a rewind"):
-            pass
-        with journal.holding("render", [{SOURCE!r}]), journal.waiting_on_kafka("a transaction commit"):
-            os.kill(os.getpid(), signal.SIGKILL)
-    """)
-    assert done.returncode == -9
-    assert CrashJournal(tmp_path, "w").strikes(SOURCE) == 0
-    assert die_holding(tmp_path, "render") == -9
-    assert CrashJournal(tmp_path, "w").strikes(SOURCE) == 1
-
-
 def test_a_death_after_a_long_write_and_a_short_one_blames_only_the_short_ones_records(tmp_path):
     batch = [(f"zimage.render.turbo.{'x' * 200}", p, 10_000 + p) for p in range(400)]  # beyond the first map
     done = run_python(f"""

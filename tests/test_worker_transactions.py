@@ -226,32 +226,3 @@ def test_a_schema_registry_outage_holds_the_partition_and_dead_letters_nothing(t
     rig.assert_offsets_match_outputs()
     assert not [t for t, _k, _v in rig.kafka.outputs if t.endswith((".failed", ".dlq"))]
     assert rig.consumer.mock.seek.called and not rig.consumer.paused  # held, read again, resumed
-
-
-def test_a_commit_and_a_rewind_are_marked_as_waiting_on_kafka_while_they_run(tmp_path):
-    """What the crash journal reads after a death there: the records in hand then are not blamed for it."""
-    rig = Rig(tmp_path, count=3)
-    rig.open()
-    rig.ingest(range(0, 3))
-    marks: list[str] = []
-    waiting = tmp_path / "state" / f"{rig.worker.group_id}-w1.kafka"
-    original = rig.producer.commit_transaction.side_effect
-
-    def committing(*args, **kwargs):
-        marks.append(waiting.read_bytes().rstrip(b"\0 ").decode())
-        rig.producer.commit_transaction.side_effect = original
-        raise kafka_error(abortable=True)
-
-    rig.producer.commit_transaction.side_effect = committing
-    rig.worker._commit()
-    committed = rig.consumer.mock.committed.side_effect
-
-    def asking(tps, timeout=None):
-        marks.append(waiting.read_bytes().rstrip(b"\0 ").decode())
-        return committed(tps, timeout)
-
-    rig.consumer.mock.committed.side_effect = asking
-    rig.worker._rewind()
-    assert marks == ['["a transaction commit"]', '["a rewind"]']
-    assert waiting.read_bytes().rstrip(b"\0 ") == b"[]"  # cleared once the steps ended
-    rig.worker._stage.stop()
