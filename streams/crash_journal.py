@@ -4,6 +4,9 @@ Before a record is decoded, and before a batch is rendered, the worker writes it
 (one per activity); it clears the file when the step ends, normally or by a handled exception. A file that still
 names records when the next process opens the journal means the last one died uncleanly in that step (a signal,
 a segfault in a C extension, a deadline that ended it, an uncaught exception). Each such record gets a strike.
+A death by a step's deadline blames that step's records only: once a step is past its deadline, the deadline
+monitor names it here (`overdue`) in the second before the timer ends the process. A commit stuck through a broker
+outage then blames no record, where it used to blame the batch that happened to be rendering.
 
 A record with one strike is rendered alone (an innocent batch mate is not blamed twice); a record with
 `max_strikes` is dead-lettered on sight without being decoded or rendered again. A deliberate exit (bad
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 
 Source = tuple[str, int, int]  # topic, partition, offset
 ACTIVITIES = ("intake", "render")
+# The guarded steps (streams/liveness.py) whose records are in hand: when one's deadline ends the process, they
+# are to blame. Any other step (a commit, a device probe) hangs on an outage, which is no record's fault.
+INTAKE_STEP, RENDER_STEP = "intake", "a render batch"
+STEP_ACTIVITIES = {INTAKE_STEP: ("intake",), RENDER_STEP: ("render",)}
 MAP_BYTES = 64 * 1024  # a batch's coordinates fit many times over; a larger write grows the file
 
 
@@ -45,12 +52,17 @@ class CrashJournal:
         self._lock = threading.Lock()
         self._fds = {a: os.open(self._path(a), os.O_RDWR | os.O_CREAT, 0o644) for a in ACTIVITIES}
         self._strikes: dict[Source, int] = self._load_strikes()
-        died_holding = [src for a in ACTIVITIES for src in self._read(a)]
+        blamed = self._read_overdue()
+        if blamed is not None:
+            log.warning("the last process was past the deadline of a step; a death then blames the records of %s "
+                        "only", " and ".join(blamed) or "no activity (an outage is no record's fault)")
+        died_holding = [src for a in ACTIVITIES if blamed is None or a in blamed for src in self._read(a)]
         for src in died_holding:
             self._strikes[src] = self._strikes.get(src, 0) + 1
         if died_holding:
             log.error("the last process died holding %d record(s); strikes now %s", len(died_holding),
                       {f"{t}[{p}]@{o}": n for (t, p, o), n in self._strikes.items()})
+        self.overdue(None)
         self._save_strikes()
         self._maps: dict[str, mmap.mmap] = {}
         self._written: dict[str, int] = {}
@@ -73,6 +85,18 @@ class CrashJournal:
             self._write(activity, [])
             raise
         self._write(activity, [])
+
+    def overdue(self, step: str | None) -> None:
+        """Notes whose records a death would blame now: while `step` is past its deadline (the deadline is then what
+        ends the process), those of its activity only, and none for a step that holds no record (a commit stuck in
+        an outage); every activity's again once `step` is None. Rare (a step late by seconds), so a plain file."""
+        path = self._path("overdue")
+        if step is None:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name(f"{path.name}.tmp")
+        tmp.write_text(json.dumps(list(STEP_ACTIVITIES.get(step, ()))))
+        os.replace(tmp, path)
 
     def committed(self, offsets: dict[tuple[str, int], int]) -> None:
         """Forgets the strikes of records whose offsets are now committed (their outcome is final)."""
@@ -113,6 +137,20 @@ class CrashJournal:
         except (ValueError, TypeError) as exc:
             log.warning("crash journal %s unreadable (%s); ignored", self._path(activity), exc)
             return []
+
+    def _read_overdue(self) -> list[str] | None:
+        """The activities the last process blamed when it died past a step's deadline; None: every activity."""
+        try:
+            blamed = json.loads(self._path("overdue").read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            log.warning("crash journal %s unreadable (%s); every record held is blamed", self._path("overdue"), exc)
+            return None
+        if not isinstance(blamed, list) or not all(isinstance(a, str) for a in blamed):
+            log.warning("crash journal %s holds %r; every record held is blamed", self._path("overdue"), blamed)
+            return None
+        return blamed
 
     def _load_strikes(self) -> dict[Source, int]:
         path = self._path("strikes")

@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,11 +37,20 @@ class Deadlines:
     timer to the earliest active deadline (or cancels it) a few times a second. The timer is set MARGIN_S after
     that deadline, so the monitor always has time to move it once its step has ended in time."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_overdue: Callable[[str | None], None] | None = None, *,
+                 monitor_period_s: float = MONITOR_PERIOD_S) -> None:
+        """`on_overdue` hears, from the monitor thread, the step whose deadline has passed and that will end the
+        process (the earliest), and None once no step is overdue: in the MARGIN_S before the timer fires, the crash
+        journal can note which step's records a death blames. A step that spins with the GIL held keeps the monitor
+        from running, and then nothing is heard."""
         self._lock = threading.Lock()
         self._active: dict[int, tuple[float, str]] = {}
         self._ids = itertools.count()
         self._armed_until: float | None = None
+        self._period = monitor_period_s
+        self._on_overdue = on_overdue
+        self._report_lock = threading.Lock()
+        self._reported: int | None = None  # the token of the overdue step last reported
         threading.Thread(target=self._monitor, name="zimage-deadlines", daemon=True).start()
 
     @contextmanager
@@ -57,16 +66,39 @@ class Deadlines:
         finally:
             with self._lock:
                 del self._active[token]
+            if self._reported == token:  # it ended late, but it ended: a death now is not its doing
+                self._report(None)
 
     def _monitor(self) -> None:
         while True:
-            time.sleep(MONITOR_PERIOD_S)
+            time.sleep(self._period)
+            overdue = None
             with self._lock:
                 if self._active:
-                    self._arm(min(self._active.values())[0])
+                    token, (deadline, _) = min(self._active.items(), key=lambda item: item[1][0])
+                    self._arm(deadline)
+                    overdue = token if deadline < time.monotonic() else None
                 elif self._armed_until is not None:
                     faulthandler.cancel_dump_traceback_later()
                     self._armed_until = None
+            if overdue != self._reported:
+                self._report(overdue)
+
+    def _report(self, token: int | None) -> None:
+        if self._on_overdue is None:
+            return
+        with self._report_lock:
+            with self._lock:
+                step = self._active.get(token) if token is not None else None
+            if token is not None and step is None:
+                return  # it ended meanwhile
+            if token == self._reported:
+                return
+            self._reported = token
+            try:
+                self._on_overdue(None if step is None else step[1])
+            except Exception:  # a note that could not be written costs a wider blame, nothing more
+                log.exception("noting an overdue step failed")
 
     def _arm(self, deadline: float) -> None:
         """(lock held)"""

@@ -41,7 +41,7 @@ from processors.render_settings import BatchRenderer, RenderCost, RenderItem, Re
 from processors.renderer import render_splitting_on_oom
 from processors.requests import MAX_SEED, image_seeds, settings_of
 from streams import metrics
-from streams.crash_journal import CrashJournal, Deliberate
+from streams.crash_journal import RENDER_STEP, CrashJournal, Deliberate
 from streams.failures import Origin
 from streams.liveness import Deadlines, Heartbeat
 
@@ -179,7 +179,7 @@ class RenderStage:
             items = [RenderItem(requests[i]["prompt"], requests[i].get("negative_prompt"), s)
                      for i in indexes for s in seeds[i]]
             start = time.monotonic()
-            with self._deadlines.guard("a render batch", self._cost.limit_s(items, settings)):
+            with self._deadlines.guard(RENDER_STEP, self._cost.limit_s(items, settings)):
                 images = render_splitting_on_oom(self._renderer.render, items, settings)
             self._measured(start, time.monotonic(), items, settings)
             out, at = [], 0

@@ -29,7 +29,7 @@ from processors.scheduler import Scheduler
 from schemas.serde import AvroSerde
 from streams import lag, metrics
 from streams.cancellation import Cancellations
-from streams.crash_journal import CrashJournal
+from streams.crash_journal import INTAKE_STEP, CrashJournal
 from streams.failures import FailureRecords, Origin
 from streams.heap import freeze_start_up_heap
 from streams.holds import ClassPauses, PartitionHolds
@@ -81,7 +81,7 @@ class RenderWorker:
         self._stop = threading.Event()
         self.group_id = f"{settings.topic_prefix}-render-{settings.pool}"
         self._journal = CrashJournal(settings.state_dir, f"{self.group_id}-{settings.worker_id}")
-        self._deadlines = Deadlines()
+        self._deadlines = Deadlines(on_overdue=self._journal.overdue)  # a death by deadline: its step to blame
         self._notes = ProgressNotes(self.topology, serde, f"worker:{settings.pool}", notes_producer_factory)
         self._heartbeat = Heartbeat(settings.health_file, settings.worker_id)
         self._stage = RenderStage(
@@ -127,7 +127,7 @@ class RenderWorker:
                 self._heartbeat.beat("main")
                 with self._lock:
                     unfinished = self._tracker.pending_count()
-                with self._deadlines.guard("intake", INTAKE_LIMIT_S):
+                with self._deadlines.guard(INTAKE_STEP, INTAKE_LIMIT_S):
                     # While something renders, look back soon: its result is committed as soon as it is done.
                     msgs = kafka.consume_ready(self._consumer, self._consume_batch, 0.002 if unfinished else 0.02)
                     if self._step.needs_rewind:  # a commit inside a rebalance callback aborted

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from streams.crash_journal import CrashJournal, Deliberate
+from streams.crash_journal import INTAKE_STEP, RENDER_STEP, CrashJournal, Deliberate
 from streams.liveness import Deadlines, Heartbeat
 from tests.harness import ROOT
 
@@ -104,3 +104,60 @@ def test_a_deliberate_exit_or_a_normal_end_is_no_strike(tmp_path):
         raise Deliberate("the device is gone; exiting on purpose")
     journal.close()
     assert CrashJournal(tmp_path, "w").strikes(SOURCE) == 0
+
+
+RENDERING = ("zimage.render.turbo.normal", 0, 7)
+
+
+def run_holding_both(folder, body: str) -> subprocess.CompletedProcess:
+    """Runs `body` in a process whose worker holds a record in intake (SOURCE) and a batch in render (RENDERING),
+    with the deadline monitor noting overdue steps in the journal, as the worker wires it."""
+    return run_python(f"""
+        import os, re, signal, time
+        from streams.crash_journal import CrashJournal
+        from streams.liveness import Deadlines
+        journal = CrashJournal({str(folder)!r}, "w")
+        deadlines = Deadlines(on_overdue=journal.overdue, monitor_period_s=0.05)
+        with journal.holding("render", [{RENDERING!r}]), journal.holding("intake", [{SOURCE!r}]):
+{textwrap.indent(textwrap.dedent(body), " " * 12)}
+        print("survived")
+    """)
+
+
+def blamed(folder) -> set[tuple[str, int, int]]:
+    journal = CrashJournal(folder, "w")
+    return {src for src in (SOURCE, RENDERING) if journal.strikes(src)}
+
+
+@pytest.mark.parametrize(("step", "to_blame"), [
+    ("a transaction commit", set()),  # stuck in a broker outage: no record's fault
+    (RENDER_STEP, {RENDERING}),
+    (INTAKE_STEP, {SOURCE}),
+])
+def test_a_death_by_a_deadline_blames_the_records_of_the_step_that_overran_only(tmp_path, step, to_blame):
+    done = run_holding_both(tmp_path, f"""
+        with deadlines.guard({step!r}, 0.2):
+            time.sleep(30)  # waits for what never comes: the deadline ends the process
+    """)
+    assert done.returncode == 1 and "survived" not in done.stdout, done.stderr[-2000:]
+    assert blamed(tmp_path) == to_blame
+
+
+def test_a_step_that_overran_but_ended_blames_nothing_by_itself_afterwards(tmp_path):
+    done = run_holding_both(tmp_path, """
+        with deadlines.guard("a transaction commit", 0.1):
+            time.sleep(0.6)  # late, yet back before the timer's margin ran out
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)  # then something else kills the process: all in hand is suspect
+    """)
+    assert done.returncode == -9
+    assert blamed(tmp_path) == {SOURCE, RENDERING}
+
+
+def test_a_deadline_death_with_the_gil_held_blames_everything_in_hand(tmp_path):
+    done = run_holding_both(tmp_path, """
+        with deadlines.guard("a transaction commit", 0.3):
+            re.match(r"(a*)*b", "a" * 64)  # the monitor never runs to note the step: nothing is excused
+    """)
+    assert done.returncode == 1 and "survived" not in done.stdout
+    assert blamed(tmp_path) == {SOURCE, RENDERING}
