@@ -2,6 +2,7 @@
 group lag."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -87,6 +88,8 @@ def apply_topics(base: dict[str, str], wanted: Iterable[TopicWanted], *, fix: bo
                 report.unchanged.append(name)
     elif to_create:
         report.drift += [f"{w.name}: missing" for w in to_create]
+    if report.created:
+        _await_metadata(admin, report.created, time.monotonic() + timeout_s)
 
     existing = [w for w in wanted if w.name in meta.topics]
     if not existing:
@@ -121,6 +124,26 @@ def apply_topics(base: dict[str, str], wanted: Iterable[TopicWanted], *, fix: bo
         else:
             report.unchanged.append(w.name)
     return report
+
+
+class TopicsNotVisible(TimeoutError):
+    """Created topics that the brokers' metadata did not show, with a leader for every partition, in time."""
+
+
+def _await_metadata(admin: AdminClient, names: list[str], deadline: float) -> None:
+    """Returns once every topic of `names` is in the metadata with a leader for each partition. The controller
+    acknowledges a creation before the brokers have it: a client that asked at once (a consumer assigning the new
+    topic, a follower checking it exists) was told that it did not exist."""
+    while True:
+        topics = admin.list_topics(timeout=max(0.5, deadline - time.monotonic())).topics
+        missing = [name for name in names if name not in topics
+                   or any(p.leader < 0 for p in topics[name].partitions.values())]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise TopicsNotVisible(f"{len(missing)} created topic(s) not in the brokers' metadata in time: "
+                                   f"{', '.join(sorted(missing)[:5])}")
+        time.sleep(0.05)
 
 
 def _set_configs(admin: AdminClient, topic: str, values: dict[str, str], timeout_s: float) -> None:

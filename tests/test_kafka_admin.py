@@ -9,6 +9,7 @@ import pytest
 from connectors import kafka_admin
 from connectors.kafka_admin import (
     InvalidReplication,
+    TopicsNotVisible,
     TopicWanted,
     apply_topics,
     replication_defaults,
@@ -29,19 +30,29 @@ class FakeAdmin:
         self.topics = topics
         self.created: list = []
         self.altered: dict[str, dict[str, str]] = {}
+        self.metadata_lag = 0  # metadata requests that still miss a created topic, as brokers lag the controller
+        self.lagging: dict[str, int] = {}  # created topic -> metadata requests left before it shows
+        self.leaderless: set[str] = set()  # shown without a leader for their partitions
+        self.listed = 0
 
     def __call__(self, _conf: dict) -> FakeAdmin:
         return self
 
     def list_topics(self, timeout: float) -> SimpleNamespace:
+        self.listed += 1
+        shown = {name: spec for name, spec in self.topics.items() if self.lagging.get(name, 0) == 0}
+        self.lagging = {name: left - 1 for name, left in self.lagging.items() if left > 0}
         return SimpleNamespace(
             brokers={i: object() for i in range(self.brokers)},
-            topics={name: SimpleNamespace(partitions={p: SimpleNamespace(replicas=list(range(rf)))
-                                                      for p in range(parts)})
-                    for name, (parts, rf, _) in self.topics.items()})
+            topics={name: SimpleNamespace(partitions={
+                p: SimpleNamespace(replicas=list(range(rf)), leader=-1 if name in self.leaderless else 0)
+                for p in range(parts)}) for name, (parts, rf, _) in shown.items()})
 
     def create_topics(self, new_topics: list, request_timeout: float) -> dict[str, Future]:
         self.created += new_topics
+        for t in new_topics:
+            self.topics[t.topic] = (t.num_partitions, t.replication_factor, dict(t.config))
+            self.lagging[t.topic] = self.metadata_lag
         return {t.topic: done() for t in new_topics}
 
     def describe_configs(self, resources: list, request_timeout: float) -> dict:
@@ -113,3 +124,18 @@ def test_existing_topic_gets_min_insync_replicas_set(cluster):
     report = apply_topics({}, WANTED)
     assert report.updated == ["t.requests: min.insync.replicas=1 -> 2"]
     assert admin.altered == {"t.requests": {"min.insync.replicas": "2"}}
+
+
+def test_created_topics_are_awaited_until_the_brokers_metadata_shows_them(cluster):
+    admin = cluster(1)
+    admin.metadata_lag = 3  # the controller acknowledged; the broker answering metadata does not know them yet
+    report = apply_topics({}, WANTED)
+    assert report.created == ["t.requests"]
+    assert admin.lagging == {} and admin.listed >= 1 + 4  # the first look, then until the topic showed
+
+
+def test_created_topics_that_never_show_with_leaders_fail_with_their_names(cluster):
+    admin = cluster(1)
+    admin.leaderless = {"t.requests"}
+    with pytest.raises(TopicsNotVisible, match=r"t\.requests"):
+        apply_topics({}, WANTED, timeout_s=0.3)
