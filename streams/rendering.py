@@ -81,7 +81,7 @@ class StageLimits:
     batch_timeout_floor_s: float = 120.0  # ... and never less than this before the process is ended
     render_attempts: int = 2  # tries of a request alone after its batch failed
     max_rerenders: int = 2  # renders with new seeds of a request that gave none, while its quality fails
-    post_threads: int = 2
+    post_threads: int = 1  # see ZIMAGE_POST_THREADS
     max_inflight_batches: int = 4
     rendering_note_after_s: float = 0.05  # how long a batch renders before its requests are marked `rendering`
 

@@ -135,6 +135,9 @@ class Settings(IngressSettings, ImageSafetySettings):
     max_batch_size: int = Field(4, ge=1)
     max_wait_ms: int = Field(50, ge=0)
     rendering_note_after_ms: int = Field(50, ge=0)  # a batch rendering this long marks its requests `rendering`
+    # Threads that score, encode and store rendered batches. One keeps up with a GPU rendering a 1024x1024 image a
+    # second, and every thread more competes with the render thread for the interpreter; more for slow stores.
+    post_threads: int = Field(1, ge=1, le=32)
     arrival_window_ms: int = Field(1000, ge=0)  # 0: a batch always waits max_wait_ms to fill (see the scheduler)
     buffer_per_priority: int = Field(256, ge=1)
     min_share_normal: float = Field(0.2, ge=0, lt=1)

@@ -95,7 +95,7 @@ class RenderWorker:
                 device_fault_exit_s=settings.device_fault_exit_s,
                 batch_timeout_factor=settings.batch_timeout_factor,
                 batch_timeout_floor_s=settings.batch_timeout_floor_s, max_rerenders=settings.quality_max_rerenders,
-                rendering_note_after_s=settings.rendering_note_after_ms / 1000),
+                rendering_note_after_s=settings.rendering_note_after_ms / 1000, post_threads=settings.post_threads),
             quality=settings.quality_policy(),
             cancelled=cancellations.start_rendering if cancellations else lambda requests: set(),
             on_start=self._notes.rendering)

@@ -65,6 +65,7 @@ def refusal(monkeypatch, **env: str) -> str:
     ({"replication_factor": "1", "min_insync_replicas": "2"},
      "ZIMAGE_MIN_INSYNC_REPLICAS=2 is above ZIMAGE_REPLICATION_FACTOR=1"),
     ({"replication_factor": "0"}, "ZIMAGE_REPLICATION_FACTOR='0'"),
+    ({"post_threads": "0"}, "ZIMAGE_POST_THREADS='0'"),
     ({"callback_allowlist": "hooks.internal,not a host!"}, "ZIMAGE_CALLBACK_ALLOWLIST: 'host!' is neither"),
     ({"batch_timeout_factor": "1"}, "ZIMAGE_BATCH_TIMEOUT_FACTOR"),
     ({"device_fault_exit_s": "-1"}, "ZIMAGE_DEVICE_FAULT_EXIT_S"),

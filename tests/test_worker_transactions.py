@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ class InstantRenderer:
 
 
 class Rig:
-    def __init__(self, tmp_path, count: int = 12):
+    def __init__(self, tmp_path, count: int = 12, **settings: Any):
         self.kafka = FakeKafka()
         self.serde = AvroSerde()
         self.ids = []
@@ -54,10 +55,10 @@ class Rig:
             self.kafka.append(TOPIC, 0, self.serde.encode("GenerationRequest", request), request["request_id"].encode())
         self.producer = self.kafka.producer()
         self.consumer = self.kafka.consumer()
-        settings = Settings(_env_file=None, topic_prefix=PREFIX, request_partitions=1, output_partitions=1,
-                            state_dir=str(tmp_path / "state"), worker_id="w1", max_wait_ms=0, max_batch_size=2,
-                            health_file=None)
-        self.worker = RenderWorker(settings, InstantRenderer(), MemoryStore(), self.serde,
+        config = Settings(_env_file=None, topic_prefix=PREFIX, request_partitions=1, output_partitions=1,
+                          state_dir=str(tmp_path / "state"), worker_id="w1", max_wait_ms=0, max_batch_size=2,
+                          health_file=None, **settings)
+        self.worker = RenderWorker(config, InstantRenderer(), MemoryStore(), self.serde,
                                    consumer_factory=lambda conf, group: self.consumer.mock,
                                    step_factory=lambda conf, tid: TransactionalStep(conf, tid, client=self.producer))
 
@@ -104,6 +105,12 @@ class Rig:
         outputs = self.committed_output_ids()
         assert sorted(outputs) == sorted(i for i in self.ids[:committed] if i), (committed, len(outputs))
         assert len(outputs) == len(set(outputs)), "an output was committed twice"
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_storing_pool_has_the_threads_configured(tmp_path, threads):
+    rig = Rig(tmp_path, post_threads=threads)
+    assert rig.worker._stage._pool._max_workers == threads
 
 
 def abort_next_commit(rig: Rig) -> None:
