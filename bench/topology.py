@@ -162,7 +162,8 @@ def drop_topics(conf: dict[str, str], prefix: str) -> None:
     """Deletes a benchmark's own topics: a broker left holding thousands of partitions from earlier runs is
     slower, and its figures with it."""
     admin = AdminClient(dict(conf))
-    mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith(f"{prefix}.")]
+    # The webhook dispatcher's own topics (faust's changelog and assignor) are named `<prefix>-webhooks-...`.
+    mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith((f"{prefix}.", f"{prefix}-"))]
     for future in admin.delete_topics(mine, operation_timeout=30).values() if mine else ():
         try:
             future.result()

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Pipeline, bootstrap
+from tests.harness import Pipeline, bootstrap, drop_session_topics
 
 
 def _reachable(address: str) -> bool:
@@ -23,6 +24,13 @@ def kafka_bootstrap() -> str:
     if not _reachable(address):
         pytest.fail(f"no Kafka at {address}: start the local stack with `ops/stack up` (make test does)")
     return address
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pipeline_topics_dropped() -> Iterator[None]:
+    """Set up first, so torn down last: every pipeline's processes are stopped when its topics are deleted."""
+    yield
+    drop_session_topics()
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient
 
 from connectors.kafka_admin import TopicWanted, apply_topics
 from schemas.serde import AvroSerde
@@ -28,8 +29,11 @@ def bootstrap() -> str:
 class Pipeline:
     """A private set of topics plus the worker and processor processes that serve them."""
 
+    prefixes: ClassVar[list[str]] = []  # of this test session's pipelines: drop_session_topics deletes their topics
+
     def __init__(self, tmp: Path, **env: str):
         self.prefix = f"t{uuid.uuid4().hex[:10]}"
+        Pipeline.prefixes.append(self.prefix)
         self.tmp = tmp
         self.env = {**os.environ, "ZIMAGE_BOOTSTRAP_SERVERS": bootstrap(), "ZIMAGE_TOPIC_PREFIX": self.prefix,
                     "ZIMAGE_STORAGE_URL": str(tmp / "objects"), "ZIMAGE_REQUEST_PARTITIONS": "3",
@@ -136,3 +140,20 @@ class Pipeline:
             if own:
                 follower.close()
         return seen
+
+
+def drop_session_topics() -> None:
+    """Deletes the topics of this session's pipelines: left on a developer's broker, thousands of partitions slow
+    every later test and benchmark on it."""
+    if not Pipeline.prefixes:
+        return
+    admin = AdminClient({"bootstrap.servers": bootstrap()})
+    prefixes = tuple(f"{prefix}{dot}" for prefix in Pipeline.prefixes for dot in ".-")  # faust names with a -
+    mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefixes)]
+    for start in range(0, len(mine), 200):
+        for future in admin.delete_topics(mine[start:start + 200], operation_timeout=60).values():
+            try:
+                future.result()
+            except KafkaException as exc:  # gone already, or the broker is busy: nothing a test depends on
+                print(f"(a test topic was not deleted: {exc})", file=sys.stderr)
+    Pipeline.prefixes.clear()
