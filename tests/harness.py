@@ -149,7 +149,11 @@ def drop_session_topics() -> None:
         return
     admin = AdminClient({"bootstrap.servers": bootstrap()})
     prefixes = tuple(f"{prefix}{dot}" for prefix in Pipeline.prefixes for dot in ".-")  # faust names with a -
-    mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefixes)]
+    try:
+        mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefixes)]
+    except KafkaException as exc:  # no broker now: the topics stay, and no test failed because of them
+        print(f"(the session's topics were not deleted: {exc})", file=sys.stderr)
+        return
     for start in range(0, len(mine), 200):
         for future in admin.delete_topics(mine[start:start + 200], operation_timeout=60).values():
             try:
