@@ -158,17 +158,24 @@ class Topology:
                 proc.kill()
 
 
-def drop_topics(conf: dict[str, str], prefix: str) -> None:
-    """Deletes a benchmark's own topics: a broker left holding thousands of partitions from earlier runs is
-    slower, and its figures with it."""
+def drop_topics(conf: dict[str, str], *prefixes: str) -> None:
+    """Deletes the topics of `prefixes` (a benchmark's own, a test session's): a broker left holding thousands of
+    partitions from earlier runs is slower, and every figure measured on it with it. Never raises: no broker to
+    ask leaves the topics where they are."""
     admin = AdminClient(dict(conf))
     # The webhook dispatcher's own topics (faust's changelog and assignor) are named `<prefix>-webhooks-...`.
-    mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith((f"{prefix}.", f"{prefix}-"))]
-    for future in admin.delete_topics(mine, operation_timeout=30).values() if mine else ():
-        try:
-            future.result()
-        except KafkaException as exc:  # already gone, or the broker is busy: the next purge takes it
-            print(f"  (a topic was not deleted: {exc})", file=sys.stderr)
+    starts = tuple(f"{prefix}{separator}" for prefix in prefixes for separator in ".-")
+    try:
+        mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith(starts)] if starts else []
+    except KafkaException as exc:
+        print(f"  (topics not deleted: {exc})", file=sys.stderr)
+        return
+    for at in range(0, len(mine), 200):  # in requests of a bounded size
+        for future in admin.delete_topics(mine[at:at + 200], operation_timeout=60).values():
+            try:
+                future.result()
+            except KafkaException as exc:  # already gone, or the broker is busy: the next purge takes it
+                print(f"  (a topic was not deleted: {exc})", file=sys.stderr)
 
 
 def request(tag: str, i: int, **fields) -> dict:

@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from confluent_kafka import KafkaException, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Producer
 
+from bench.topology import drop_topics
 from connectors.kafka_admin import TopicWanted, apply_topics
 from schemas.serde import AvroSerde
 from streams.settings import Settings
@@ -145,19 +145,5 @@ class Pipeline:
 def drop_session_topics() -> None:
     """Deletes the topics of this session's pipelines: left on a developer's broker, thousands of partitions slow
     every later test and benchmark on it."""
-    if not Pipeline.prefixes:
-        return
-    admin = AdminClient({"bootstrap.servers": bootstrap()})
-    prefixes = tuple(f"{prefix}{dot}" for prefix in Pipeline.prefixes for dot in ".-")  # faust names with a -
-    try:
-        mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefixes)]
-    except KafkaException as exc:  # no broker now: the topics stay, and no test failed because of them
-        print(f"(the session's topics were not deleted: {exc})", file=sys.stderr)
-        return
-    for start in range(0, len(mine), 200):
-        for future in admin.delete_topics(mine[start:start + 200], operation_timeout=60).values():
-            try:
-                future.result()
-            except KafkaException as exc:  # gone already, or the broker is busy: nothing a test depends on
-                print(f"(a test topic was not deleted: {exc})", file=sys.stderr)
+    drop_topics({"bootstrap.servers": bootstrap()}, *Pipeline.prefixes)
     Pipeline.prefixes.clear()
