@@ -82,7 +82,7 @@ def consume_ready(consumer: Consumer, max_messages: int, timeout_s: float) -> li
     """Up to `max_messages`, returned as soon as one is there. (consume() waits out its whole timeout unless the
     batch fills: every stage would add that timeout to a request's latency at light load.)"""
     msgs = consumer.consume(max_messages, timeout=0)
-    if msgs:
+    if msgs or timeout_s <= 0:
         return msgs
     first = consumer.poll(timeout_s)
     if first is None:

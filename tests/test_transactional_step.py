@@ -217,3 +217,16 @@ def test_consume_ready_returns_as_soon_as_a_record_is_there():
     assert consume_ready(consumer, 500, 0.5) == ["first", "second", "third"]
     consumer.poll.assert_called_once_with(0.5)  # waits for one record, not for a full batch
     assert [c.kwargs["timeout"] for c in consumer.consume.call_args_list] == [0, 0]
+
+
+def test_consume_ready_with_no_timeout_reads_only_what_is_there():
+    from unittest.mock import create_autospec
+
+    from confluent_kafka import Consumer
+
+    from connectors.kafka import consume_ready
+
+    consumer = create_autospec(Consumer, instance=True)
+    consumer.consume.return_value = []
+    assert consume_ready(consumer, 500, 0) == []
+    consumer.poll.assert_not_called()  # the render worker waits on its own finishes instead

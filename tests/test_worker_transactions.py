@@ -44,7 +44,7 @@ class InstantRenderer:
 
 
 class Rig:
-    def __init__(self, tmp_path, count: int = 12, **settings: Any):
+    def __init__(self, tmp_path, count: int = 12, renderer: InstantRenderer | None = None, **settings: Any):
         self.kafka = FakeKafka()
         self.serde = AvroSerde()
         self.ids = []
@@ -58,7 +58,7 @@ class Rig:
         config = Settings(_env_file=None, topic_prefix=PREFIX, request_partitions=1, output_partitions=1,
                           state_dir=str(tmp_path / "state"), worker_id="w1", max_wait_ms=0, max_batch_size=2,
                           health_file=None, **settings)
-        self.worker = RenderWorker(config, InstantRenderer(), MemoryStore(), self.serde,
+        self.worker = RenderWorker(config, renderer or InstantRenderer(), MemoryStore(), self.serde,
                                    consumer_factory=lambda conf, group: self.consumer.mock,
                                    step_factory=lambda conf, tid: TransactionalStep(conf, tid, client=self.producer))
 
@@ -111,6 +111,44 @@ class Rig:
 def test_the_storing_pool_has_the_threads_configured(tmp_path, threads):
     rig = Rig(tmp_path, post_threads=threads)
     assert rig.worker._stage._pool._max_workers == threads
+
+
+class GatedRenderer(InstantRenderer):
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def render(self, items, settings):
+        self.entered.set()
+        assert self.release.wait(10), "the test never released the render"
+        return super().render(items, settings)
+
+
+def test_while_a_request_renders_the_main_loop_waits_for_its_finish_not_in_the_consumers_poll(tmp_path):
+    """Nothing can wake librdkafka's poll when a request finishes: a main loop blocked in it held each finish's
+    commit until the poll's timeout ran out. It waits on the finishes instead, and reads Kafka without blocking."""
+    renderer = GatedRenderer()
+    rig = Rig(tmp_path, count=1, renderer=renderer)
+    runner = threading.Thread(target=rig.worker.run)
+    runner.start()
+    try:
+        assert renderer.entered.wait(10), "the request was never rendered"
+        polls_before, consumes_before = rig.consumer.mock.poll.call_count, rig.consumer.mock.consume.call_count
+        time.sleep(0.05)  # the main loop goes round while the request renders
+        while_rendering = rig.consumer.mock.poll.call_args_list[polls_before:]
+        assert rig.consumer.mock.consume.call_count > consumes_before + 1, "the main loop stopped going round"
+        blocking = [c for c in while_rendering if (c.kwargs.get("timeout") or (c.args or [0])[0]) > 0]
+        assert blocking == [], f"the main loop blocked in the consumer's poll while a request rendered: {blocking}"
+        renderer.release.set()
+        deadline = time.monotonic() + 10
+        while rig.kafka.committed.get(TP, 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        renderer.release.set()
+        rig.worker.stop()
+        runner.join(30)
+    assert rig.kafka.committed.get(TP) == 1
+    rig.assert_offsets_match_outputs()
+    assert rig.committed_output_ids() == rig.ids
 
 
 def abort_next_commit(rig: Rig) -> None:
