@@ -4,8 +4,8 @@ Main thread: poll the pool's render topics (one per priority, fed by the gate), 
 (streams/intake.py), hand what a round admitted to the scheduler, pause a priority's partitions while its buffer
 is full, tell the scheduler which classes still wait in Kafka, and commit the finished prefix (outputs + consumed
 offsets) through the shared transactional step: every few milliseconds, or at once when nothing else is
-unfinished. While anything is unfinished it waits on the finishes, not in librdkafka's poll, which nothing can
-wake: a finish commits at once. Render thread (streams/rendering.py): batches -> images -> quality -> storage.
+unfinished. While anything is unfinished it waits for the last of it to finish, not in librdkafka's poll (which
+nothing can wake): that finish commits at once. Render thread (streams/rendering.py): batches -> images -> storage.
 
 After an aborted transaction the step refuses every commit until the main loop has rewound every assigned
 partition and forgotten its local state: nothing commits past work that was dropped.
@@ -80,7 +80,7 @@ class RenderWorker:
         self._intake = Intake(settings, serde, renderer, FailureRecords(
             self.topology, serde, stage=f"worker:{settings.pool}", limits=settings.limits()))
         self._stop = threading.Event()
-        self._finished = threading.Event()  # set by each finish: librdkafka's poll cannot be woken for one
+        self._all_finished_now = threading.Event()  # set by the finish that leaves none unfinished
         self.group_id = f"{settings.topic_prefix}-render-{settings.pool}"
         self._journal = CrashJournal(settings.state_dir, f"{self.group_id}-{settings.worker_id}")
         self._deadlines = Deadlines(on_overdue=self._journal.overdue)  # a death by deadline: its step to blame
@@ -131,9 +131,9 @@ class RenderWorker:
                     unfinished = self._tracker.pending_count()
                 with self._deadlines.guard(INTAKE_STEP, INTAKE_LIMIT_S):
                     msgs = kafka.consume_ready(self._consumer, self._consume_batch, 0 if unfinished else 0.02)
-                    if not msgs and unfinished:  # a finish ends the wait and commits at once (see _finished)
-                        self._finished.wait(0.002)
-                        self._finished.clear()
+                    if not msgs and unfinished:  # the last finish ends the wait: it commits at once
+                        self._all_finished_now.wait(0.002)
+                        self._all_finished_now.clear()
                     if self._step.needs_rewind:  # a commit inside a rebalance callback aborted
                         self._rewind()  # what this batch held is read again after the seek
                         msgs = []
@@ -308,7 +308,8 @@ class RenderWorker:
         tp, offset = pending.source[:2], pending.source[2]
         if tp in self._assigned and self._epoch.get(tp, 0) == pending.payload.epoch:  # else: redone by its owner
             self._tracker.complete(tp[0], tp[1], offset, outcome)
-            self._finished.set()
+            if self._tracker.pending_count() == 0:  # under load a partial finish would wake it for nothing
+                self._all_finished_now.set()
 
     def _all_finished(self) -> bool:
         """Every record read is finished and some wait to commit: at light load (the last round did not fill up)

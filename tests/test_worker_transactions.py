@@ -56,8 +56,8 @@ class Rig:
         self.producer = self.kafka.producer()
         self.consumer = self.kafka.consumer()
         config = Settings(_env_file=None, topic_prefix=PREFIX, request_partitions=1, output_partitions=1,
-                          state_dir=str(tmp_path / "state"), worker_id="w1", max_wait_ms=0, max_batch_size=2,
-                          health_file=None, **settings)
+                          state_dir=str(tmp_path / "state"), worker_id="w1", max_wait_ms=0, health_file=None,
+                          **{"max_batch_size": 2, **settings})
         self.worker = RenderWorker(config, renderer or InstantRenderer(), MemoryStore(), self.serde,
                                    consumer_factory=lambda conf, group: self.consumer.mock,
                                    step_factory=lambda conf, tid: TransactionalStep(conf, tid, client=self.producer))
@@ -149,6 +149,45 @@ def test_while_a_request_renders_the_main_loop_waits_for_its_finish_not_in_the_c
     assert rig.kafka.committed.get(TP) == 1
     rig.assert_offsets_match_outputs()
     assert rig.committed_output_ids() == rig.ids
+
+
+class OneAtATimeRenderer(InstantRenderer):
+    def __init__(self) -> None:
+        self.allowed = threading.Semaphore(0)
+
+    def render(self, items, settings):
+        assert self.allowed.acquire(timeout=10), "the test never allowed this render"
+        return super().render(items, settings)
+
+
+def test_only_the_finish_that_leaves_nothing_unfinished_wakes_the_main_loop(tmp_path):
+    """Under load the commits wait for their interval anyway: waking the main loop at every finish only cost
+    context switches. The last finish wakes it, so that at light load a result commits at once."""
+    renderer = OneAtATimeRenderer()
+    rig = Rig(tmp_path, count=2, renderer=renderer, max_batch_size=1)
+    rig.open()
+    for offset in range(2):
+        key, value = rig.kafka.logs[TP][offset]
+        rig.worker._ingest(FakeMessage(TOPIC, 0, offset, value, key))  # type: ignore[arg-type]  # a Message
+    rig.worker._offer_incoming()
+    woken = rig.worker._all_finished_now
+
+    def unfinished_becomes(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while rig.worker._tracker.pending_count() != count:
+            assert time.monotonic() < deadline, f"never {count} unfinished"
+            time.sleep(0.002)
+
+    try:
+        renderer.allowed.release()  # the first request renders and finishes; the second still waits
+        unfinished_becomes(1)
+        assert not woken.is_set(), "a finish with another request still unfinished woke the main loop"
+        renderer.allowed.release()
+        unfinished_becomes(0)
+        assert woken.is_set(), "the last finish did not wake the main loop"
+    finally:
+        renderer.allowed.release()
+        rig.worker._stage.stop()
 
 
 def abort_next_commit(rig: Rig) -> None:
