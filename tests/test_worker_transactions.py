@@ -125,7 +125,7 @@ class GatedRenderer(InstantRenderer):
 
 def test_while_a_request_renders_the_main_loop_waits_for_its_finish_not_in_the_consumers_poll(tmp_path):
     """Nothing can wake librdkafka's poll when a request finishes: a main loop blocked in it held each finish's
-    commit until the poll's timeout ran out. It waits on the finishes instead, and reads Kafka without blocking."""
+    commit until the poll's timeout ran out. It waits for the finish instead, and reads Kafka without blocking."""
     renderer = GatedRenderer()
     rig = Rig(tmp_path, count=1, renderer=renderer)
     runner = threading.Thread(target=rig.worker.run)
@@ -174,7 +174,10 @@ def test_only_the_finish_that_leaves_nothing_unfinished_wakes_the_main_loop(tmp_
 
     def unfinished_becomes(count: int) -> None:
         deadline = time.monotonic() + 10
-        while rig.worker._tracker.pending_count() != count:
+        while True:
+            with rig.worker._lock:
+                if rig.worker._tracker.pending_count() == count:
+                    return
             assert time.monotonic() < deadline, f"never {count} unfinished"
             time.sleep(0.002)
 
