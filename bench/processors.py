@@ -158,7 +158,8 @@ def fill(settings: Settings, case: Case, n: int, tag: str) -> dict[int, list[byt
     topic = case.input_topic(settings)
     serde = AvroSerde()
     producer = Producer({**settings.kafka_config(), "linger.ms": 20, "compression.type": "lz4",
-                         "enable.idempotence": True, "queue.buffering.max.messages": 1_000_000})
+                         "enable.idempotence": True, "queue.buffering.max.messages": 1_000_000,
+                         "partitioner": "murmur2_random"})  # each request on its home partition
     placed: dict[int, list[bytes]] = {}
 
     def delivered(err: Any, msg: Any) -> None:

@@ -31,7 +31,7 @@ GOAL_RPS = 20_000
 
 def fill(conf: dict[str, str], topic: str, records: int, serde: AvroSerde) -> None:
     producer = Producer({**conf, "linger.ms": 20, "compression.type": "lz4", "enable.idempotence": True,
-                         "queue.buffering.max.messages": 1_000_000})
+                         "queue.buffering.max.messages": 1_000_000, "partitioner": "murmur2_random"})
     for i in range(records):
         request = build_request({"prompt": f"a product photo of item {i}, studio light, white background",
                                  "seed": i, "tenant": "bench", "sku_id": f"SKU-{i % 5000}"})

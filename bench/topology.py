@@ -83,7 +83,8 @@ class Topology:
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                       for name, args in commands.items()}
         try:
-            self.producer = Producer({**self.conf, "linger.ms": 0, "enable.idempotence": True})
+            self.producer = Producer({**self.conf, "linger.ms": 0, "enable.idempotence": True,
+                                      "partitioner": "murmur2_random"})  # on each request's home partition
             self.follower = EventFollower(self.conf, {self.settings.topology.images_ready: "ImageReady"},
                                           self.serde, from_beginning=True)
         except BaseException:  # processes left running would poll on and skew every later figure

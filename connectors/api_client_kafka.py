@@ -28,7 +28,9 @@ class KafkaTransport:
         self._tenant = tenant
         self._prefix = topic_prefix
         self._serde = serde or AvroSerde()
-        self._producer = Producer({**conf, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
+        # Keyed as Kafka's Java clients key (murmur2): the gate expects each request on its id's partition.
+        self._producer = Producer({"partitioner": "murmur2_random", **conf, "enable.idempotence": True, "acks": "all",
+                                   "linger.ms": 5})
         self._results: dict[str, Result] = {}
         self._changed = threading.Condition()
         self._stop = threading.Event()

@@ -72,8 +72,13 @@ def consumer(base: dict[str, str], group_id: str, **overrides: object) -> Consum
 def producer(base: dict[str, str], **overrides: object) -> Producer:
     """An idempotent producer. Uncompressed unless the base settings ask (ZIMAGE_KAFKA_EXTRA=compression.type=lz4,
     say, where the network is the bottleneck): the records are small Avro, and compressing cost the broker a
-    quarter of its CPU per request here (it decompresses every batch to check it) for little saved."""
-    conf: dict[str, object] = {"compression.type": "none", **base, "enable.idempotence": True, "linger.ms": 5}
+    quarter of its CPU per request here (it decompresses every batch to check it) for little saved.
+
+    Keyed records go where Kafka's Java clients put them (murmur2, not librdkafka's default CRC32): the gate and
+    publication keep their state per partition and expect each request on the partition of its id as key
+    (processors/partitioning.py), and so do consumers in other languages that join these topics by key."""
+    conf: dict[str, object] = {"compression.type": "none", "partitioner": "murmur2_random", **base,
+                               "enable.idempotence": True, "linger.ms": 5}
     conf.update(overrides)
     return Producer(conf)
 

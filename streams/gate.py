@@ -13,6 +13,10 @@ Its stages, in order, for each request:
    its own priority, keyed by its cache key, so that identical requests meet on one worker, which renders them
    once (processors/inflight.py). A request cancelled while queued is failed (`cancelled`) instead.
 
+Idempotency is kept per partition, so a valid request read off its home partition (processors/partitioning.py:
+produced without a key, under another key, or by a client with another partitioner) is first forwarded there,
+unchanged, and decided when it is read again: two copies of a request always meet on one partition.
+
 A Schema Registry that does not answer, or a pool that has not announced its model yet, holds the partition (read
 again after a backoff): not the request's fault. Redis down means no cache, never a failed request.
 """
@@ -52,6 +56,7 @@ from streams.changelog_table import RestoreFailed
 from streams.failures import FailureRecords, Origin
 from streams.gate_state import AdmittedKeys, PoolDirectory
 from streams.holds import PartitionHolds
+from streams.homes import Homes, forward, lineage
 from streams.processor_loop import ProcessorLoop
 from streams.settings import Settings
 from streams.topology import PRIORITIES
@@ -89,6 +94,7 @@ class Gate:
         self._urgency = {self.topology.request_topic(p): level for level, p in enumerate(PRIORITIES)}
         self._stop = threading.Event()
         self._cache_entries: dict[str, bytes | None] | None = {}  # the batch in hand's, by cache key
+        self._homes = Homes()
         self.group_id = f"{settings.topic_prefix}-gate"
 
     def stop(self) -> None:
@@ -114,8 +120,8 @@ class Gate:
             self._step.close()
 
     def _subscribe(self) -> None:
-        self._consumer.subscribe(list(self.topology.request_topics), on_revoke=self._on_revoke,
-                                 on_lost=self._on_revoke)
+        self._consumer.subscribe(list(self.topology.request_topics), on_assign=self._on_assign,
+                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
 
     def _resume_what_may_go(self) -> None:
         if self._pools.refresh():
@@ -175,6 +181,13 @@ class Gate:
         try:
             request = self._serde.decode("GenerationRequest", origin.value, topic=origin.topic)
             validate(request, self._limits, self._all_models)
+            try:
+                home = self._homes.of(self._consumer, origin.topic, request["request_id"])
+            except KafkaException as exc:
+                return Hold(str(exc))
+            if home != origin.partition:  # decided at its home, where any copy of it is read too
+                metrics.GATE.labels("forwarded").inc()
+                return [forward(origin, request["request_id"], home)]
             pool = pool_of(request["model"], self.s.pools)
             assert pool is not None  # validate() refused unknown models
             info = self._pools.pools.get(pool)
@@ -230,7 +243,7 @@ class Gate:
             rendered = image_rendered(
                 request=request, images=hit["images"], model_id=hit["model_id"], model_version=info.model_version,
                 timings_ms={"render": 0.0}, batch_id="cache", batch_size=0, worker_id="gate",
-                source=origin.source, now_ms=now_ms, generation=generation, cache_key=ckey, cached=True,
+                source=lineage(origin), now_ms=now_ms, generation=generation, cache_key=ckey, cached=True,
                 replay_id=header_text(origin.headers, REPLAY_ID_HEADER))
             value = self._serde.encode("ImageRendered", rendered, topic=self.topology.rendered)  # from Redis: checked
             return [*out, OutRecord(self.topology.rendered, value, request["request_id"].encode()),
@@ -239,7 +252,7 @@ class Gate:
         # The topic a request was read from is its priority: a replay re-drives high requests into the low topic,
         # unchanged, and they must not overtake live traffic.
         priority = PRIORITIES[self._urgency.get(origin.topic, 1)]
-        admitted = admission(source=origin.source, generation=generation, cache_key=ckey, pool=info.pool,
+        admitted = admission(source=lineage(origin), generation=generation, cache_key=ckey, pool=info.pool,
                              now_ms=now_ms, replay_id=header_text(origin.headers, REPLAY_ID_HEADER))
         routed = {**request, "priority": priority.upper(), "admission": admitted}
         topic = self.topology.render_topic(info.pool, priority)
@@ -302,6 +315,9 @@ class Gate:
 
     def _rewind(self) -> None:
         self._step.rewind(self._consumer, lambda parts: self._admitted.forget({p for _t, p in parts}))
+
+    def _on_assign(self, _consumer: Consumer, _partitions: list[TopicPartition]) -> None:
+        self._homes.forget()  # partitions added to a topic come with an assignment
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}

@@ -9,6 +9,9 @@ transactions; a SIGKILL test showed duplicates, hence this relay.)
 Before an image is published, the image safety check (streams/image_safety.py) judges it: PASS publishes, REVIEW
 holds it for a person (as a quality failure does), BLOCK fails the request as `unsafe` and moves its objects to
 quarantine. A detector or storage outage holds the partition at that record and reads it again after a backoff.
+
+What was published is known per partition, so a record read off the home partition of its request id (produced
+again by a tool that places keys otherwise, say) is forwarded there first (streams/homes.py).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from streams import metrics
 from streams.changelog_table import RestoreFailed
 from streams.failures import FailureRecords, Origin
 from streams.holds import PartitionHolds
+from streams.homes import Homes, forward
 from streams.image_safety import ImageSafety, SafetyUnavailable, Scanned, image_safety_from_settings
 from streams.processor_loop import ProcessorLoop
 from streams.published_state import PublishedState
@@ -58,6 +62,7 @@ class PublicationRelay:
         self._stop = threading.Event()
         self.group_id = f"{settings.topic_prefix}-publication"
         self._max_ready_bytes = self.topology.max_bytes(self.topology.images_ready)
+        self._homes = Homes()
 
     def stop(self) -> None:
         self._stop.set()
@@ -68,6 +73,7 @@ class PublicationRelay:
         step = TransactionalStep(conf, f"{self.group_id}-{self.s.worker_id}")
         self._published = PublishedState(conf, self.topology, self._serde, self.s.publication_window_days)
         self._consumer.subscribe([self.topology.rendered, self.topology.review_decisions],
+                                 on_assign=lambda *_: self._homes.forget(),  # partitions added come with one
                                  on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("publishing %s -> %s in group %s", self.topology.rendered, self.topology.images_ready,
                  self.group_id)
@@ -153,6 +159,9 @@ class PublicationRelay:
     def _rendered(self, origin: Origin, value: bytes, now_ms: int, reviewed: bool,
                   scanned: Scanned | None = None) -> list[OutRecord]:
         rendered = self._serde.decode("ImageRendered", value, topic=self.topology.rendered)
+        home = self._homes.of(self._consumer, origin.topic, rendered["request_id"])
+        if home != origin.partition:  # what was published of it is known at its home, where its copies are read
+            return [forward(origin, rendered["request_id"], home)]
         state = self._published.of_partition(origin.partition)
         decision = state.decide(rendered, now_ms)
         if not decision.publish:

@@ -155,7 +155,8 @@ class Topology:
             TopicSpec(
                 self.request_topic(p), self.request_partitions,
                 {"retention.ms": week, "cleanup.policy": "delete", "max.message.bytes": str(REQUEST_MAX_BYTES)},
-                writers=("producers", "zimage submit", "zimage api", "sku connector", "zimage replay"),
+                writers=("producers", "zimage submit", "zimage api", "sku connector", "zimage replay",
+                         "gate (forwarded to their home partitions)"),
                 readers=("gate", "zimage replay"),
                 value="GenerationRequest",
             )
@@ -164,7 +165,8 @@ class Topology:
         output_bytes = str(OUTPUT_MAX_BYTES)
         specs += [
             TopicSpec(self.rendered, self.output_partitions, {"retention.ms": week, "max.message.bytes": output_bytes},
-                      writers=("render worker", "gate (cache hits)"), readers=("processors: publication",),
+                      writers=("render worker", "gate (cache hits)", "processors: publication (forwarded)"),
+                      readers=("processors: publication",),
                       value="ImageRendered"),
             # Kept long: a new subscriber reads the whole history of published images.
             TopicSpec(self.images_ready, self.output_partitions,
@@ -206,7 +208,8 @@ class Topology:
                       writers=("processors: publication",), readers=("zimage review",), value="ImageRendered"),
             TopicSpec(self.review_decisions, self.output_partitions,
                       {"retention.ms": str(30 * DAY_MS), "max.message.bytes": output_bytes},
-                      writers=("zimage review",), readers=("processors: publication", "zimage review"),
+                      writers=("zimage review", "processors: publication (forwarded)"),
+                      readers=("processors: publication", "zimage review"),
                       value="ReviewDecision"),
             TopicSpec(self.images_by_sku, self.output_partitions, dict(compacted),
                       writers=("processors: publication",), readers=("subscribers", "publication (restore)"),

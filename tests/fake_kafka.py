@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 from unittest.mock import create_autospec
 
@@ -73,6 +74,7 @@ class FakeKafka:
         self.committed: dict[TP, int] = {}
         self.outputs: list[tuple[str, bytes | None, bytes | None]] = []  # (topic, key, value) of committed txns
         self.transactions = 0
+        self.partitions = 3  # of every topic, as list_topics() tells
         self._txn: list[tuple[str, bytes | None, bytes | None]] = []
         self._txn_offsets: dict[TP, int] = {}
         self.lock = threading.Lock()
@@ -143,6 +145,7 @@ class FakeConsumer:
         m.pause.side_effect = lambda tps: self.paused.update((tp.topic, tp.partition) for tp in tps)
         m.resume.side_effect = lambda tps: self.paused.difference_update((tp.topic, tp.partition) for tp in tps)
         m.consumer_group_metadata.return_value = object()
+        m.list_topics.side_effect = self._list_topics
         m.close.side_effect = self._close
         self.mock = m
 
@@ -178,6 +181,13 @@ class FakeConsumer:
         if not out:
             time.sleep(min(max(timeout, 0), 0.005))
         return out
+
+    def _list_topics(self, topic=None, timeout=-1) -> Any:
+        """Metadata as the client gives it, for the partitions only: `.topics[name].partitions`."""
+        names = [topic] if topic else sorted({t for t, _p in self.kafka.logs})
+        parts = {p: SimpleNamespace(id=p) for p in range(self.kafka.partitions)}
+        return SimpleNamespace(topics={name: SimpleNamespace(topic=name, partitions=parts, error=None)
+                                       for name in names})
 
     def _seek(self, tp) -> None:
         self.cursor[(tp.topic, tp.partition)] = 0 if tp.offset == OFFSET_BEGINNING else tp.offset

@@ -90,7 +90,9 @@ class Pipeline:
                 proc.kill()
 
     def producer(self, **conf) -> Producer:
-        return Producer({"bootstrap.servers": bootstrap(), "enable.idempotence": True, **conf})
+        # Keyed as the project's producers key (murmur2): each request lands on its home partition.
+        return Producer({"bootstrap.servers": bootstrap(), "enable.idempotence": True,
+                         "partitioner": "murmur2_random", **conf})
 
     def follower(self, from_beginning: bool = True) -> EventFollower:
         return EventFollower({"bootstrap.servers": bootstrap()},

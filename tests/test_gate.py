@@ -6,9 +6,11 @@ from unittest.mock import create_autospec
 
 import pytest
 import redis
+from confluent_kafka import KafkaError, KafkaException
 
 from connectors.redis_store import RedisStore
 from processors.admission import PoolInfo, cache_key
+from processors.partitioning import FORWARDED_FROM_HEADER, home_partition
 from schemas.serde import AvroSerde
 from streams.gate import Gate
 from streams.gate_state import AdmittedKeys
@@ -45,11 +47,11 @@ class Rig:
         self.gate._pools = Pools({"turbo": POOL} if pools is None else pools)  # type: ignore[assignment]
         self.offset = 0
 
-    def message(self, request, priority="normal", partition=1):
+    def message(self, request, priority="normal", partition=1, headers=()):
         value = self.serde.encode("GenerationRequest", request)
         self.offset += 1
         return FakeMessage(f"{PREFIX}.requests.{priority}", partition, self.offset, value,
-                           request["request_id"].encode())
+                           request["request_id"].encode(), list(headers))
 
     def decide(self, *messages):
         records, offsets = self.gate.decide(list(messages))
@@ -59,14 +61,18 @@ class Rig:
         return by_topic, offsets
 
 
-def req(**fields):
-    return build_request({"prompt": "a red chair", "seed": 5, "width": 64, "height": 64, "steps": 2,
-                          "tenant": "acme", **fields})
+def req(home=1, **fields):
+    """A request whose id has partition `home` of the rig's three as its home (where the gate decides it)."""
+    while True:
+        request = build_request({"prompt": "a red chair", "seed": 5, "width": 64, "height": 64, "steps": 2,
+                                 "tenant": "acme", **fields})
+        if home_partition(request["request_id"], 3) == home:
+            return request
 
 
 def test_a_valid_request_is_routed_to_its_pool_with_its_lineage_and_generation():
     rig = Rig()
-    request = req(priority="high")
+    request = req(home=2, priority="high")
     out, offsets = rig.decide(rig.message(request, "high", partition=2))
     [routed] = out["render.turbo.high"]
     value = rig.serde.decode("GenerationRequest", routed.value)
@@ -276,3 +282,61 @@ def test_a_partition_revoked_while_held_is_read_again_once_assigned_back():
     [routed] = out["render.turbo.normal"]
     assert rig.serde.decode("GenerationRequest", routed.value)["request_id"] == request["request_id"]
     assert offsets == {tp: again.offset() + 1}
+
+
+def test_a_request_read_off_its_home_partition_is_forwarded_there_unchanged_and_decided_nowhere_else():
+    rig = Rig()
+    request = req(home=2)
+    stray = rig.message(request, partition=0, headers=[("trace", b"t-1")])
+    out, offsets = rig.decide(stray)
+    [forward] = out["requests.normal"]
+    assert set(out) == {"requests.normal"}  # no route, no changelog, no status: its home decides it
+    assert (forward.partition, forward.key, forward.value) == (2, request["request_id"].encode(), stray.value())
+    assert forward.timestamp == stray.timestamp()[1]
+    assert forward.headers == [("trace", b"t-1"), (FORWARDED_FROM_HEADER, f"{PREFIX}.requests.normal/0/1".encode())]
+    assert offsets == {(f"{PREFIX}.requests.normal", 0): stray.offset() + 1}
+
+
+def test_copies_of_a_request_produced_to_any_partitions_render_once_with_the_lineage_of_the_first():
+    rig = Rig()
+    request = req(home=2)
+    out, _ = rig.decide(rig.message(request, partition=0))
+    [forward] = out["requests.normal"]
+    arrived = FakeMessage(forward.topic, 2, 7, forward.value, forward.key, forward.headers)
+    at_home, _ = rig.decide(arrived)
+    [routed] = at_home["render.turbo.normal"]
+    admitted = rig.serde.decode("GenerationRequest", routed.value)["admission"]
+    assert (admitted["source_partition"], admitted["source_offset"]) == (0, 1)  # where it was produced
+    again, _ = rig.decide(rig.message(request, partition=1))
+    copy = again["requests.normal"][0]
+    repeat, _ = rig.decide(FakeMessage(copy.topic, 2, 8, copy.value, copy.key, copy.headers))
+    assert "render.turbo.normal" not in repeat
+    assert [rig.serde.decode("RequestStatus", r.value)["status"] for r in repeat["status"]] == ["duplicate"]
+
+
+@pytest.mark.parametrize("named", [b"elsewhere.requests.normal/0/1", b"tg.requests.normal/x/1", b"\x00", b"/1/2"])
+def test_a_forwarded_from_header_that_names_no_position_of_the_topic_is_ignored(named):
+    rig = Rig()
+    request = req(home=1)
+    out, _ = rig.decide(rig.message(request, partition=1, headers=[(FORWARDED_FROM_HEADER, named)]))
+    [routed] = out["render.turbo.normal"]
+    admitted = rig.serde.decode("GenerationRequest", routed.value)["admission"]
+    assert (admitted["source_partition"], admitted["source_offset"]) == (1, rig.offset)  # where the gate read it
+
+
+def test_a_refused_request_fails_where_it_was_read_and_is_not_forwarded():
+    rig = Rig()
+    out, _ = rig.decide(rig.message(req(home=2, width=0), partition=0))
+    assert "requests.normal" not in out and len(out["requests.failed"]) == 1
+
+
+def test_partition_counts_that_cannot_be_read_hold_the_partition_and_fail_nothing():
+    rig = Rig()
+    rig.consumer.mock.list_topics.side_effect = KafkaException(KafkaError(KafkaError._TRANSPORT))
+    message = rig.message(req())
+    assert rig.decide(message) == ({}, {})
+    assert rig.consumer.mock.seek.call_args.args[0].offset == message.offset()
+    rig.consumer.mock.list_topics.side_effect = rig.consumer._list_topics  # the broker answers again
+    rig.gate._held.resume_all(rig.consumer.mock)  # the hold's backoff is over
+    out, offsets = rig.decide(message)
+    assert "render.turbo.normal" in out and offsets == {(message.topic(), 1): message.offset() + 1}

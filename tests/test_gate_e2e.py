@@ -8,6 +8,7 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 
+from processors.partitioning import home_partition
 from streams.submit import Submitter, build_request
 from tests.test_worker_delivery import committed_values
 
@@ -65,6 +66,36 @@ def test_the_same_request_id_submitted_twice_renders_and_publishes_once(pipeline
               for v in committed_values(pipeline, pipeline.topology.render_topic("turbo", p), "GenerationRequest")
               if v["request_id"] == request["request_id"]]
     assert len(routed) == 1
+
+
+def test_copies_produced_without_a_key_to_any_partitions_render_and_publish_once(pipeline):
+    """A producer that knows only the schema and the topic names: no key, any partition. The gate forwards each
+    copy to the home of its request id, where the second is seen as a repeat; lineage names where it was
+    produced. A request that the project's own producer keys lands at its home directly."""
+    request = build_request({"prompt": f"an unkeyed bench {uuid.uuid4().hex[:6]}", **SMALL})
+    partitions = pipeline.settings.request_partitions
+    home = home_partition(request["request_id"], partitions)
+    elsewhere = [p for p in range(partitions) if p != home]
+    producer = Producer({"bootstrap.servers": pipeline.env["ZIMAGE_BOOTSTRAP_SERVERS"]})
+    topic = pipeline.topology.request_topic("normal")
+    value = pipeline.serde.encode("GenerationRequest", request)
+    placed = []
+    for partition in (elsewhere[0], elsewhere[-1]):
+        producer.produce(topic, value, partition=partition,
+                         on_delivery=lambda err, msg: placed.append((msg.partition(), msg.offset())))
+        assert producer.flush(10) == 0
+    seen = pipeline.collect([request["request_id"]], settle_s=4)
+    [(kind, ready)] = seen[request["request_id"]]
+    assert kind == "ImageReady"
+    assert (ready["lineage"]["source_partition"], ready["lineage"]["source_offset"]) in placed
+    routed = [v for v in committed_values(pipeline, pipeline.topology.render_topic("turbo", "normal"),
+                                          "GenerationRequest") if v["request_id"] == request["request_id"]]
+    assert len(routed) == 1
+
+    keyed = build_request({"prompt": f"a keyed bench {uuid.uuid4().hex[:6]}", **SMALL})
+    submit(pipeline, [keyed])
+    [(kind, ready)] = pipeline.collect([keyed["request_id"]])[keyed["request_id"]]
+    assert ready["lineage"]["source_partition"] == home_partition(keyed["request_id"], partitions)
 
 
 def test_a_replay_of_the_rendered_topic_publishes_nothing_new(pipeline):

@@ -5,9 +5,7 @@ as `unsafe` and quarantines its objects; a detector outage holds the partition (
 letter) until the detector answers; cached answers are not scanned again."""
 from __future__ import annotations
 
-from unittest.mock import create_autospec
-
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from connectors.storage import LocalObjectStore
 from processors.events import image_rendered
@@ -17,7 +15,7 @@ from streams import metrics
 from streams.image_safety import ImageSafety
 from streams.publication import PublicationRelay
 from streams.settings import Settings
-from tests.fake_kafka import FakeMessage
+from tests.fake_kafka import FakeKafka, FakeMessage
 from tests.test_publication import PREFIX, MemoryState, req
 
 
@@ -43,15 +41,15 @@ class Rig:
         self.safety = ImageSafety(self.detector, self.store, **safety_options)
         self.relay = PublicationRelay(settings, self.serde, safety=self.safety)
         self.relay._published = MemoryState()  # type: ignore[assignment]
-        self.consumer = create_autospec(Consumer, instance=True)
+        self.consumer = FakeKafka().consumer().mock  # three partitions a topic
         self.relay._consumer = self.consumer
         self.offset = 0
 
-    def rendered(self, prompt: str, data: bytes, **extra) -> dict:
+    def rendered(self, prompt: str, data: bytes, home: int = 1, **extra) -> dict:
         key = f"acme/{data.hex()}.png"
         images = [{"index": 0, "uri": self.store.put(key, data), "sha256": data.hex().ljust(64, "0")[:64],
                    "seed": 1, "size_bytes": len(data)}]
-        return image_rendered(request=req(prompt=prompt), images=images, model_id="tiny", model_version="g1",
+        return image_rendered(request=req(prompt=prompt, home=home), images=images, model_id="tiny", model_version="g1",
                               timings_ms={"render": 1.0}, batch_id="b", batch_size=1, worker_id="w",
                               source=("tp.requests.normal", 0, 1), now_ms=1, generation="g1", **extra)
 
@@ -123,7 +121,7 @@ def test_an_approved_review_item_is_published_with_its_verdict(tmp_path) -> None
 def test_a_detector_outage_holds_the_partition_then_the_answer_publishes(tmp_path) -> None:
     rig = Rig(tmp_path, {b"chair": {"nudity": 0.01}, b"lamp": {"nudity": 0.02}})
     first, second = rig.rendered("a chair", b"chair"), rig.rendered("a lamp", b"lamp")
-    other = rig.rendered("a lamp on partition 2", b"lamp")
+    other = rig.rendered("a lamp on partition 2", b"lamp", home=2)
     rig.detector.down = True
     msgs = [rig.message("rendered", rig.serde.encode("ImageRendered", v), v["request_id"].encode(), p)
             for v, p in [(first, 1), (second, 1), (other, 2)]]
@@ -168,9 +166,10 @@ def test_with_no_detector_every_image_is_published_marked_unscanned(tmp_path) ->
     serde = AvroSerde()
     relay = PublicationRelay(Settings(_env_file=None, topic_prefix=PREFIX), serde)
     relay._published = MemoryState()  # type: ignore[assignment]
+    relay._consumer = FakeKafka().consumer().mock
     store = LocalObjectStore(tmp_path)
     images = [{"index": 0, "uri": store.put("acme/a.png", b"a"), "sha256": "a" * 64, "seed": 1, "size_bytes": 1}]
-    rendered = image_rendered(request=req(), images=images, model_id="tiny", model_version="g1",
+    rendered = image_rendered(request=req(home=0), images=images, model_id="tiny", model_version="g1",
                               timings_ms={}, batch_id="b", batch_size=1, worker_id="w",
                               source=("tp.requests.normal", 0, 1), now_ms=1, generation="g1")
     before = count("unscanned")

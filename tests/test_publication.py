@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 from typing import Any
-from unittest.mock import create_autospec
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from processors.events import image_rendered
+from processors.partitioning import home_partition
 from processors.publication_state import PublicationState, SkuLatest
 from schemas.serde import AvroSerde
 from streams.changelog_table import RestoreFailed
 from streams.publication import PublicationRelay
 from streams.settings import Settings
 from streams.submit import build_request
-from tests.fake_kafka import FakeMessage
+from tests.fake_kafka import FakeKafka, FakeMessage
 
 PREFIX = "tp"
 
@@ -42,6 +42,7 @@ class Rig:
         settings = Settings(_env_file=None, topic_prefix=PREFIX, output_partitions=3)
         self.relay = PublicationRelay(settings, self.serde)
         self.relay._published = MemoryState()  # type: ignore[assignment]
+        self.relay._consumer = FakeKafka().consumer().mock  # three partitions a topic
         self.offset = 0
 
     def rendered(self, request, *, sha="aa", quality=None, generation="g1", **extra) -> dict:
@@ -71,8 +72,12 @@ class Rig:
         return [self.serde.decode(name, r.value) for r in records]
 
 
-def req(**fields):
-    return build_request({"prompt": "a chair", "seed": 1, "tenant": "acme", **fields})
+def req(home=1, **fields):
+    """A request whose id has partition `home` of three as its home (the rig reads on partition 1)."""
+    while True:
+        request = build_request({"prompt": "a chair", "seed": 1, "tenant": "acme", **fields})
+        if home_partition(request["request_id"], 3) == home:
+            return request
 
 
 def test_one_publication_per_generation_and_content_and_new_generations_supersede():
@@ -122,6 +127,30 @@ def test_an_image_below_the_quality_bar_is_held_for_review_then_approved_or_reje
     assert "dlq" not in rejected  # a decision, not a broken record
 
 
+def test_a_copy_read_off_its_home_partition_is_forwarded_there_and_published_nothing_twice():
+    rig = Rig()
+    rendered = rig.rendered(req(home=1))
+    assert len(rig.publish(rendered)["images.ready"]) == 1
+    value = rig.serde.encode("ImageRendered", rendered)
+    stray = FakeMessage(f"{PREFIX}.rendered", 0, 9, value, b"another key")  # produced again, placed otherwise
+    records, offsets = rig.relay.publish([stray])  # type: ignore[list-item]  # a FakeMessage reads like a Message
+    [forward] = records
+    assert (forward.topic, forward.partition, forward.key, forward.value) == (
+        f"{PREFIX}.rendered", 1, rendered["request_id"].encode(), value)
+    assert offsets == {(f"{PREFIX}.rendered", 0): 10}
+    assert rig.out([rig.message("rendered", value, forward.key or b"")]) == {}  # its home knew it
+
+
+def test_a_review_decision_read_off_its_home_partition_is_forwarded_with_it():
+    rig = Rig()
+    held = rig.rendered(req(home=2), quality={"passed": 0.0})
+    event = {"tenant": "acme", "request_id": held["request_id"], "decision": "approve", "reviewer": "ana",
+             "reason": None, "rendered": rig.serde.encode("ImageRendered", held), "decided_at": 5}
+    decided = rig.message("review.decisions", rig.serde.encode("ReviewDecision", event), b"")
+    [forward] = rig.out([decided])["review.decisions"]
+    assert (forward.partition, forward.value) == (2, decided.value())
+
+
 def test_an_unreadable_record_fails_alone():
     rig = Rig()
     good = rig.rendered(req())
@@ -143,8 +172,7 @@ def held_by_unreadable_state() -> tuple[Rig, Any, FakeMessage, dict]:
     """A relay whose state cannot be read back, after it decided one ImageRendered: nothing failed, nothing
     committed, its partition held (sought back and paused)."""
     rig = Rig()
-    consumer = create_autospec(Consumer, instance=True)
-    rig.relay._consumer = consumer
+    consumer = rig.relay._consumer
     rig.relay._published = Unreadable()  # type: ignore[assignment]
     request = req()
     msg = rig.message("rendered", rig.serde.encode("ImageRendered", rig.rendered(request)), b"k")
