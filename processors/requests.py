@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -43,6 +43,20 @@ class Limits:
     max_callback_url_chars: int = 2048
     max_model_chars: int = 256
     callback_allowlist: tuple[str, ...] = ()  # host names, addresses or CIDR blocks admitted as callback hosts
+    # A request's record headers travel with it (onto its routed record, or its forward to its home partition): a
+    # record that filled its topic with headers would make those too large to write, and stall its partition.
+    max_header_bytes: int = 16384
+
+
+HEADER_OVERHEAD_BYTES = 8  # counted for each header, so that many empty ones add up too
+
+
+def check_headers(headers: Sequence[tuple[str, bytes | str | None]], limits: Limits) -> None:
+    """Raises InvalidRequest when the record's headers hold more than `limits.max_header_bytes`."""
+    size = sum(HEADER_OVERHEAD_BYTES + len(key.encode("utf-8", "surrogatepass")) + len(value or b"")
+               for key, value in headers)
+    if size > limits.max_header_bytes:
+        raise _invalid(f"the record's {len(headers)} headers hold {size} bytes; at most {limits.max_header_bytes}")
 
 
 def derived_seed(request_id: str) -> int:

@@ -47,7 +47,7 @@ from processors.admission import (
     pool_of,
 )
 from processors.events import image_rendered
-from processors.requests import InvalidRequest, validate
+from processors.requests import InvalidRequest, check_headers, validate
 from processors.status import request_status, status_key
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
 from streams import metrics
@@ -181,6 +181,7 @@ class Gate:
         try:
             request = self._serde.decode("GenerationRequest", origin.value, topic=origin.topic)
             validate(request, self._limits, self._all_models)
+            check_headers(origin.headers, self._limits)  # they travel with it: to its home, to its render topic
             try:
                 home = self._homes.of(self._consumer, origin.topic, request["request_id"])
             except KafkaException as exc:

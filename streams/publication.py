@@ -27,6 +27,7 @@ from connectors.kafka import OutRecord, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
 from processors.events import image_ready
 from processors.publication_state import by_sku_key
+from processors.requests import check_headers
 from processors.safety import UNSCANNED, SafetyVerdict, describe, metric_label
 from processors.status import request_status, status_key
 from schemas.serde import AvroSerde
@@ -57,8 +58,8 @@ class PublicationRelay:
         # A batch's images are checked before it commits: few enough that detector timeouts stay far below the
         # consumer's max.poll.interval.ms
         self._batch = min(batch, 4 * self._safety.concurrency) if self._safety.enabled else batch
-        self._failures = FailureRecords(self.topology, serde, stage="processors:publication",
-                                        limits=settings.limits())
+        self._limits = settings.limits()
+        self._failures = FailureRecords(self.topology, serde, stage="processors:publication", limits=self._limits)
         self._stop = threading.Event()
         self.group_id = f"{settings.topic_prefix}-publication"
         self._max_ready_bytes = self.topology.max_bytes(self.topology.images_ready)
@@ -161,6 +162,7 @@ class PublicationRelay:
         rendered = self._serde.decode("ImageRendered", value, topic=self.topology.rendered)
         home = self._homes.of(self._consumer, origin.topic, rendered["request_id"])
         if home != origin.partition:  # what was published of it is known at its home, where its copies are read
+            check_headers(origin.headers, self._limits)  # a forward carries them, and must fit its topic
             return [forward(origin, rendered["request_id"], home)]
         state = self._published.of_partition(origin.partition)
         decision = state.decide(rendered, now_ms)

@@ -53,6 +53,9 @@ class Rig:
         return FakeMessage(f"{PREFIX}.requests.{priority}", partition, self.offset, value,
                            request["request_id"].encode(), list(headers))
 
+    def decode_all(self, records, name):
+        return [self.serde.decode(name, r.value) for r in records]
+
     def decide(self, *messages):
         records, offsets = self.gate.decide(list(messages))
         by_topic: dict[str, list] = {}
@@ -340,3 +343,17 @@ def test_partition_counts_that_cannot_be_read_hold_the_partition_and_fail_nothin
     rig.gate._held.resume_all(rig.consumer.mock)  # the hold's backoff is over
     out, offsets = rig.decide(message)
     assert "render.turbo.normal" in out and offsets == {(message.topic(), 1): message.offset() + 1}
+
+
+@pytest.mark.parametrize("partition", [1, 0])  # at its home, and where it would be forwarded from
+def test_a_request_whose_headers_would_not_fit_on_its_outputs_fails_alone(partition):
+    rig = Rig()
+    bulky, fine = req(home=1), req(home=1)
+    headers = [(f"h{i}", b"x" * 2000) for i in range(9)]  # over the 16 KiB that travel with a request
+    out, offsets = rig.decide(rig.message(bulky, partition=partition, headers=headers),
+                              rig.message(fine, partition=partition))
+    [failed] = rig.decode_all(out["requests.failed"], "RequestFailed")
+    assert (failed["request_id"], failed["reason_code"]) == (bulky["request_id"], "invalid_request")
+    assert "headers hold" in failed["reason"] and len(out["dlq"]) == 1
+    moved_on = out["render.turbo.normal"] if partition == 1 else out["requests.normal"]
+    assert len(moved_on) == 1 and offsets == {(f"{PREFIX}.requests.normal", partition): rig.offset + 1}

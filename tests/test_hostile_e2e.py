@@ -37,7 +37,9 @@ def test_hostile_records_are_dead_lettered_with_their_keys_and_the_worker_goes_o
         "callback-metadata-ip": plain_request(callback_url="http://169.254.169.254/latest/meta-data/"),
         "metadata-near-1mib": plain_request(metadata=near_one_mib_metadata()),
         "request-id-newline": plain_request(request_id="evil\nid"),
+        "headers-near-1mib": plain_request(),  # valid, but its headers would not fit on any record it leads to
     }
+    bulky = [(f"h{i}", b"x" * 100_000) for i in range(10)]
     undecodable = {
         "container-recursive": recursive_record_50k_deep(),
         "container-null-array-bomb": null_array_bomb(),
@@ -51,13 +53,20 @@ def test_hostile_records_are_dead_lettered_with_their_keys_and_the_worker_goes_o
         "trailing-garbage": valid + b"\x00garbage",
     }
     records = {name: single_object(schema, r) for name, r in requests.items()} | undecodable
+    # Just under the request topic's limit with its key and headers: a copy of it with anything added (an
+    # admission, a forwarded-from header) may not fit its topic, and a gate that copied such headers on stalled
+    # there, aborting its transaction forever. It is refused for its headers instead.
+    room = 1_048_234 - len(records["headers-near-1mib"]) - len(b"hostile-headers-near-1mib") - len(
+        b"trace" + b"headers-near-1mib") - sum(len(k) + len(v) for k, v in bulky) - len(b"pad")
+    bulky.append(("pad", b"y" * room))
     assert len(records["metadata-near-1mib"]) < 1_048_576
     good = plain_request()
     follower = pipeline.follower(from_beginning=True)
     dlq = _dlq_reader(pipeline)
     prod = pipeline.producer(**{"message.max.bytes": 2_000_000})
     for name, value in records.items():
-        prod.produce(topic, value, f"hostile-{name}".encode(), headers=[("trace", name.encode())])
+        sent = [("trace", name.encode()), *(bulky if name == "headers-near-1mib" else [])]
+        prod.produce(topic, value, f"hostile-{name}".encode(), headers=sent)
     prod.produce(topic, single_object(schema, good), good["request_id"].encode())
     assert prod.flush(30) == 0
 

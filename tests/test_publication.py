@@ -141,6 +141,16 @@ def test_a_copy_read_off_its_home_partition_is_forwarded_there_and_published_not
     assert rig.out([rig.message("rendered", value, forward.key or b"")]) == {}  # its home knew it
 
 
+def test_a_stray_whose_headers_would_not_fit_its_forward_fails_alone():
+    rig = Rig()
+    value = rig.serde.encode("ImageRendered", rig.rendered(req(home=1)))
+    headers = [("bulk", b"x" * 20_000)]
+    stray = FakeMessage(f"{PREFIX}.rendered", 0, 3, value, b"k", headers)
+    out = rig.out([stray])
+    assert "rendered" not in out and len(out["dlq"]) == 1
+    assert rig.decode(out["requests.failed"], "RequestFailed")[0]["reason_code"] == "unpublishable"
+
+
 def test_a_review_decision_read_off_its_home_partition_is_forwarded_with_it():
     rig = Rig()
     held = rig.rendered(req(home=2), quality={"passed": 0.0})
