@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from processors.address_guard import UnsafeCallbackUrl, check_url_at_intake
+from processors.partitioning import FORWARDED_FROM_HEADER
 from processors.render_settings import RenderSettings
 
 PRIORITY_NAMES = {"HIGH": "high", "NORMAL": "normal", "LOW": "low"}
@@ -49,12 +50,15 @@ class Limits:
 
 
 HEADER_OVERHEAD_BYTES = 8  # counted for each header, so that many empty ones add up too
+FORWARDED_FROM_MAX_BYTES = 512  # longer than any `topic/partition/offset`
 
 
 def check_headers(headers: Sequence[tuple[str, bytes | str | None]], limits: Limits) -> None:
-    """Raises InvalidRequest when the record's headers hold more than `limits.max_header_bytes`."""
+    """Raises InvalidRequest when the record's headers hold more than `limits.max_header_bytes`. A short
+    forwarded-from header is not counted: the gate adds it to a request it forwards, which is checked again."""
     size = sum(HEADER_OVERHEAD_BYTES + len(key.encode("utf-8", "surrogatepass")) + len(value or b"")
-               for key, value in headers)
+               for key, value in headers
+               if not (key == FORWARDED_FROM_HEADER and len(value or b"") <= FORWARDED_FROM_MAX_BYTES))
     if size > limits.max_header_bytes:
         raise _invalid(f"the record's {len(headers)} headers hold {size} bytes; at most {limits.max_header_bytes}")
 

@@ -56,7 +56,7 @@ from streams.changelog_table import RestoreFailed
 from streams.failures import FailureRecords, Origin
 from streams.gate_state import AdmittedKeys, PoolDirectory
 from streams.holds import PartitionHolds
-from streams.homes import Homes, forward, lineage
+from streams.homes import Homes, PartitionCountMismatch, forward, lineage
 from streams.processor_loop import ProcessorLoop
 from streams.settings import Settings
 from streams.topology import PRIORITIES
@@ -94,7 +94,7 @@ class Gate:
         self._urgency = {self.topology.request_topic(p): level for level, p in enumerate(PRIORITIES)}
         self._stop = threading.Event()
         self._cache_entries: dict[str, bytes | None] | None = {}  # the batch in hand's, by cache key
-        self._homes = Homes()
+        self._homes = Homes(self.topology.gate_changelog)  # its state: the admitted keys
         self.group_id = f"{settings.topic_prefix}-gate"
 
     def stop(self) -> None:
@@ -187,8 +187,9 @@ class Gate:
             except KafkaException as exc:
                 return Hold(str(exc))
             if home != origin.partition:  # decided at its home, where any copy of it is read too
+                forwarded = forward(origin, request["request_id"], home, self.topology.max_record_bytes(origin.topic))
                 metrics.GATE.labels("forwarded").inc()
-                return [forward(origin, request["request_id"], home)]
+                return [forwarded]
             pool = pool_of(request["model"], self.s.pools)
             assert pool is not None  # validate() refused unknown models
             info = self._pools.pools.get(pool)
@@ -197,6 +198,8 @@ class Gate:
             check_against_pool(request, info)
         except RegistryUnavailable as exc:
             return Hold(str(exc))
+        except PartitionCountMismatch:
+            raise  # no request's fault, and nothing can be decided right: the process stops, saying why
         except (SerdeError, InvalidRequest) as exc:
             code = exc.code if isinstance(exc, InvalidRequest) else (
                 "unknown_schema" if isinstance(exc, UnknownSchema) else "undecodable")

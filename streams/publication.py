@@ -35,7 +35,7 @@ from streams import metrics
 from streams.changelog_table import RestoreFailed
 from streams.failures import FailureRecords, Origin
 from streams.holds import PartitionHolds
-from streams.homes import Homes, forward
+from streams.homes import Homes, PartitionCountMismatch, forward
 from streams.image_safety import ImageSafety, SafetyUnavailable, Scanned, image_safety_from_settings
 from streams.processor_loop import ProcessorLoop
 from streams.published_state import PublishedState
@@ -63,7 +63,7 @@ class PublicationRelay:
         self._stop = threading.Event()
         self.group_id = f"{settings.topic_prefix}-publication"
         self._max_ready_bytes = self.topology.max_bytes(self.topology.images_ready)
-        self._homes = Homes()
+        self._homes = Homes(self.topology.images_ready)  # its state: what was published
 
     def stop(self) -> None:
         self._stop.set()
@@ -111,6 +111,8 @@ class PublicationRelay:
             except SafetyUnavailable as exc:
                 self._held.hold(self._consumer, tp, origin.offset, f"image safety: {exc}")
                 continue
+            except PartitionCountMismatch:
+                raise  # nothing can be decided right: the process stops, saying why
             except (KafkaException, RestoreFailed) as exc:  # the state in Kafka could not be read: not the record's
                 self._held.hold(self._consumer, tp, origin.offset, f"publication state: {exc}")
                 continue
@@ -144,6 +146,8 @@ class PublicationRelay:
                 return None
             value = decision["rendered"]
         rendered = self._serde.decode("ImageRendered", value, topic=self.topology.rendered)
+        if self._homes.of(self._consumer, origin.topic, rendered["request_id"]) != origin.partition:
+            return None  # forwarded, not published, from here
         publish = self._published.of_partition(origin.partition).decide(rendered, now_ms).publish
         return rendered if publish else None
 
@@ -163,7 +167,7 @@ class PublicationRelay:
         home = self._homes.of(self._consumer, origin.topic, rendered["request_id"])
         if home != origin.partition:  # what was published of it is known at its home, where its copies are read
             check_headers(origin.headers, self._limits)  # a forward carries them, and must fit its topic
-            return [forward(origin, rendered["request_id"], home)]
+            return [forward(origin, rendered["request_id"], home, self.topology.max_record_bytes(origin.topic))]
         state = self._published.of_partition(origin.partition)
         decision = state.decide(rendered, now_ms)
         if not decision.publish:
@@ -189,7 +193,10 @@ class PublicationRelay:
             raise ValueError(f"ImageReady would be {len(ready_value)} bytes; at most {self._max_ready_bytes}")
         state.apply(ready)
         metrics.SAFETY.labels(metric_label(safety)).inc()
-        out = [OutRecord(self.topology.images_ready, ready_value, ready["request_id"].encode())]
+        # On the partition whose number it was read from: the state of partition p is restored from images.ready p,
+        # whatever partitioner a producer of this process is configured with.
+        out = [OutRecord(self.topology.images_ready, ready_value, ready["request_id"].encode(),
+                         partition=origin.partition)]
         sku_key = by_sku_key(ready)
         if sku_key is not None and self._published.sku_latest().offer(ready):
             out.append(OutRecord(self.topology.images_by_sku, ready_value, sku_key))

@@ -140,6 +140,10 @@ class Topology:
         """The SKU connector's state: the latest version rendered of each (tenant, SKU)."""
         return f"{self.prefix}.sku.changelog"
 
+    def max_record_bytes(self, topic: str) -> int:
+        """The topic's max.message.bytes: what one record may take in all (value, key, headers, framing)."""
+        return self.max_bytes(topic) + RECORD_OVERHEAD_BYTES
+
     def max_bytes(self, topic: str) -> int:
         """The largest value a record on `topic` may carry: its max.message.bytes (the broker's default where the
         topic sets none) less room for the key, headers and batch framing. Check an encoded value against it

@@ -74,7 +74,8 @@ class FakeKafka:
         self.committed: dict[TP, int] = {}
         self.outputs: list[tuple[str, bytes | None, bytes | None]] = []  # (topic, key, value) of committed txns
         self.transactions = 0
-        self.partitions = 3  # of every topic, as list_topics() tells
+        self.partitions = 3  # of every topic, as list_topics() tells, unless `partition_counts` names it
+        self.partition_counts: dict[str, int] = {}
         self._txn: list[tuple[str, bytes | None, bytes | None]] = []
         self._txn_offsets: dict[TP, int] = {}
         self.lock = threading.Lock()
@@ -185,9 +186,10 @@ class FakeConsumer:
     def _list_topics(self, topic=None, timeout=-1) -> Any:
         """Metadata as the client gives it, for the partitions only: `.topics[name].partitions`."""
         names = [topic] if topic else sorted({t for t, _p in self.kafka.logs})
-        parts = {p: SimpleNamespace(id=p) for p in range(self.kafka.partitions)}
-        return SimpleNamespace(topics={name: SimpleNamespace(topic=name, partitions=parts, error=None)
-                                       for name in names})
+        counts = {name: self.kafka.partition_counts.get(name, self.kafka.partitions) for name in names}
+        return SimpleNamespace(topics={name: SimpleNamespace(
+            topic=name, partitions={p: SimpleNamespace(id=p) for p in range(count)}, error=None)
+            for name, count in counts.items()})
 
     def _seek(self, tp) -> None:
         self.cursor[(tp.topic, tp.partition)] = 0 if tp.offset == OFFSET_BEGINNING else tp.offset

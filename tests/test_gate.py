@@ -14,6 +14,7 @@ from processors.partitioning import FORWARDED_FROM_HEADER, home_partition
 from schemas.serde import AvroSerde
 from streams.gate import Gate
 from streams.gate_state import AdmittedKeys
+from streams.homes import PartitionCountMismatch
 from streams.settings import Settings
 from streams.submit import build_request
 from tests.fake_kafka import FakeKafka, FakeMessage
@@ -333,13 +334,16 @@ def test_a_refused_request_fails_where_it_was_read_and_is_not_forwarded():
     assert "requests.normal" not in out and len(out["requests.failed"]) == 1
 
 
-def test_partition_counts_that_cannot_be_read_hold_the_partition_and_fail_nothing():
+def test_partition_counts_that_cannot_be_read_hold_the_partitions_and_fail_nothing():
     rig = Rig()
     rig.consumer.mock.list_topics.side_effect = KafkaException(KafkaError(KafkaError._TRANSPORT))
-    message = rig.message(req())
-    assert rig.decide(message) == ({}, {})
-    assert rig.consumer.mock.seek.call_args.args[0].offset == message.offset()
+    message, *others = [rig.message(req(home=p), partition=p) for p in (1, 0, 2)]
+    assert rig.decide(message, *others) == ({}, {})
+    assert rig.consumer.mock.seek.call_args_list[0].args[0].offset == message.offset()
+    assert rig.consumer.mock.seek.call_count == 3  # each partition held
+    assert rig.consumer.mock.list_topics.call_count == 1  # asked once for the batch, not once per record
     rig.consumer.mock.list_topics.side_effect = rig.consumer._list_topics  # the broker answers again
+    rig.gate._on_assign(rig.consumer.mock, [])  # a new assignment asks at once (else: a second after the failure)
     rig.gate._held.resume_all(rig.consumer.mock)  # the hold's backoff is over
     out, offsets = rig.decide(message)
     assert "render.turbo.normal" in out and offsets == {(message.topic(), 1): message.offset() + 1}
@@ -357,3 +361,21 @@ def test_a_request_whose_headers_would_not_fit_on_its_outputs_fails_alone(partit
     assert "headers hold" in failed["reason"] and len(out["dlq"]) == 1
     moved_on = out["render.turbo.normal"] if partition == 1 else out["requests.normal"]
     assert len(moved_on) == 1 and offsets == {(f"{PREFIX}.requests.normal", partition): rig.offset + 1}
+
+
+def test_inputs_not_co_partitioned_with_the_changelog_stop_the_gate_deciding_nothing():
+    rig = Rig()
+    rig.kafka.partition_counts[f"{PREFIX}.requests.low"] = 6  # partitions added to one request topic only
+    assert "render.turbo.normal" in rig.decide(rig.message(req()))[0]
+    with pytest.raises(PartitionCountMismatch, match=r"requests\.low has 6 partitions and tg\.gate\.changelog 3"):
+        rig.decide(rig.message(req(), "low"))
+
+
+def test_headers_just_under_the_cap_are_admitted_at_home_after_their_forward():
+    rig = Rig()
+    request = req(home=2)
+    headers = [("trace", b"x" * (16384 - 8 - len("trace") - 8 - 1))]  # 16,383 bytes counted: under the cap
+    out, _ = rig.decide(rig.message(request, partition=0, headers=headers))
+    [forward] = out["requests.normal"]
+    at_home, _ = rig.decide(FakeMessage(forward.topic, 2, 5, forward.value, forward.key, forward.headers))
+    assert "render.turbo.normal" in at_home and "requests.failed" not in at_home

@@ -11,6 +11,7 @@ from processors.partitioning import home_partition
 from processors.publication_state import PublicationState, SkuLatest
 from schemas.serde import AvroSerde
 from streams.changelog_table import RestoreFailed
+from streams.homes import PartitionCountMismatch
 from streams.publication import PublicationRelay
 from streams.settings import Settings
 from streams.submit import build_request
@@ -239,3 +240,17 @@ def image_ready_value(serde: AvroSerde, request: dict) -> bytes:
     rendered = Rig().rendered(request)
     published_at = int(time.time() * 1000)  # within the state's window
     return serde.encode("ImageReady", image_ready(rendered, published_at, version=1, supersedes=None, safety=None))
+
+
+def test_inputs_not_co_partitioned_with_images_ready_stop_publication():
+    rig = Rig()
+    rig.relay._consumer = (kafka := FakeKafka()).consumer().mock
+    kafka.partition_counts[f"{PREFIX}.images.ready"] = 6
+    with pytest.raises(PartitionCountMismatch, match=r"tp\.rendered has 3 partitions and tp\.images\.ready 6"):
+        rig.publish(rig.rendered(req()))
+
+
+def test_an_image_ready_goes_to_the_partition_its_state_is_restored_from():
+    rig = Rig()
+    [ready] = rig.publish(rig.rendered(req(home=1)))["images.ready"]
+    assert ready.partition == 1  # whatever partitioner the producer has
