@@ -17,6 +17,7 @@ from bench.topology import drop_topics
 from connectors.kafka_admin import TopicWanted, apply_topics
 from schemas.serde import AvroSerde
 from streams.settings import Settings
+from streams.submit import build_request
 from streams.tail import EventFollower
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +143,21 @@ class Pipeline:
             if own:
                 follower.close()
         return seen
+
+
+def mixed_requests(word: str, start: int, count: int) -> list[dict]:
+    """`count` small requests of the three priorities in turn, seeded by their index."""
+    return [build_request({"prompt": f"{word} {i}", "priority": ("high", "normal", "low")[i % 3], "seed": i,
+                           "width": 32, "height": 32, "steps": 2}) for i in range(start, start + count)]
+
+
+def assert_each_published_once(p: Pipeline, ids: list[str], events: dict[str, list[tuple[str, dict]]]) -> None:
+    """Every request has exactly one event, an ImageReady (with the processes' logs when one is missing)."""
+    missing = [i for i in ids if i not in events]
+    assert not missing, (f"{len(missing)} lost; worker log:\n{p.log('worker')[-3000:]}\nprocessors log:\n"
+                         f"{p.log('processors')[-3000:]}")
+    doubled = {i: [n for n, _ in e] for i, e in events.items() if len(e) != 1 or e[0][0] != "ImageReady"}
+    assert not doubled, doubled
 
 
 def drop_session_topics() -> None:

@@ -18,8 +18,8 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streams.submit import Submitter, build_request
-from tests.harness import ROOT, Pipeline
+from streams.submit import Submitter
+from tests.harness import ROOT, Pipeline, assert_each_published_once, mixed_requests
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -90,9 +90,7 @@ def test_a_broker_killed_mid_flow_loses_nothing_and_publishes_nothing_twice(thre
         p.start("processors", "processors", wait_ready=False)
         p.start("worker", "worker")
         sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
-        make = lambda i: build_request({"prompt": f"stool {i}", "priority": ("high", "normal", "low")[i % 3],  # noqa: E731
-                                        "seed": i, "width": 32, "height": 32, "steps": 2})
-        first, second = [make(i) for i in range(60)], [make(i) for i in range(60, 120)]
+        first, second = mixed_requests("stool", 0, 60), mixed_requests("stool", 60, 60)
         sub.submit(first)
         sub.flush(60)
         p.wait_published(10, timeout_s=120)
@@ -104,12 +102,7 @@ def test_a_broker_killed_mid_flow_loses_nothing_and_publishes_nothing_twice(thre
         sub.flush(120)
 
         ids = [r["request_id"] for r in first + second]
-        events = p.collect(ids, timeout_s=300, settle_s=5)
-        missing = [i for i in ids if i not in events]
-        assert not missing, (f"{len(missing)} lost; worker log:\n{p.log('worker')[-3000:]}\nprocessors log:\n"
-                             f"{p.log('processors')[-3000:]}")
-        doubled = {i: [n for n, _ in e] for i, e in events.items() if len(e) != 1 or e[0][0] != "ImageReady"}
-        assert not doubled, doubled
+        assert_each_published_once(p, ids, p.collect(ids, timeout_s=300, settle_s=5))
         keys = committed_keys(bootstrap, p.topology.images_ready)  # the whole topic, not a settle window
         assert sorted(keys) == sorted(i.encode() for i in ids)
         p.check_alive()

@@ -11,8 +11,8 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from streams.submit import Submitter, build_request
-from tests.harness import ROOT
+from streams.submit import Submitter
+from tests.harness import ROOT, assert_each_published_once, mixed_requests
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -52,9 +52,7 @@ def test_requests_survive_a_broker_restart(fresh_pipeline):
     p.start("processors", "processors", wait_ready=False)
     p.start("worker", "worker")
     sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
-    make = lambda i: build_request({"prompt": f"lamp {i}", "priority": ("high", "normal", "low")[i % 3],  # noqa: E731
-                                    "seed": i, "width": 32, "height": 32, "steps": 2})
-    first, second = [make(i) for i in range(60)], [make(i) for i in range(60, 120)]
+    first, second = mixed_requests("lamp", 0, 60), mixed_requests("lamp", 60, 60)
     sub.submit(first)
     sub.flush()
     p.wait_published(10)
@@ -72,8 +70,4 @@ def test_requests_survive_a_broker_restart(fresh_pipeline):
         healed = subprocess.run([str(ROOT / "ops" / "stack"), "heal"], capture_output=True, text=True, timeout=300)
         print(healed.stdout, healed.stderr)
         events = p.collect(ids, timeout_s=150, settle_s=5)
-    missing = [i for i in ids if i not in events]
-    assert not missing, (f"{len(missing)} lost; worker log:\n{p.log('worker')[-3000:]}\nprocessors log:\n"
-                         f"{p.log('processors')[-3000:]}")
-    doubled = {i: [n for n, _ in e] for i, e in events.items() if len(e) != 1 or e[0][0] != "ImageReady"}
-    assert not doubled, doubled
+    assert_each_published_once(p, ids, events)
