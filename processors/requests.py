@@ -54,11 +54,14 @@ FORWARDED_FROM_MAX_BYTES = 512  # longer than any `topic/partition/offset`
 
 
 def check_headers(headers: Sequence[tuple[str, bytes | str | None]], limits: Limits) -> None:
-    """Raises InvalidRequest when the record's headers hold more than `limits.max_header_bytes`. A short
-    forwarded-from header is not counted: the gate adds it to a request it forwards, which is checked again."""
-    size = sum(HEADER_OVERHEAD_BYTES + len(key.encode("utf-8", "surrogatepass")) + len(value or b"")
-               for key, value in headers
-               if not (key == FORWARDED_FROM_HEADER and len(value or b"") <= FORWARDED_FROM_MAX_BYTES))
+    """Raises InvalidRequest when the record's headers hold more than `limits.max_header_bytes`. One short
+    forwarded-from header is not counted (only one: many would add up): the gate adds it to a request it forwards,
+    which is checked again at home."""
+    sizes = [HEADER_OVERHEAD_BYTES + len(key.encode("utf-8", "surrogatepass")) + len(value or b"")
+             for key, value in headers]
+    excused = next((n for n, (key, value) in zip(sizes, headers, strict=True)
+                    if key == FORWARDED_FROM_HEADER and len(value or b"") <= FORWARDED_FROM_MAX_BYTES), 0)
+    size = sum(sizes) - excused
     if size > limits.max_header_bytes:
         raise _invalid(f"the record's {len(headers)} headers hold {size} bytes; at most {limits.max_header_bytes}")
 

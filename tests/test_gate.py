@@ -379,3 +379,11 @@ def test_headers_just_under_the_cap_are_admitted_at_home_after_their_forward():
     [forward] = out["requests.normal"]
     at_home, _ = rig.decide(FakeMessage(forward.topic, 2, 5, forward.value, forward.key, forward.headers))
     assert "render.turbo.normal" in at_home and "requests.failed" not in at_home
+
+
+def test_many_forwarded_from_headers_count_against_the_cap_all_but_one():
+    rig = Rig()
+    headers = [("zimage-forwarded-from", b"tg.requests.normal/0/1")] * 600  # ~600 x 50 bytes
+    out, _ = rig.decide(rig.message(req(home=1), partition=1, headers=headers))
+    [failed] = rig.decode_all(out["requests.failed"], "RequestFailed")
+    assert failed["reason_code"] == "invalid_request" and "headers hold" in failed["reason"]
