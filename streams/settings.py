@@ -71,6 +71,10 @@ class Settings(IngressSettings, ImageSafetySettings):
     topic_prefix: str = Field("zimage", pattern=_TOPIC_PREFIX.pattern)
     request_partitions: int = Field(6, ge=1)
     output_partitions: int = Field(6, ge=1)
+    # Every stage's transactions write zimage.status, and each partition a transaction writes costs the broker a
+    # produce request, a partition verification and a commit marker. One status view process reads the topic, so
+    # one partition is enough; more let more status views share it.
+    status_partitions: int = Field(1, ge=1)
     schema_registry_url: str | None = None
     # Extra librdkafka settings: a JSON object, or key=value,key=value. See parse_kafka_extra.
     kafka_extra: Annotated[dict[str, str | SecretStr], NoDecode] = Field(default_factory=dict)
@@ -144,6 +148,10 @@ class Settings(IngressSettings, ImageSafetySettings):
     min_share_low: float = Field(0.1, ge=0, lt=1)
     share_patience_s: float = Field(2.0, ge=0)
     fetch_wait_ms: int = Field(500, ge=0)
+    # Under load, the longest a render worker's finished requests wait for their transaction (Kafka Streams'
+    # default for exactly-once). At light load they commit at once. Each transaction costs the broker a fixed
+    # amount of work for every partition it writes, so committing less often under load leaves more CPU for work.
+    commit_interval_ms: int = Field(100, ge=1, le=10000)
     aging_s: float | None = Field(60.0, gt=0)
 
     # --- durability and liveness ---
@@ -315,7 +323,8 @@ class Settings(IngressSettings, ImageSafetySettings):
 
     @cached_property
     def topology(self) -> Topology:
-        return Topology(self.topic_prefix, self.request_partitions, self.output_partitions, tuple(self.pools))
+        return Topology(self.topic_prefix, self.request_partitions, self.output_partitions, tuple(self.pools),
+                        self.status_partitions)
 
     @property
     def pool_table(self) -> dict[str, tuple[str, ...]]:

@@ -13,12 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from connectors import kafka
 from connectors.redis_store import RedisStore
 from schemas.serde import AvroSerde, SerdeError
-from streams.failures import Origin
 from streams.heap import freeze_start_up_heap
 from streams.settings import Settings
 
@@ -52,17 +51,16 @@ class StatusView:
         freeze_start_up_heap()
         try:
             while not self._stop.is_set():
-                for msg in kafka.consume_ready(consumer, 500, 0.2):
-                    value = msg.value()
-                    if msg.error() is not None:
-                        continue
-                    if value is not None and not self._apply(value):
-                        # Redis is down: read this status again later; the topic keeps every status meanwhile
-                        origin = Origin.of(msg)
-                        consumer.seek(TopicPartition(origin.topic, origin.partition, origin.offset))
-                        time.sleep(1.0)
-                        break
-                    consumer.store_offsets(message=msg)
+                msgs = [m for m in kafka.consume_ready(consumer, 500, 0.2) if m.error() is None]
+                if not msgs:
+                    continue
+                if not self._apply_many([m.value() for m in msgs]):
+                    # Redis is down: read these statuses again later; the topic keeps every status meanwhile
+                    for tp in _first_of_each_partition(msgs):
+                        consumer.seek(tp)
+                    time.sleep(1.0)
+                    continue
+                consumer.store_offsets(offsets=_next_of_each_partition(msgs))
         finally:
             consumer.close()
 
@@ -74,17 +72,46 @@ class StatusView:
                 tp.offset = OFFSET_BEGINNING
             self._redis.set(self._marker, b"1", ttl_s=10 * 365 * 24 * 3600.0)
 
-    def _apply(self, value: bytes) -> bool:
-        """False when Redis could not take it."""
-        try:
-            status = self._serde.decode("RequestStatus", value)
-        except SerdeError as exc:
-            log.warning("ignoring an unreadable status: %s", exc)
+    def _apply_many(self, values: list[bytes | None]) -> bool:
+        """Keeps the latest of `values` (by status time) in Redis, in two round trips whatever their number: one
+        status a round trip capped the view at a few thousand statuses a second, under the three that each
+        request makes. False when Redis could not take them."""
+        latest: dict[str, dict] = {}
+        for value in values:
+            if value is None:
+                continue
+            try:
+                status = self._serde.decode("RequestStatus", value)
+            except SerdeError as exc:
+                log.warning("ignoring an unreadable status: %s", exc)
+                continue
+            key = status_entry_key(self.s.topic_prefix, status["tenant"], status["request_id"])
+            if key not in latest or status["at"] >= latest[key]["at"]:
+                latest[key] = status
+        if not latest:
             return True
-        key = status_entry_key(self.s.topic_prefix, status["tenant"], status["request_id"])
-        current = self._redis.get_many([key])
+        keys = list(latest)
+        current = self._redis.get_many(keys)
         if current is None:
             return False
-        if current[0] and json.loads(current[0])["at"] > status["at"]:
-            return True  # an older status read again: the view keeps the latest
-        return self._redis.set(key, json.dumps(status).encode(), ttl_s=self.s.publication_window_days * 24 * 3600)
+        newer = [(key, json.dumps(latest[key]).encode()) for key, held in zip(keys, current, strict=True)
+                 if not held or json.loads(held)["at"] <= latest[key]["at"]]  # an older one read again: kept
+        return self._redis.set_many(newer, ttl_s=self.s.publication_window_days * 24 * 3600)
+
+
+def _first_of_each_partition(msgs: list[Message]) -> list[TopicPartition]:
+    first: dict[tuple[str, int], int] = {}
+    for topic, partition, offset in map(_coordinates, msgs):
+        first.setdefault((topic, partition), offset)
+    return [TopicPartition(t, p, o) for (t, p), o in first.items()]
+
+
+def _next_of_each_partition(msgs: list[Message]) -> list[TopicPartition]:
+    last: dict[tuple[str, int], int] = {}
+    for topic, partition, offset in map(_coordinates, msgs):
+        last[(topic, partition)] = offset
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def _coordinates(msg: Message) -> tuple[str, int, int]:
+    return msg.topic(), msg.partition(), msg.offset()  # type: ignore[return-value]  # a consumed record has all

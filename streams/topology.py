@@ -65,6 +65,7 @@ class Topology:
     request_partitions: int = 6
     output_partitions: int = 6
     pools: tuple[str, ...] = ("turbo",)
+    status_partitions: int = 1
 
     def request_topic(self, priority: str) -> str:
         if priority not in PRIORITIES:
@@ -218,7 +219,7 @@ class Topology:
             TopicSpec(self.images_by_sku, self.output_partitions, dict(compacted),
                       writers=("processors: publication",), readers=("subscribers", "publication (restore)"),
                       value="ImageReady"),
-            TopicSpec(self.status, self.output_partitions, dict(compacted),
+            TopicSpec(self.status, self.status_partitions, dict(compacted),
                       writers=("gate", "render worker", "processors"),
                       readers=("subscribers", "processors: status"), value="RequestStatus"),
             TopicSpec(self.webhook_deliveries, self.output_partitions,

@@ -51,7 +51,7 @@ class RenderWorker:
     def __init__(self, settings: Settings, renderer: BatchRenderer, store: ObjectStore, serde: AvroSerde, *,
                  consumer_factory: Callable[..., Consumer] = kafka.consumer,
                  step_factory: Callable[..., TransactionalStep] = TransactionalStep,
-                 commit_interval_s: float = 0.05, consume_batch: int = 500,
+                 commit_interval_s: float | None = None, consume_batch: int = 500,
                  cancellations: Cancellations | None = None,
                  notes_producer_factory: Callable[[dict[str, str]], Producer] = kafka.producer):
         self.s = settings
@@ -60,7 +60,7 @@ class RenderWorker:
         self._serde = serde
         self._consumer_factory = consumer_factory
         self._step_factory = step_factory
-        self._commit_interval = commit_interval_s
+        self._commit_interval = settings.commit_interval_ms / 1000 if commit_interval_s is None else commit_interval_s
         self._consume_batch = consume_batch
         self._priority_of_topic = {t: p for p, t in self.topology.render_input_topics(settings.pool).items()}
         self._lock = threading.Condition()
