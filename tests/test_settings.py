@@ -66,6 +66,8 @@ def refusal(monkeypatch, **env: str) -> str:
      "ZIMAGE_MIN_INSYNC_REPLICAS=2 is above ZIMAGE_REPLICATION_FACTOR=1"),
     ({"replication_factor": "0"}, "ZIMAGE_REPLICATION_FACTOR='0'"),
     ({"post_threads": "0"}, "ZIMAGE_POST_THREADS='0'"),
+    ({"status_partitions": "0"}, "ZIMAGE_STATUS_PARTITIONS='0'"),
+    ({"commit_interval_ms": "0"}, "ZIMAGE_COMMIT_INTERVAL_MS='0'"),
     ({"callback_allowlist": "hooks.internal,not a host!"}, "ZIMAGE_CALLBACK_ALLOWLIST: 'host!' is neither"),
     ({"batch_timeout_factor": "1"}, "ZIMAGE_BATCH_TIMEOUT_FACTOR"),
     ({"device_fault_exit_s": "-1"}, "ZIMAGE_DEVICE_FAULT_EXIT_S"),
@@ -172,6 +174,15 @@ def test_new_settings_defaults():
             s.max_tenant_chars, s.max_sku_id_chars) == (".stack/state", (), 32, 16384, 128, 256)
     assert (s.device_fault_exit_s, s.batch_timeout_factor, s.batch_timeout_floor_s, s.share_patience_s,
             s.fetch_wait_ms, s.replication_factor, s.min_insync_replicas) == (300, 10.0, 120.0, 2.0, 500, None, None)
+    assert (s.status_partitions, s.commit_interval_ms) == (1, 100)
+
+
+def test_the_status_topic_has_its_own_partition_count(monkeypatch):
+    monkeypatch.setenv("ZIMAGE_OUTPUT_PARTITIONS", "6")
+    monkeypatch.setenv("ZIMAGE_STATUS_PARTITIONS", "2")
+    topics = {t.name: t.partitions for t in load_settings(_env_file=None).topology.topics()}
+    assert topics["zimage.status"] == 2
+    assert topics["zimage.images.ready"] == topics["zimage.rendered"] == 6
 
 
 def test_callback_allowlist_keeps_networks_and_lower_case_names(monkeypatch):
