@@ -22,9 +22,9 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
+from types import TracebackType
 
 from connectors.retry import Stopping
 
@@ -37,6 +37,7 @@ ACTIVITIES = ("intake", "render")
 INTAKE_STEP, RENDER_STEP = "intake", "a render batch"
 STEP_ACTIVITIES = {INTAKE_STEP: ("intake",), RENDER_STEP: ("render",)}
 MAP_BYTES = 64 * 1024  # a batch's coordinates fit many times over; a larger write grows the file
+QUOTED_TOPICS_MAX = 1024  # topic names kept JSON-quoted; a worker reads a handful
 
 
 class Deliberate(Exception):
@@ -51,6 +52,7 @@ class CrashJournal:
         self.max_strikes = max_strikes
         self._lock = threading.Lock()
         self._fds = {a: os.open(self._path(a), os.O_RDWR | os.O_CREAT, 0o644) for a in ACTIVITIES}
+        self._quoted: dict[str, str] = {}
         self._strikes: dict[Source, int] = self._load_strikes()
         blamed = self._read_overdue()
         if blamed is not None:
@@ -74,17 +76,11 @@ class CrashJournal:
     def strikes(self, source: Source) -> int:
         return self._strikes.get(source, 0)
 
-    @contextmanager
-    def holding(self, activity: str, sources: Iterable[Source]) -> Iterator[None]:
-        """Names `sources` as in hand for the duration of the step. Cleared when the step ends normally or by a
-        `Deliberate` exception; left in place when anything else escapes it, since that ends the process."""
-        self._write(activity, list(sources))
-        try:
-            yield
-        except (Deliberate, Stopping):
-            self._write(activity, [])
-            raise
-        self._write(activity, [])
+    def holding(self, activity: str, sources: Iterable[Source]) -> Holding:
+        """Names `sources` as in hand for the duration of the step (`with journal.holding(...):`). Cleared when the
+        step ends normally or by a `Deliberate` exception; left in place when anything else escapes it, since that
+        ends the process."""
+        return Holding(self, activity, list(sources))
 
     def overdue(self, step: str | None) -> None:
         """Notes whose records a death would blame now: while `step` is past its deadline (the deadline is then what
@@ -121,7 +117,7 @@ class CrashJournal:
 
     def _write(self, activity: str, sources: list[Source]) -> None:
         """The JSON of `sources`, then spaces over what is left of the previous, longer write."""
-        data = json.dumps(sources).encode()
+        data = self._json(sources)
         if len(data) > len(self._maps[activity]):
             self._map(activity, 2 * len(data))
         m, before = self._maps[activity], self._written[activity]
@@ -129,6 +125,19 @@ class CrashJournal:
         if before > len(data):
             m[len(data):before] = b" " * (before - len(data))
         self._written[activity] = len(data)
+
+    def _json(self, sources: list[Source]) -> bytes:
+        """`json.dumps(sources)`, with each topic name quoted once: the intake writes twice a record, and the
+        encoder's own overhead was most of that cost."""
+        rows = []
+        for topic, partition, offset in sources:
+            quoted = self._quoted.get(topic)
+            if quoted is None:
+                if len(self._quoted) >= QUOTED_TOPICS_MAX:
+                    self._quoted.clear()
+                quoted = self._quoted[topic] = json.dumps(topic)
+            rows.append(f"[{quoted}, {int(partition)}, {int(offset)}]")
+        return f"[{', '.join(rows)}]".encode()
 
     def _read(self, activity: str) -> list[Source]:
         try:
@@ -175,3 +184,21 @@ class CrashJournal:
             m.close()
         for fd in self._fds.values():
             os.close(fd)
+
+
+class Holding:
+    """The context of `CrashJournal.holding`: a plain class, since the intake enters one per record (a generator
+    context manager cost about as much as the write itself)."""
+
+    __slots__ = ("_activity", "_journal", "_sources")
+
+    def __init__(self, journal: CrashJournal, activity: str, sources: list[Source]) -> None:
+        self._journal, self._activity, self._sources = journal, activity, sources
+
+    def __enter__(self) -> None:
+        self._journal._write(self._activity, self._sources)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is None or issubclass(kind, (Deliberate, Stopping)):
+            self._journal._write(self._activity, [])

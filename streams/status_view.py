@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -95,8 +96,24 @@ class StatusView:
         if current is None:
             return False
         newer = [(key, json.dumps(latest[key]).encode()) for key, held in zip(keys, current, strict=True)
-                 if not held or json.loads(held)["at"] <= latest[key]["at"]]  # an older one read again: kept
+                 if _time_of(held) <= latest[key]["at"]]  # an older one read again: kept
         return self._redis.set_many(newer, ttl_s=self.s.publication_window_days * 24 * 3600)
+
+
+def _time_of(held: bytes | None) -> float:
+    """The time of the status Redis holds under a key. A value the view cannot read (written by hand, cut short,
+    from another program) counts as older than any status: the topic is the truth, so the view overwrites it
+    rather than stop on it."""
+    if not held:
+        return -math.inf
+    try:
+        at = json.loads(held)["at"]
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        at = None
+    if isinstance(at, bool) or not isinstance(at, (int, float)):
+        log.warning("a status in Redis is unreadable; the topic's replaces it")
+        return -math.inf
+    return float(at)
 
 
 def _first_of_each_partition(msgs: list[Message]) -> list[TopicPartition]:

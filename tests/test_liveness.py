@@ -96,6 +96,20 @@ def test_a_death_after_a_long_write_and_a_short_one_blames_only_the_short_ones_r
     assert journal.strikes(SOURCE) == 1 and not any(journal.strikes(src) for src in batch)
 
 
+def test_a_death_blames_exactly_the_records_named_whatever_their_topic_names(tmp_path):
+    odd = [('zimage."quoted"\\topic', 2, 5), ("zimage.render.turbo.low", 11, 2**40)]
+    done = run_python(f"""
+        import os, signal
+        from streams.crash_journal import CrashJournal
+        journal = CrashJournal({str(tmp_path)!r}, "w")
+        with journal.holding("intake", {odd!r}):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert done.returncode == -9
+    journal = CrashJournal(tmp_path, "w")
+    assert [journal.strikes(src) for src in odd] == [1, 1] and journal.strikes(SOURCE) == 0
+
+
 def test_a_deliberate_exit_or_a_normal_end_is_no_strike(tmp_path):
     journal = CrashJournal(tmp_path, "w")
     with journal.holding("render", [SOURCE]):

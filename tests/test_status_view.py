@@ -77,6 +77,17 @@ def test_a_batch_keeps_the_latest_of_each_request_in_two_round_trips():
     assert fake.client.mget.call_count == 1 and fake.script_calls == 1
 
 
+def test_an_unreadable_value_in_redis_is_replaced_not_fatal():
+    fake = FakeRedis()
+    view = make_view(fake)
+    held = [b"not json", b"[1, 2]", b'{"at": "late"}', b'{"status": "x"}', b"[" * 100_000, b'{"at": true}']
+    for i, value in enumerate(held):
+        fake.data[status_entry_key("tv", "acme", f"r{i}")] = value
+    assert view._apply_many([status("admitted", 10, f"r{i}") for i in range(len(held))])
+    for i in range(len(held)):
+        assert json.loads(fake.data[status_entry_key("tv", "acme", f"r{i}")])["status"] == "admitted"
+
+
 def test_redis_down_means_the_status_is_read_again_later():
     fake = FakeRedis()
     view = make_view(fake)
