@@ -17,6 +17,9 @@ from urllib.parse import unquote, urlparse
 LOCAL_FILE_MODE = 0o644
 
 
+NAME_MAX_BYTES = 255  # the longest file name of common file systems (ext4, xfs, tmpfs)
+
+
 class ObjectNotFound(LookupError):
     """No object under that key or URI."""
 
@@ -135,6 +138,10 @@ class LocalObjectStore:
         return self._inside(self.root / check_key(key), key)
 
     def _inside(self, path: Path, asked: str) -> Path:
+        # A NUL or a name longer than the file system takes would fail as an OSError or ValueError, which reads as
+        # an outage of the store; it is the name's fault.
+        if "\x00" in str(path) or any(len(os.fsencode(part)) > NAME_MAX_BYTES for part in path.parts):
+            raise UnsafeKey(f"{asked[:200]!r} is no usable file name")
         resolved = path.resolve()  # follows symlinks, so a link cannot lead outside either
         if resolved == self.root or not resolved.is_relative_to(self.root):
             raise UnsafeKey(f"{asked!r} is outside the object store root {self.root}")
@@ -191,7 +198,12 @@ class S3ObjectStore:
         return True
 
     def key_of(self, uri_or_key: str) -> str:
-        bucket, full_key = self._locate(uri_or_key)
+        if not uri_or_key.startswith("s3://"):
+            return check_key(uri_or_key)
+        parsed = urlparse(uri_or_key)
+        bucket, full_key = parsed.netloc, parsed.path.lstrip("/")
+        if not bucket or not full_key:
+            raise UnsafeKey(f"{uri_or_key!r} is not an s3://bucket/key URI")
         inside = full_key.removeprefix(f"{self.prefix}/") if self.prefix else full_key
         if bucket != self.bucket or (self.prefix and inside == full_key):
             raise UnsafeKey(f"{uri_or_key!r} is outside s3://{self.bucket}/{self.prefix}")
@@ -227,13 +239,9 @@ class S3ObjectStore:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _locate(self, uri_or_key: str) -> tuple[str, str]:
-        if uri_or_key.startswith("s3://"):
-            parsed = urlparse(uri_or_key)
-            key = parsed.path.lstrip("/")
-            if not parsed.netloc or not key:
-                raise UnsafeKey(f"{uri_or_key!r} is not an s3://bucket/key URI")
-            return parsed.netloc, key
-        return self.bucket, self._key(uri_or_key)
+        """The bucket and full key of an object of this store. A URI naming another bucket, or a key outside the
+        prefix, is refused (UnsafeKey): an event read from a topic must not make the store read elsewhere."""
+        return self.bucket, self._key(self.key_of(uri_or_key))
 
 
 def _s3_client(endpoint_url: str | None, region: str | None) -> Any:

@@ -76,13 +76,16 @@ def read_to_end(base: dict[str, str], topic: str, partitions: list[int],
 
 
 class ChangelogTable(Generic[V]):
-    """Per input partition: key -> value. `decode` reads a changelog value (raising ValueError, KeyError or
-    TypeError on one it cannot read: that entry is skipped); `merge(old, new)` is what a restored entry leaves
-    (None: the key is dropped); `restore` replaces reading the topic (tests)."""
+    """Per input partition: key -> value. `decode` reads a changelog value (an entry that it or `merge` raises on
+    is skipped); `merge(old, new)` is what a restored entry leaves (None: the key is dropped); `restore` replaces
+    restoring a partition, `read` how the topic is read (tests)."""
 
     def __init__(self, base: dict[str, str], topic: str, *, encode: Callable[[V], bytes],
                  decode: Callable[[bytes], V], merge: Callable[[V | None, V], V | None] = lambda old, new: new,
-                 restore: Callable[[int], dict[str, V]] | None = None, what: str = "entries"):
+                 restore: Callable[[int], dict[str, V]] | None = None, what: str = "entries",
+                 read: Callable[[dict[str, str], str, list[int], Callable[[bytes | None, bytes | None], None]],
+                                None] = read_to_end):
+        self._read = read
         self._base = base
         self._topic = topic
         self._encode = encode
@@ -120,17 +123,17 @@ class ChangelogTable(Generic[V]):
                 table.pop(name, None)
                 return
             try:
-                new = self._decode(raw)
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring an unreadable entry of %s[%d]", self._topic, partition)
+                merged = self._merge(table.get(name), self._decode(raw))
+            except Exception as exc:  # noqa: BLE001 - one bad entry (cut short, too deep, a number out of range,
+                # a wrong type) is skipped: stopping on it would stop the restore, and the partition, for good
+                log.warning("ignoring an unreadable entry of %s[%d]: %s", self._topic, partition, type(exc).__name__)
                 return
-            merged = self._merge(table.get(name), new)
             if merged is None:
                 table.pop(name, None)
             else:
                 table[name] = merged
 
-        read_to_end(self._base, self._topic, [partition], apply)
+        self._read(self._base, self._topic, [partition], apply)
         log.info("restored %d %s of %s[%d] in %.2fs", len(table), self._what, self._topic, partition,
                  time.monotonic() - started)
         return table

@@ -49,7 +49,7 @@ from processors.admission import (
 from processors.events import image_rendered
 from processors.requests import InvalidRequest, check_headers, validate
 from processors.status import request_status, status_key
-from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
+from schemas.serde import AvroSerde, InvalidRecord, RegistryUnavailable, SerdeError, UnknownSchema
 from streams import metrics
 from streams.cancellation import Cancellations
 from streams.changelog_table import RestoreFailed
@@ -231,27 +231,28 @@ class Gate:
             metrics.GATE.labels("duplicate").inc()
             return [self._status(request, "duplicate", generation, now_ms, final=True,
                                  detail="already admitted in this generation: the first outcome stands")]
-        out = [self._admitted.admit(origin.partition, key, now_ms)]
+        # Remembered only once its outputs are built: a request that fails on the way (internal_error) must find
+        # nothing remembered when it is sent again, or the retry would be taken for a duplicate and never rendered.
+        outcome = self._outcome(origin, request, info, generation, ckey, verdict, cancelled, now_ms)
+        return [self._admitted.admit(origin.partition, key, now_ms), *outcome]
+
+    def _outcome(self, origin: Origin, request: dict[str, Any], info: PoolInfo, generation: str, ckey: str,
+                 verdict: tuple[str, str | None], cancelled: bool, now_ms: int) -> list[OutRecord]:
+        """What an admitted request turns into: a failure (cancelled, blocked), its cached answer, or its routed
+        copy on the pool's render topic; each with its status."""
         if cancelled:
             metrics.GATE.labels("cancelled").inc()
-            return out + self._failed("cancelled", "cancelled while queued, before it was routed", origin, request,
+            return self._failed("cancelled", "cancelled while queued, before it was routed", origin, request,
                                       dead_letter=False)
         action, why = verdict
         if action == "block":
             metrics.GATE.labels("blocked").inc()
-            return out + self._failed("blocked", f"prompt blocked by {why}", origin, request, dead_letter=False)
+            return self._failed("blocked", f"prompt blocked by {why}", origin, request, dead_letter=False)
         flagged = f"prompt flagged for review by {why}" if action == "review" else None
-        hit = self._cached(ckey)
-        if hit is not None:
+        answer = self._cached_answer(origin, request, info, generation, ckey, now_ms)
+        if answer is not None:
             metrics.GATE.labels("cached").inc()
-            rendered = image_rendered(
-                request=request, images=hit["images"], model_id=hit["model_id"], model_version=info.model_version,
-                timings_ms={"render": 0.0}, batch_id="cache", batch_size=0, worker_id="gate",
-                source=lineage(origin), now_ms=now_ms, generation=generation, cache_key=ckey, cached=True,
-                replay_id=header_text(origin.headers, REPLAY_ID_HEADER))
-            value = self._serde.encode("ImageRendered", rendered, topic=self.topology.rendered)  # from Redis: checked
-            return [*out, OutRecord(self.topology.rendered, value, request["request_id"].encode()),
-                    self._status(request, "cached", generation, now_ms, detail=flagged)]
+            return [answer, self._status(request, "cached", generation, now_ms, detail=flagged)]
         metrics.GATE.labels("admitted").inc()
         # The topic a request was read from is its priority: a replay re-drives high requests into the low topic,
         # unchanged, and they must not overtake live traffic.
@@ -262,8 +263,27 @@ class Gate:
         topic = self.topology.render_topic(info.pool, priority)
         value = self._serde.encode("GenerationRequest", routed, topic=topic, validate=False)
         # Keyed by cache key: identical requests of a pool meet on one worker, which renders them once.
-        return [*out, OutRecord(topic, value, ckey.encode(), list(origin.headers)),
+        return [OutRecord(topic, value, ckey.encode(), list(origin.headers)),
                 self._status(request, "admitted", generation, now_ms, detail=flagged)]
+
+    def _cached_answer(self, origin: Origin, request: dict[str, Any], info: PoolInfo, generation: str, ckey: str,
+                       now_ms: int) -> OutRecord | None:
+        """The ImageRendered that answers a request from the cache, or None: no entry, Redis down, or an entry
+        that does not make a valid event (Redis is a cache, not a source of truth: the request renders)."""
+        hit = self._cached(ckey)
+        if hit is None:
+            return None
+        try:  # checked in full: the entry came from Redis
+            rendered = image_rendered(
+                request=request, images=hit["images"], model_id=hit["model_id"], model_version=info.model_version,
+                timings_ms={"render": 0.0}, batch_id="cache", batch_size=0, worker_id="gate",
+                source=lineage(origin), now_ms=now_ms, generation=generation, cache_key=ckey, cached=True,
+                replay_id=header_text(origin.headers, REPLAY_ID_HEADER))
+            value = self._serde.encode("ImageRendered", rendered, topic=self.topology.rendered)
+        except (InvalidRecord, ValueError, TypeError, KeyError) as exc:
+            log.warning("ignoring a cache entry for %s that makes no valid ImageRendered: %s", ckey, exc)
+            return None
+        return OutRecord(self.topology.rendered, value, request["request_id"].encode())
 
     def _look_up(self, requests: list[dict[str, Any]], ordered: list[str]
                  ) -> tuple[set[int], dict[str, bytes | None] | None]:
@@ -298,7 +318,7 @@ class Gate:
             if (isinstance(entry.get("model_id"), str) and entry.get("images")
                     and all(image.keys() >= CACHED_IMAGE_FIELDS for image in entry["images"])):
                 return entry
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             pass
         log.warning("ignoring an unreadable cache entry for %s", key)  # rendered as if never seen
         return None

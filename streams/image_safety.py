@@ -92,6 +92,9 @@ class ImageSafety:
         for per_request in futures:
             verdicts: list[SafetyVerdict] = []
             scanned: Scanned | None = None
+            if not per_request:  # the schema allows an empty list; there is nothing to publish, and no verdict
+                out.append(Scanned(error=ValueError("the ImageRendered lists no image")))
+                continue
             for future in per_request:
                 try:
                     verdicts.append(future.result())

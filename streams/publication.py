@@ -30,7 +30,7 @@ from processors.publication_state import by_sku_key
 from processors.requests import check_headers
 from processors.safety import UNSCANNED, SafetyVerdict, describe, metric_label
 from processors.status import request_status, status_key
-from schemas.serde import AvroSerde
+from schemas.serde import AvroSerde, RegistryUnavailable
 from streams import metrics
 from streams.changelog_table import RestoreFailed
 from streams.failures import FailureRecords, Origin
@@ -116,9 +116,13 @@ class PublicationRelay:
             except (KafkaException, RestoreFailed) as exc:  # the state in Kafka could not be read: not the record's
                 self._held.hold(self._consumer, tp, origin.offset, f"publication state: {exc}")
                 continue
+            except RegistryUnavailable as exc:  # an outage of the Schema Registry: not the record's fault either
+                self._held.hold(self._consumer, tp, origin.offset, f"schema registry: {exc}")
+                continue
             except Exception as exc:  # noqa: BLE001 - a record never stops publication
                 log.error("unpublishable record at %s: %s", origin.source, exc)
-                records += self._failures("unpublishable", f"{type(exc).__name__}: {exc}", origin, None)
+                records += self._failures("unpublishable", f"{type(exc).__name__}: {exc}", origin,
+                                          self._request_of(origin))
             offsets[tp] = origin.offset + 1
             self._held.decided(tp)
         return records, offsets
@@ -136,7 +140,22 @@ class PublicationRelay:
                 continue
             if rendered is not None and not rendered.get("cached"):
                 todo[origin.source] = rendered
-        return dict(zip(todo, self._safety.scan(list(todo.values())), strict=True))
+        try:
+            return dict(zip(todo, self._safety.scan(list(todo.values())), strict=True))
+        except Exception as exc:  # noqa: BLE001 - each record is then scanned alone, inside its own try
+            log.warning("scanning a batch together failed (%r); scanning each record alone", exc)
+            return {}
+
+    def _request_of(self, origin: Origin) -> dict | None:
+        """The ImageRendered a failed record carries, when it decodes: its RequestFailed then names the request
+        (its status, its callback); None for a record that does not."""
+        try:
+            if origin.topic == self.topology.review_decisions:
+                decision = self._serde.decode("ReviewDecision", origin.value, topic=origin.topic)
+                return self._serde.decode("ImageRendered", decision["rendered"], topic=self.topology.rendered)
+            return self._serde.decode("ImageRendered", origin.value, topic=self.topology.rendered)
+        except Exception:  # noqa: BLE001 - undecodable: the failure names the record by its coordinates only
+            return None
 
     def _to_publish(self, origin: Origin, now_ms: int) -> dict | None:
         value = origin.value

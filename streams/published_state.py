@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from processors.publication_state import DAY_MS, PublicationState, SkuLatest
-from schemas.serde import AvroSerde
+from schemas.serde import AvroSerde, RegistryUnavailable
 from streams.changelog_table import read_to_end
 from streams.topology import Topology
 
@@ -42,8 +42,7 @@ class PublishedState:
             state = PublicationState(self._window_ms)
 
             def restore(_key: bytes | None, value: bytes | None) -> None:
-                if value is not None:
-                    state.apply(self._ready(value))
+                self._restored(self._topology.images_ready, value, state.apply)
 
             self._read(self._base, self._topology.images_ready, [partition], restore)
             state.evict(int(time.time() * 1000))
@@ -57,8 +56,7 @@ class PublishedState:
             sku = SkuLatest()
 
             def restore(_key: bytes | None, value: bytes | None) -> None:
-                if value is not None:
-                    sku.offer(self._ready(value))
+                self._restored(self._topology.images_by_sku, value, sku.offer)
 
             self._read(self._base, self._topology.images_by_sku, list(range(self._topology.output_partitions)),
                        restore)
@@ -74,5 +72,15 @@ class PublishedState:
         for partition in partitions:
             self._partitions.pop(partition, None)
 
-    def _ready(self, value: bytes) -> dict:
-        return self._serde.decode("ImageReady", value)
+    def _restored(self, topic: str, value: bytes | None, apply: Callable[[dict], object]) -> None:
+        """Applies one record of `topic` to the state. A record that is no ImageReady (a producer's mistake, a
+        hostile write) is skipped: stopping on it would stop the restore, and every record after it, for good.
+        A Schema Registry outage is no record's fault: it raises, and the restore is tried again."""
+        if value is None:
+            return
+        try:
+            apply(self._serde.decode("ImageReady", value, topic=topic))
+        except RegistryUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("ignoring an unreadable record of %s: %s", topic, f"{type(exc).__name__}: {exc}"[:300])

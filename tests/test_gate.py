@@ -200,7 +200,9 @@ def test_a_batch_is_routed_most_urgent_first_keeping_each_partitions_order():
     assert routed == [high1["request_id"], high2["request_id"], normal["request_id"], low["request_id"]]
 
 
-@pytest.mark.parametrize("entry", [b"not json", b"[]", b'{"model_id": "tiny", "images": [{"uri": "x"}]}'])
+@pytest.mark.parametrize("entry", [
+    b"not json", b"[]", b'{"model_id": "tiny", "images": [{"uri": "x"}]}', b"[" * 100_000,
+    b'{"model_id": "m", "images": [{"index": "x", "uri": 1, "sha256": 2, "seed": 3, "size_bytes": 4}]}'])
 def test_an_unreadable_cache_entry_is_a_miss_not_a_failure(entry):
     client = create_autospec(redis.Redis, instance=True)
     client.mget.side_effect = lambda keys: [entry for _ in keys]
@@ -226,6 +228,18 @@ def test_an_unexpected_error_after_the_checks_fails_that_request_alone():
     assert failed["reason_code"] == "internal_error" and failed["request_id"] == bad["request_id"]
     assert len(out["render.turbo.normal"]) == 1 and len(out["dlq"]) == 1
     assert offsets == {(f"{PREFIX}.requests.normal", 1): m2.offset() + 1}
+    assert [r.key for r in out["gate.changelog"]] == [records_key(rig, good)]  # only what was admitted is kept
+
+    rig.serde.encode = encode  # type: ignore[method-assign]
+    again, _ = rig.decide(rig.message(bad))  # sent again: rendered, not taken for a duplicate of the failure
+    assert len(again["render.turbo.normal"]) == 1 and "requests.failed" not in again
+
+
+def records_key(rig, request: dict) -> bytes:
+    from processors.admission import idempotency_key
+
+    generation = rig.gate._pools.pools["turbo"].model_version
+    return idempotency_key(request["tenant"], request["request_id"], generation).encode()
 
 
 def test_generation_covers_the_template_version_and_the_generation_a_backfill_asks_for() -> None:

@@ -178,3 +178,17 @@ def test_with_no_detector_every_image_is_published_marked_unscanned(tmp_path) ->
     [ready] = [serde.decode("ImageReady", r.value) for r in records if r.topic == f"{PREFIX}.images.ready"]
     assert ready["safety"] == {"decision": "PASS", "scanned": False, "top_label": None, "top_score": None}
     assert count("unscanned") == before + 1
+
+
+def test_hostile_image_lists_fail_their_own_request_and_the_batch_goes_on(tmp_path) -> None:
+    rig = Rig(tmp_path, {b"chair": {"nudity": 0.01}})
+    clean = rig.rendered("a chair", b"chair")
+    empty = {**rig.rendered("nothing", b"chair"), "images": []}
+    elsewhere = rig.rendered("elsewhere", b"chair")
+    elsewhere["images"] = [{**elsewhere["images"][0], "uri": (tmp_path / "objects").resolve().as_uri() + "/a%00b"}]
+    out, offsets = rig.publish(empty, elsewhere, clean)
+    [ready] = rig.decode(out["images.ready"], "ImageReady")
+    assert ready["request_id"] == clean["request_id"]
+    failed = {f["request_id"]: f["reason_code"] for f in rig.decode(out["requests.failed"], "RequestFailed")}
+    assert failed == {empty["request_id"]: "unpublishable", elsewhere["request_id"]: "unpublishable"}
+    assert offsets == {(f"{PREFIX}.rendered", 1): rig.offset + 1}  # nothing held: no outage

@@ -232,6 +232,33 @@ def test_a_restore_that_fails_part_way_is_read_again_whole_not_used_in_part():
     assert len(state.of_partition(1)) == 2 and len(reads) == 2
 
 
+def test_records_that_are_no_image_ready_are_skipped_when_the_state_is_restored():
+    from schemas.serde import RegistryUnavailable
+    from streams.published_state import PublishedState
+
+    serde = AvroSerde()
+    topology = Settings(_env_file=None, topic_prefix=PREFIX, output_partitions=3).topology
+    good = image_ready_value(serde, req())
+    hostile = [b"\x00garbage", b"", b"[" * 100_000, serde.encode("RequestStatus", {
+        "tenant": "acme", "request_id": "x", "status": "admitted", "stage": "gate", "at": 1, "final": False,
+        "generation": None, "detail": None})]
+
+    def read(_base, _topic, _partitions, apply) -> None:
+        for value in [*hostile, good, *hostile]:
+            apply(b"k", value)
+
+    state = PublishedState({}, topology, serde, 30.0, read=read)
+    assert len(state.of_partition(1)) == 1
+    assert state.sku_latest() is not None
+
+    class RegistryDown(AvroSerde):
+        def decode(self, *_args, **_kwargs):
+            raise RegistryUnavailable("the registry does not answer")
+
+    with pytest.raises(RegistryUnavailable):  # an outage is no record's fault: the restore is tried again
+        PublishedState({}, topology, RegistryDown(), 30.0, read=read).of_partition(1)
+
+
 def image_ready_value(serde: AvroSerde, request: dict) -> bytes:
     import time
 

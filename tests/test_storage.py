@@ -104,6 +104,16 @@ def test_local_refuses_symlinks_and_uris_leading_outside(tmp_path: Path) -> None
     assert not (outside / "x.png").exists()
 
 
+def test_local_refuses_uris_no_file_system_takes_as_the_names_fault(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "root")
+    root = (tmp_path / "root").resolve().as_uri()
+    for uri in (f"{root}/a%00b.png", f"{root}/{'n' * 300}.png", f"{root}/images/{'d' * 256}/x.png"):
+        with pytest.raises(UnsafeKey):
+            store.get(uri)  # not an OSError or ValueError, which read as an outage of the store
+        with pytest.raises(UnsafeKey):
+            store.key_of(uri)
+
+
 def test_local_missing_object(tmp_path: Path) -> None:
     with pytest.raises(ObjectNotFound):
         LocalObjectStore(tmp_path).get("nope.png")
@@ -216,6 +226,18 @@ def test_s3_missing_object_and_bad_keys(s3_store: S3ObjectStore) -> None:
         s3_store.get(f"s3://{s3_store.bucket}/{s3_store.prefix}/nope.png")
     with pytest.raises(UnsafeKey):
         s3_store.put("../x.png", b"x", "image/png")
+
+
+def test_s3_reads_nothing_outside_its_bucket_and_prefix(s3_store: S3ObjectStore) -> None:
+    s3_store.put("mine.png", PNG, "image/png")
+    outside = [f"s3://another-bucket/{s3_store.prefix}/mine.png", f"s3://{s3_store.bucket}/mine.png",
+               f"s3://{s3_store.bucket}/{s3_store.prefix}-other/mine.png", "s3://", f"s3://{s3_store.bucket}/"]
+    for uri in outside:
+        with pytest.raises(UnsafeKey):
+            s3_store.get(uri)
+        with pytest.raises(UnsafeKey):
+            s3_store.exists(uri)
+    assert s3_store.get(f"s3://{s3_store.bucket}/{s3_store.prefix}/mine.png") == PNG
 
 
 def test_s3_store_from_a_thread_pool(s3_store: S3ObjectStore) -> None:
