@@ -30,6 +30,17 @@ class PoolInfo:
     max_side: int
     size_multiple: int
 
+    def __post_init__(self) -> None:
+        # Read from a topic anyone with access can write: an announcement that would fail every request of its
+        # pool (a size multiple of 0 divides by zero) is refused here, and the pool's last good one stands.
+        for name in ("pool", "model", "model_id", "model_version"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"a pool announcement needs a non-empty {name}")
+        for name in ("max_side", "size_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"a pool announcement needs a positive {name}, got {value!r}")
+
     @classmethod
     def from_announcement(cls, event: Mapping[str, Any]) -> PoolInfo:
         return cls(event["pool"], event["model"], event["model_id"], event["model_version"], event["max_side"],

@@ -21,7 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from connectors.kafka import OutRecord
 from processors.admission import PoolInfo
-from schemas.serde import AvroSerde, SerdeError
+from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError
 from streams.changelog_table import ChangelogTable, restore_reader
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class PoolDirectory:
 
     def __init__(self, base: dict[str, str], topic: str, serde: AvroSerde, consumer: Consumer | None = None):
         self._serde = serde
+        self._topic = topic
         self._consumer = consumer if consumer is not None else restore_reader(base)
         self._consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
         self.pools: dict[str, PoolInfo] = {}
@@ -68,8 +69,12 @@ class PoolDirectory:
                 continue
             try:
                 info = PoolInfo.from_announcement(self._serde.decode("PoolAnnouncement", msg.value()))
-            except (SerdeError, KeyError) as exc:
-                log.warning("ignoring an unreadable pool announcement: %s", exc)
+            except RegistryUnavailable as exc:  # not the announcement's fault: read it again at the next refresh
+                log.warning("pool announcements wait for the Schema Registry: %s", exc)
+                self._consumer.seek(TopicPartition(self._topic, 0, msg.offset() or 0))
+                break
+            except (SerdeError, KeyError, ValueError) as exc:
+                log.warning("ignoring an unusable pool announcement: %s", exc)
                 continue
             if self.pools.get(info.pool) != info:
                 log.info("pool %s serves %s as %s", info.pool, info.model, info.model_version)

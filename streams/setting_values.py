@@ -159,3 +159,29 @@ def as_network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | No
         return ipaddress.ip_network(entry, strict=False)
     except ValueError:
         return None
+
+
+# What the webhooks app (faust-streaming over aiokafka) can take of ZIMAGE_KAFKA_EXTRA's security settings.
+WEBHOOK_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+WEBHOOK_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def webhook_security(extra: Mapping[str, str | SecretStr]) -> dict[str, str]:
+    """The security settings of ZIMAGE_KAFKA_EXTRA in the terms the webhooks app takes them: protocol, mechanism,
+    username, password, ca, certificate, key, key_password (the ones given). Raises ValueError for a protocol or
+    mechanism aiokafka does not speak."""
+    plain = {k: v.get_secret_value() if isinstance(v, SecretStr) else str(v) for k, v in extra.items()}
+    protocol = plain.get("security.protocol", "PLAINTEXT").upper()
+    if protocol not in WEBHOOK_PROTOCOLS:
+        raise ValueError(f"security.protocol={protocol!r} is none of {', '.join(WEBHOOK_PROTOCOLS)}")
+    out = {"protocol": protocol}
+    if protocol.startswith("SASL"):
+        mechanism = plain.get("sasl.mechanism", plain.get("sasl.mechanisms", "GSSAPI")).upper()
+        if mechanism not in WEBHOOK_SASL_MECHANISMS:
+            raise ValueError(f"the webhooks process speaks SASL {', '.join(WEBHOOK_SASL_MECHANISMS)}, not "
+                             f"{mechanism!r}")
+        out["mechanism"] = mechanism
+    names = {"sasl.username": "username", "sasl.password": "password", "ssl.ca.location": "ca",
+             "ssl.certificate.location": "certificate", "ssl.key.location": "key", "ssl.key.password": "key_password"}
+    out.update({name: plain[key] for key, name in names.items() if key in plain})
+    return out

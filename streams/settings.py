@@ -33,6 +33,7 @@ from streams.setting_values import (
     parse_kafka_extra,
     parse_pools,
     store_url_problem,
+    webhook_security,
 )
 from streams.settings_features import ImageSafetySettings, IngressSettings
 from streams.topology import Topology, largest_output_bytes
@@ -177,7 +178,7 @@ class Settings(IngressSettings, ImageSafetySettings):
     @field_validator("schema_registry_url", "s3_endpoint_url", "model_revision", "health_file",
                      "moderation_policy_file", "replication_factor", "min_insync_replicas", "quality_min_width",
                      "quality_min_height", "image_safety_url", "api_key_secret", "api_cdn_base_url", "sku_templates",
-                     mode="before")
+                     "webhook_secret", "aws_moderation_region", mode="before")
     @classmethod
     def _unset_words(cls, v: object) -> object:
         return _none_word(v)
@@ -197,7 +198,6 @@ class Settings(IngressSettings, ImageSafetySettings):
     def _kafka_extra_parse(cls, v: object) -> object:
         return parse_kafka_extra(v) if isinstance(v, (str, Mapping)) else v
 
-
     @field_validator("callback_allowlist", mode="before")
     @classmethod
     def _allowlist_parse(cls, v: object) -> object:
@@ -208,6 +208,13 @@ class Settings(IngressSettings, ImageSafetySettings):
     def _names_parse(cls, v: object) -> object:
         return tuple(n.strip() for n in v.split(",") if n.strip()) if isinstance(v, str) else v
 
+    @field_validator("text_moderators")
+    @classmethod
+    def _each_moderator_once(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if repeated := sorted({name for name in v if v.count(name) > 1}):
+            raise ValueError(f"names {', '.join(repeated)} more than once; give each moderator once")
+        return v
+
     @field_validator("moderation_policy_file")
     @classmethod
     def _policy_file(cls, v: str | None) -> str | None:
@@ -216,7 +223,6 @@ class Settings(IngressSettings, ImageSafetySettings):
 
             load_policy(v)
         return v
-
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -270,6 +276,11 @@ class Settings(IngressSettings, ImageSafetySettings):
             problems.append("ZIMAGE_MODEL_REVISION applies to Hugging Face models, not ZIMAGE_MODEL_SOURCE='tiny'")
         if self.webhook_retry_max_delay_s < self.webhook_retry_base_s:
             problems.append("ZIMAGE_WEBHOOK_RETRY_MAX_DELAY_S must be at least ZIMAGE_WEBHOOK_RETRY_BASE_S")
+        if self.webhook_secret is not None:
+            try:
+                webhook_security(self.kafka_extra)
+            except ValueError as exc:
+                problems.append(f"ZIMAGE_KAFKA_EXTRA with ZIMAGE_WEBHOOK_SECRET: {exc}")
         problems += self._image_safety_problems()
         rf, isr = self.replication_factor, self.min_insync_replicas
         if rf is not None and isr is not None and isr > rf:
@@ -283,7 +294,6 @@ class Settings(IngressSettings, ImageSafetySettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
 
     @model_validator(mode="after")
     def _sku_templates_check(self) -> Settings:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterable, Coroutine
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from processors.webhook_delivery import (
 )
 from schemas.serde import AvroSerde, SerdeError
 from streams.liveness import Heartbeat
+from streams.setting_values import webhook_security
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ class WebhookDispatcher:
             producer_acks=-1,
             # a killed worker's partitions move after 10 s instead of faust's 60 s: its retries wait meanwhile
             broker_session_timeout=10.0,
+            broker_credentials=broker_credentials(webhook_security(settings.kafka_extra)),
         )
         # keys and values travel as JSON (faust's default for a table without types)
         self.pending = self.app.Table("pending", default=None, partitions=partitions)
@@ -139,6 +142,7 @@ class WebhookDispatcher:
                                        value_serializer="raw")
         self._wake = asyncio.Event()
         self._in_flight: set[str] = set()
+        self._unusable: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._agent(self.topology.images_ready, "ImageReady", "image.ready")
         self._agent(self.topology.failed, "RequestFailed", "request.failed")
@@ -207,6 +211,11 @@ class WebhookDispatcher:
         for key, entry in list(self.pending.data.items()):
             if len(self._in_flight) >= self.options.max_in_flight:
                 break
+            if not usable_entry(entry):  # written by hand or by another program: never sent, never in the way
+                if key not in self._unusable:
+                    self._unusable.add(key)
+                    log.error("webhooks: ignoring the unusable pending entry %r: %r", key, entry)
+                continue
             if key in self._in_flight or entry["partition"] not in owned:
                 continue
             if "done_ms" in entry:
@@ -276,6 +285,38 @@ class WebhookDispatcher:
     def _forget(self, key: str, partition: int) -> None:
         self.pending.data.pop(key, None)
         self.pending.send_changelog(partition, key, None, value_serializer="raw")
+
+
+def broker_credentials(security: dict[str, str]) -> Any:
+    """faust's credentials for the security settings of ZIMAGE_KAFKA_EXTRA (streams.setting_values
+    .webhook_security): the other processors pass them to librdkafka, this app to aiokafka. None: plaintext."""
+    protocol = security["protocol"]
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=security.get("ca"))
+        if "certificate" in security:
+            context.load_cert_chain(security["certificate"], security.get("key"), security.get("key_password"))
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=security.get("username"), password=security.get("password"),
+                                     ssl_context=context, mechanism=security["mechanism"])
+    return None
+
+
+def usable_entry(entry: Any) -> bool:
+    """A pending entry as `_schedule` and `_attempt` write it: the dispatcher reads nothing else."""
+    if not isinstance(entry, dict) or not _is_int(entry.get("partition")):
+        return False
+    if "done_ms" in entry:
+        return _is_int(entry["done_ms"])
+    texts = ("request_id", "tenant", "event_type", "url", "body")
+    return (all(isinstance(entry.get(name), str) for name in texts) and _is_int(entry.get("attempts"))
+            and _is_int(entry.get("due_ms")) and (entry.get("first_ms") is None or _is_int(entry.get("first_ms"))))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def run_webhooks(settings: Settings, *, secret: str, allowlist: tuple[str, ...], policy: RetryPolicy | None = None,

@@ -401,3 +401,33 @@ def test_many_forwarded_from_headers_count_against_the_cap_all_but_one():
     out, _ = rig.decide(rig.message(req(home=1), partition=1, headers=headers))
     [failed] = rig.decode_all(out["requests.failed"], "RequestFailed")
     assert failed["reason_code"] == "invalid_request" and "headers hold" in failed["reason"]
+
+
+def test_a_pool_announcement_that_would_fail_its_pool_is_ignored_and_the_last_good_one_stands():
+    from confluent_kafka import Consumer
+
+    from schemas.serde import RegistryUnavailable
+    from streams.gate_state import PoolDirectory
+    from tests.fake_kafka import FakeMessage
+
+    serde = AvroSerde()
+    good, later = POOL.announcement("w1", 1), {**POOL.announcement("w2", 2), "model_version": "tiny-v2"}
+    hostile = [{**good, "size_multiple": 0}, {**good, "max_side": -1}, {**good, "model_version": ""}]
+    consumer = create_autospec(Consumer, instance=True)
+    messages = [FakeMessage("tg.pools", 0, n, serde.encode("PoolAnnouncement", event))
+                for n, event in enumerate([good, *hostile])]
+    consumer.consume.side_effect = [messages, [FakeMessage("tg.pools", 0, 9, serde.encode("PoolAnnouncement", later))],
+                                    [FakeMessage("tg.pools", 0, 9, serde.encode("PoolAnnouncement", later))]]
+    pools = PoolDirectory({}, "tg.pools", serde, consumer=consumer)
+    assert pools.refresh() and pools.pools == {"turbo": POOL}
+
+    class RegistryDown(AvroSerde):
+        def decode(self, *_args, **_kwargs):
+            raise RegistryUnavailable("the registry does not answer")
+
+    pools._serde = RegistryDown()  # an outage: the announcement is read again later, not skipped
+    assert not pools.refresh() and pools.pools == {"turbo": POOL}
+    [seek] = consumer.seek.call_args_list
+    assert seek.args[0].offset == 9
+    pools._serde = serde
+    assert pools.refresh() and pools.pools["turbo"].model_version == "tiny-v2"

@@ -76,6 +76,9 @@ def refusal(monkeypatch, **env: str) -> str:
     ({"worker_id": "two words"}, "ZIMAGE_WORKER_ID"),
     ({"max_batch_size": "four"}, "ZIMAGE_MAX_BATCH_SIZE='four': input should be a valid integer"),
     ({"bootstrap_servers": "a:9092,,b:9092"}, "ZIMAGE_BOOTSTRAP_SERVERS"),
+    ({"text_moderators": "rules,classifier,rules"}, "ZIMAGE_TEXT_MODERATORS: names rules more than once"),
+    ({"webhook_secret": "s", "kafka_extra": "security.protocol=SASL_SSL,sasl.mechanism=OAUTHBEARER"},
+     "ZIMAGE_KAFKA_EXTRA with ZIMAGE_WEBHOOK_SECRET: the webhooks process speaks SASL PLAIN"),
 ])
 def test_each_bad_setting_is_refused_with_one_line_naming_it(monkeypatch, env, words):
     assert words in refusal(monkeypatch, **env)
@@ -196,9 +199,10 @@ def test_callback_allowlist_keeps_networks_and_lower_case_names(monkeypatch):
 
 def test_unset_words_and_case(monkeypatch):
     s = settings_from(monkeypatch, replication_factor="", min_insync_replicas="none", schema_registry_url="",
-                      aging_s="off", log_level="debug")
+                      aging_s="off", log_level="debug", webhook_secret="", aws_moderation_region="null")
     assert (s.replication_factor, s.min_insync_replicas, s.schema_registry_url, s.aging_s, s.log_level) == (
         None, None, None, None, "DEBUG")
+    assert s.webhook_secret is None and s.aws_moderation_region is None  # unset: no webhooks, no AWS
 
 
 @pytest.mark.parametrize("url, problem", [

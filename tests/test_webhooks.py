@@ -188,6 +188,17 @@ def read_outcomes(pipeline: Pipeline, wanted: int, timeout_s: float) -> list[dic
     return outcomes
 
 
+def test_only_pending_entries_of_the_dispatchers_own_shape_are_sent():
+    due = {"request_id": "r1", "tenant": "acme", "event_type": "image.ready", "url": "https://example.com/h",
+           "body": "{}", "partition": 0, "attempts": 0, "first_ms": None, "due_ms": 5}
+    assert webhooks.usable_entry(due) and webhooks.usable_entry({**due, "attempts": 2, "first_ms": 3})
+    assert webhooks.usable_entry({"partition": 1, "done_ms": 9, "outcome": "delivered"})
+    hostile: list[object] = [1, None, "x", [], {}, {"partition": 0, "due_ms": 0}, {**due, "partition": "0"},
+               {**due, "partition": True}, {**due, "url": None}, {**due, "body": b"{}"}, {**due, "due_ms": 1.5},
+               {**due, "first_ms": "now"}, {"partition": 0, "done_ms": "yesterday"}]
+    assert not any(webhooks.usable_entry(entry) for entry in hostile)
+
+
 @pytest.mark.stack
 @pytest.mark.slow
 def test_one_signed_delivery_after_two_failures_and_none_for_an_aborted_record(kafka_bootstrap, tmp_path,
@@ -275,3 +286,26 @@ def test_pending_retries_survive_a_sigkill(kafka_bootstrap, tmp_path, receiver_f
     # the attempt count carried on from the restored table; a fresh read of the record would start again at 1
     assert [o["attempt"] for o in outcomes] == list(range(1, len(receiver.calls) + 1))
     assert outcomes[-1]["outcome"] == "delivered"
+
+
+def test_the_kafka_security_settings_reach_the_webhooks_app_too():
+    import faust
+
+    from streams.setting_values import webhook_security
+
+    def credentials(**extra: str):
+        return webhooks.broker_credentials(webhook_security({k.replace("_", "."): v for k, v in extra.items()}))
+
+    assert credentials() is None and credentials(security_protocol="plaintext") is None
+    sasl = credentials(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="u",
+                       sasl_password="p")
+    assert isinstance(sasl, faust.SASLCredentials) and sasl.ssl_context is not None
+    assert (sasl.username, sasl.password, sasl.mechanism.value) == ("u", "p", "SCRAM-SHA-512")
+    plain = credentials(security_protocol="SASL_PLAINTEXT", sasl_mechanisms="PLAIN", sasl_username="u",
+                        sasl_password="p")
+    assert isinstance(plain, faust.SASLCredentials) and plain.ssl_context is None
+    assert isinstance(credentials(security_protocol="SSL"), faust.SSLCredentials)
+    for refused in ({"security.protocol": "SASL_SSL", "sasl.mechanism": "OAUTHBEARER"},
+                    {"security.protocol": "SASL_SSL"}, {"security.protocol": "KERBEROS"}):
+        with pytest.raises(ValueError):
+            webhook_security(refused)
