@@ -136,7 +136,7 @@ class Gate:
         # The most urgent first (a stable sort keeps each partition's order): what a batch holds of each class is
         # routed, and reaches the workers, in priority order.
         origins = [Origin.of(m) for m in sorted(msgs, key=lambda m: self._urgency.get(m.topic() or "", 0))]
-        checked = [self._checked(origin) for origin in origins]
+        checked = [self._checked_or_held(origin) for origin in origins]
         admitted = [(origin, check) for origin, check in zip(origins, checked, strict=True) if isinstance(check, tuple)]
         valid = [check for _, check in admitted]
         verdicts = iter(self._moderate([(r["prompt"], r.get("negative_prompt"), r["tenant"]) for r, _ in valid]))
@@ -160,20 +160,34 @@ class Gate:
                 request, info = check
                 assert verdict is not None
                 try:
-                    keys = keyed[position]
-                    if isinstance(keys, Exception):
-                        raise keys
-                    records += self._admit(origin, request, info, keys, verdict, was_cancelled)
-                except (KafkaException, RestoreFailed):
-                    raise  # the state in Kafka could not be read: not the request's fault; a new process retries
-                except Exception as exc:  # a record never ends the process
-                    log.exception("unexpected error on %s[%d]@%d", origin.topic, origin.partition, origin.offset)
-                    records += self._failed("internal_error", f"{type(exc).__name__}: {exc}", origin, request)
+                    records += self._admitted_or_failed(origin, request, info, keyed[position], verdict, was_cancelled)
+                except RegistryUnavailable as exc:  # an outage, even while writing a failure: read it again later
+                    self._held.hold(self._consumer, tp, origin.offset, f"schema registry: {exc}")
+                    continue
             else:
                 records += check
             offsets[tp] = origin.offset + 1
             self._held.decided(tp)
         return records, offsets
+
+    def _admitted_or_failed(self, origin: Origin, request: dict[str, Any], info: PoolInfo,
+                            keys: tuple[str, str] | Exception, verdict: tuple[str, str | None],
+                            cancelled: bool) -> list[OutRecord]:
+        try:
+            if isinstance(keys, Exception):
+                raise keys
+            return self._admit(origin, request, info, keys, verdict, cancelled)
+        except (KafkaException, RestoreFailed, RegistryUnavailable):
+            raise  # the state in Kafka, or the registry, could not be read: not the request's fault
+        except Exception as exc:  # a record never ends the process
+            log.exception("unexpected error on %s[%d]@%d", origin.topic, origin.partition, origin.offset)
+            return self._failed("internal_error", f"{type(exc).__name__}: {exc}", origin, request)
+
+    def _checked_or_held(self, origin: Origin) -> tuple[dict[str, Any], PoolInfo] | list[OutRecord] | Hold:
+        try:
+            return self._checked(origin)
+        except RegistryUnavailable as exc:  # writing the failure of a bad record needs the registry too
+            return Hold(str(exc))
 
     def _checked(self, origin: Origin) -> tuple[dict[str, Any], PoolInfo] | list[OutRecord] | Hold:
         """Intake checks: the request and its pool; or the failure records of a refused one; or a Hold."""

@@ -71,13 +71,19 @@ class Intake:
         return info.announcement(s.worker_id, now_ms)
 
     def decide(self, origin: Origin, priority: str) -> Admit | Finish | Hold:
+        try:
+            return self._decide(origin, priority)
+        except RegistryUnavailable as exc:  # decoding, or writing the failure of a bad record: read it again later
+            return Hold(str(exc))
+
+    def _decide(self, origin: Origin, priority: str) -> Admit | Finish:
         request: dict[str, Any] | None = None
         try:
             request = self._serde.decode("GenerationRequest", origin.value, topic=origin.topic)
             validate(request, self._limits, self._my_models)  # another pool's model: misrouted
             self._renderer.check_settings(settings_of(request))
-        except RegistryUnavailable as exc:
-            return Hold(str(exc))
+        except RegistryUnavailable:
+            raise
         except (SerdeError, InvalidRequest, UnsupportedSettings) as exc:
             return Finish(self.failed(_code_of(exc), str(exc), origin, request, priority))
         except Exception as exc:  # a record never ends the process (logged with its traceback)

@@ -431,3 +431,23 @@ def test_a_pool_announcement_that_would_fail_its_pool_is_ignored_and_the_last_go
     assert seek.args[0].offset == 9
     pools._serde = serde
     assert pools.refresh() and pools.pools["turbo"].model_version == "tiny-v2"
+
+
+def test_a_registry_outage_while_writing_a_failure_holds_that_partition_only():
+    from schemas.serde import RegistryUnavailable
+
+    rig = Rig()
+    encode = rig.serde.encode
+
+    def registry_down_for_failures(name, value, **kwargs):
+        if name == "RequestFailed":
+            raise RegistryUnavailable("the registry does not answer")
+        return encode(name, value, **kwargs)
+
+    rig.serde.encode = registry_down_for_failures  # type: ignore[method-assign,assignment]
+    garbage = FakeMessage(f"{PREFIX}.requests.normal", 1, 40, b"\x00not avro", b"k")
+    good = rig.message(req(home=2), partition=2)
+    out, offsets = rig.decide(garbage, good)
+    assert len(out["render.turbo.normal"]) == 1 and "requests.failed" not in out
+    assert offsets == {(f"{PREFIX}.requests.normal", 2): good.offset() + 1}
+    assert (f"{PREFIX}.requests.normal", 1) in rig.consumer.paused  # held at the record, read again later

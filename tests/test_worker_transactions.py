@@ -313,3 +313,22 @@ def test_a_schema_registry_outage_holds_the_partition_and_dead_letters_nothing(t
     rig.assert_offsets_match_outputs()
     assert not [t for t, _k, _v in rig.kafka.outputs if t.endswith((".failed", ".dlq"))]
     assert rig.consumer.mock.seek.called and not rig.consumer.paused  # held, read again, resumed
+
+
+def test_a_registry_outage_while_writing_a_failure_holds_the_record_and_ends_nothing():
+    from bench.simulated import SimulatedRenderer
+    from streams.failures import FailureRecords, Origin
+    from streams.intake import Hold, Intake
+    from streams.settings import Settings
+
+    class RegistryDown(AvroSerde):
+        def encode(self, record_name, value, **kwargs):
+            if record_name == "RequestFailed":
+                raise RegistryUnavailable("Schema Registry unreachable: connection refused")
+            return super().encode(record_name, value, **kwargs)
+
+    settings = Settings(_env_file=None, topic_prefix="tw")
+    intake = Intake(settings, AvroSerde(), SimulatedRenderer(0.0, 0.0),
+                    FailureRecords(settings.topology, RegistryDown(), "worker:turbo"))
+    garbage = Origin("tw.render.turbo.normal", 0, 7, b"\x00not avro")
+    assert isinstance(intake.decide(garbage, "normal"), Hold)  # read again once the registry answers
