@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterable, Coroutine
+from collections.abc import AsyncIterable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -44,7 +45,7 @@ from processors.webhook_delivery import (
     short_error,
     signed_headers,
 )
-from schemas.serde import AvroSerde, SerdeError
+from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError
 from streams.liveness import Heartbeat
 from streams.setting_values import webhook_security
 from streams.settings import Settings
@@ -161,11 +162,8 @@ class WebhookDispatcher:
 
         async def schedule_deliveries(stream: AsyncIterable[Any]) -> None:
             async for event in cast(Any, stream).events():
-                try:
-                    self._schedule(event, record_name, event_type)
-                except Exception:  # one record must not stop the agent: log it and go on
-                    log.exception("webhooks: could not schedule the delivery for %s[%d]@%d", event.message.topic,
-                                  event.message.partition, event.message.offset)
+                await scheduled(functools.partial(self._schedule, event, record_name, event_type),
+                                f"{event.message.topic}[{event.message.partition}]@{event.message.offset}")
 
         schedule_deliveries.__name__ = schedule_deliveries.__qualname__ = f"schedule_{record_name}"
         self.app.agent(topic, name=f"webhooks-{record_name}")(schedule_deliveries)
@@ -285,6 +283,25 @@ class WebhookDispatcher:
     def _forget(self, key: str, partition: int) -> None:
         self.pending.data.pop(key, None)
         self.pending.send_changelog(partition, key, None, value_serializer="raw")
+
+
+async def scheduled(schedule: Callable[[], None], where: str, first_delay_s: float = 0.5,
+                    max_delay_s: float = 30.0) -> None:
+    """Runs `schedule` for one record. A Schema Registry outage is waited out (backoff; the agent's stream waits
+    with it), since moving past the record would lose its delivery; any other error is that record's alone:
+    logged, and the agent goes on."""
+    delay = first_delay_s
+    while True:
+        try:
+            schedule()
+            return
+        except RegistryUnavailable as exc:
+            log.warning("webhooks: the Schema Registry does not answer (%s); %s waits %.1fs", exc, where, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, max_delay_s)
+        except Exception:  # one record must not stop the agent: log it and go on
+            log.exception("webhooks: could not schedule the delivery for %s", where)
+            return
 
 
 def broker_credentials(security: dict[str, str]) -> Any:

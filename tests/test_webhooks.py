@@ -309,3 +309,23 @@ def test_the_kafka_security_settings_reach_the_webhooks_app_too():
                     {"security.protocol": "SASL_SSL"}, {"security.protocol": "KERBEROS"}):
         with pytest.raises(ValueError):
             webhook_security(refused)
+
+
+def test_a_registry_outage_is_waited_out_and_never_loses_a_delivery():
+    from schemas.serde import RegistryUnavailable
+
+    calls: list[str] = []
+
+    def schedule(failures: list[Exception]):
+        def run() -> None:
+            calls.append("try")
+            if failures:
+                raise failures.pop(0)
+        return run
+
+    outage: list[Exception] = [RegistryUnavailable("down"), RegistryUnavailable("down")]
+    asyncio.run(webhooks.scheduled(schedule(outage), "t[0]@1", first_delay_s=0.001))
+    assert calls == ["try"] * 3 and not outage  # tried until the registry answered
+    calls.clear()
+    asyncio.run(webhooks.scheduled(schedule([ValueError("a bad record")]), "t[0]@2", first_delay_s=0.001))
+    assert calls == ["try"]  # the record's own fault: logged, and the agent goes on
