@@ -19,8 +19,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors import kafka
-from connectors.retry import until_done
-from schemas.serde import AvroSerde, SerdeError
+from connectors.retry import Stopping, until_done
+from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,12 @@ class OutcomeFeed:
         kind = self._topics.get(topic)
         if kind is None or not value:
             return None
-        try:
-            event = self._serde.decode("ImageReady" if kind == "ready" else "RequestFailed", value, topic=topic)
-        except SerdeError:
+        record = "ImageReady" if kind == "ready" else "RequestFailed"
+        try:  # a Schema Registry outage is waited out: moving past the record would leave its waiter unanswered
+            event = until_done(lambda: self._serde.decode(record, value, topic=topic),
+                               is_infrastructure=lambda exc: isinstance(exc, RegistryUnavailable),
+                               on_retry=lambda exc, attempt: log.warning("outcome feed: %s", exc), stop=self._stop)
+        except (SerdeError, Stopping):
             return None
         if not event.get("tenant") or not event.get("request_id"):
             return None  # a failure of a record too broken to name its request: nobody can wait for it

@@ -103,3 +103,31 @@ def test_reports_that_close_flushes_still_resolve_their_sends() -> None:
         await asyncio.wait_for(send, 1.0)  # acknowledged by the flush: not a timeout, not NotDelivered
 
     asyncio.run(scenario())
+
+
+def test_the_outcome_feed_waits_out_a_registry_outage_rather_than_drop_an_outcome():
+    from processors.events import request_failed
+    from schemas.serde import AvroSerde, RegistryUnavailable
+    from streams.api_outcomes import OutcomeFeed
+
+    serde = AvroSerde()
+    event = request_failed(code="blocked", reason="no", stage="gate", source=("t.requests.normal", 0, 1), now_ms=5,
+                           request={"tenant": "acme", "request_id": "r1"}, retriable=False)
+    value = serde.encode("RequestFailed", event)
+    outage = {"left": 2}
+
+    class RegistryDown(AvroSerde):
+        def decode(self, *args, **kwargs):
+            if outage["left"]:
+                outage["left"] -= 1
+                raise RegistryUnavailable("the registry does not answer")
+            return super().decode(*args, **kwargs)
+
+    async def store(_found):
+        return None
+
+    feed = OutcomeFeed({}, {"t.failed": "failed"}, RegistryDown(), replay_s=0.0, store_digests=store)
+    decoded = feed._decode("t.failed", value)
+    assert outage["left"] == 0 and decoded is not None
+    assert decoded[0] == ("acme", "r1") and decoded[1]["reason_code"] == "blocked"
+    assert feed._decode("t.failed", b"\x00garbage") is None  # the record's own fault: skipped
