@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from connectors.storage import parse_store_url
 
@@ -185,3 +185,32 @@ def webhook_security(extra: Mapping[str, str | SecretStr]) -> dict[str, str]:
              "ssl.certificate.location": "certificate", "ssl.key.location": "key", "ssl.key.password": "key_password"}
     out.update({name: plain[key] for key, name in names.items() if key in plain})
     return out
+
+
+PATTERN_HELP = {
+    "device": "must be auto, cpu, cuda, cuda:N or mps",
+    "topic_prefix": "must be 1-200 letters, digits, '.', '_' or '-'",
+    "s3_bucket": "must be 3-63 lower-case letters, digits, '.' or '-'",
+    "attention_backend": "must be default or a diffusers attention backend name (letters, digits, '_')",
+    "worker_id": "must be 1-200 printable ASCII characters without spaces",
+}
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line for every problem: `ZIMAGE_NAME='value': why`. Values of secret or URL settings are masked."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "string_pattern_mismatch" and error["loc"]:
+            message = PATTERN_HELP.get(str(error["loc"][0]), message)
+        if not error["loc"]:
+            lines.append(message)
+            continue
+        name = str(error["loc"][0])
+        shown = ""
+        value = error.get("input")
+        if error["type"] != "value_error" and isinstance(value, (str, int, float)) and name != "kafka_extra":
+            text = MASK if is_secret_key(name) else mask_url_credentials(str(value))
+            shown = f"={text[:80]!r}"
+        lines.append(f"ZIMAGE_{name.upper()}{shown}: {message[:1].lower()}{message[1:]}")
+    return " ".join("; ".join(lines).split())

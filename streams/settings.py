@@ -26,6 +26,7 @@ from processors.scheduler import SchedulerConfig
 from streams.setting_values import (
     MASK,
     as_network,
+    describe_errors,
     format_pools,
     is_secret_key,
     mask_url_credentials,
@@ -41,13 +42,6 @@ from streams.topology import Topology, largest_output_bytes
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{1,200}$")  # Kafka topic names are at most 249 of these characters
 _WORKER_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # part of the transactional id and of every event's lineage
 _NONE_WORDS = ("", "none", "null", "auto", "default")
-_PATTERN_HELP = {
-    "device": "must be auto, cpu, cuda, cuda:N or mps",
-    "topic_prefix": "must be 1-200 letters, digits, '.', '_' or '-'",
-    "s3_bucket": "must be 3-63 lower-case letters, digits, '.' or '-'",
-    "attention_backend": "must be default or a diffusers attention backend name (letters, digits, '_')",
-    "worker_id": "must be 1-200 printable ASCII characters without spaces",
-}
 
 
 class InvalidSettings(ValueError):
@@ -387,23 +381,3 @@ def load_settings(**overrides: Any) -> Settings:
         raise InvalidSettings(describe_errors(exc)) from None
     except SettingsError as exc:
         raise InvalidSettings(" ".join(str(exc).split())) from None
-
-
-def describe_errors(exc: ValidationError) -> str:
-    """One line for every problem: `ZIMAGE_NAME='value': why`. Values of secret or URL settings are masked."""
-    lines = []
-    for error in exc.errors(include_url=False):
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "string_pattern_mismatch" and error["loc"]:
-            message = _PATTERN_HELP.get(str(error["loc"][0]), message)
-        if not error["loc"]:
-            lines.append(message)
-            continue
-        name = str(error["loc"][0])
-        shown = ""
-        value = error.get("input")
-        if error["type"] != "value_error" and isinstance(value, (str, int, float)) and name != "kafka_extra":
-            text = MASK if is_secret_key(name) else mask_url_credentials(str(value))
-            shown = f"={text[:80]!r}"
-        lines.append(f"ZIMAGE_{name.upper()}{shown}: {message[:1].lower()}{message[1:]}")
-    return " ".join("; ".join(lines).split())
