@@ -257,7 +257,7 @@ class Gate:
         if cancelled:
             metrics.GATE.labels("cancelled").inc()
             return self._failed("cancelled", "cancelled while queued, before it was routed", origin, request,
-                                      dead_letter=False)
+                                dead_letter=False)
         action, why = verdict
         if action == "block":
             metrics.GATE.labels("blocked").inc()

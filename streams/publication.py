@@ -210,18 +210,22 @@ class PublicationRelay:
                                           validate=False)
         if len(ready_value) > self._max_ready_bytes:
             raise ValueError(f"ImageReady would be {len(ready_value)} bytes; at most {self._max_ready_bytes}")
+        # Everything that can fail (restoring the SKU view, encoding the status) comes before the state changes:
+        # a record held after a change would find itself published when read again, and publish nothing.
+        sku_key = by_sku_key(ready)
+        sku_latest = self._published.sku_latest() if sku_key is not None else None
+        published = self._status(request_status(request=ready, status="published", stage="publication", now_ms=now_ms,
+                                                generation=ready["generation"], final=True,
+                                                detail=f"version {decision.version}"))
         state.apply(ready)
         metrics.SAFETY.labels(metric_label(safety)).inc()
         # On the partition whose number it was read from: the state of partition p is restored from images.ready p,
         # whatever partitioner a producer of this process is configured with.
         out = [OutRecord(self.topology.images_ready, ready_value, ready["request_id"].encode(),
                          partition=origin.partition)]
-        sku_key = by_sku_key(ready)
-        if sku_key is not None and self._published.sku_latest().offer(ready):
+        if sku_key is not None and sku_latest is not None and sku_latest.offer(ready):
             out.append(OutRecord(self.topology.images_by_sku, ready_value, sku_key))
-        out.append(self._status(request_status(request=ready, status="published", stage="publication",
-                                               now_ms=now_ms, generation=ready["generation"], final=True,
-                                               detail=f"version {decision.version}")))
+        out.append(published)
         key = rendered.get("cache_key")
         if key and not rendered.get("cached"):  # what the gate answered from the cache is there already
             self._to_cache.append((key, {"model_id": rendered["model_id"], "images": rendered["images"]}))

@@ -281,3 +281,28 @@ def test_an_image_ready_goes_to_the_partition_its_state_is_restored_from():
     rig = Rig()
     [ready] = rig.publish(rig.rendered(req(home=1)))["images.ready"]
     assert ready.partition == 1  # whatever partitioner the producer has
+
+
+def test_a_record_held_part_way_is_published_when_read_again():
+    """The SKU view cannot be read the first time (a broker restarting): the record is held before the state
+    knows it as published, so reading it again publishes it."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    class SkuViewFailsOnce(MemoryState):
+        failed = False
+
+        def sku_latest(self) -> SkuLatest:
+            if not self.failed:
+                self.failed = True
+                raise KafkaException(KafkaError(KafkaError._TRANSPORT, "the broker went away"))
+            return super().sku_latest()
+
+    rig = Rig()
+    rig.relay._published = SkuViewFailsOnce()  # type: ignore[assignment]
+    request = req(sku_id="chair-1", view="front", sku_version=3)
+    msg = rig.message("rendered", rig.serde.encode("ImageRendered", rig.rendered(request)), b"k")
+    assert rig.relay.publish([msg]) == ([], {})  # type: ignore[list-item]  # held, nothing decided
+    rig.relay._held.resume_all(rig.relay._consumer)
+    out = rig.out([msg])
+    assert [v["request_id"] for v in rig.decode(out["images.ready"], "ImageReady")] == [request["request_id"]]
+    assert len(out["images.by-sku"]) == 1
