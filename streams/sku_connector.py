@@ -107,7 +107,7 @@ class SkuConnector:
                 continue  # read again from the held offset once the hold ends
             try:
                 records += self._decide_one(origin)
-            except Hold as exc:
+            except (Hold, RegistryUnavailable) as exc:  # also an outage while writing a refused event's failure
                 self._held.hold(self._consumer, tp, origin.offset, str(exc))
                 continue
             offsets[tp] = origin.offset + 1

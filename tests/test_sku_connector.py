@@ -146,6 +146,23 @@ def test_a_registry_that_does_not_answer_holds_the_partition():
     assert (TOPIC, 1) in rig.consumer.paused and rig.consumer.cursor[(TOPIC, 1)] == 2
 
 
+def test_a_registry_outage_while_writing_a_refused_events_failure_holds_it():
+    rig = Rig()
+    rig.consumer.assigned = [(TOPIC, 1)]
+    encode = rig.serde.encode
+
+    def registry_down_for_failures(name, value, **kwargs):
+        if name == "RequestFailed":
+            raise RegistryUnavailable("registry down")
+        return encode(name, value, **kwargs)
+
+    rig.serde.encode = registry_down_for_failures  # type: ignore[method-assign]
+    good, garbage = rig.message(sku()), FakeMessage(TOPIC, 1, 2, b"\x00not avro", b"CH-9")
+    out, offsets = rig.decide(good, garbage)
+    assert offsets == {(TOPIC, 1): 2} and len(out["requests.high"]) == 3 and "requests.failed" not in out
+    assert (TOPIC, 1) in rig.consumer.paused  # the refused event waits for the registry, like any other
+
+
 def abort_next_commit(rig: Rig) -> None:
     original = rig.producer.commit_transaction.side_effect
 
