@@ -156,7 +156,7 @@ def test_a_registry_outage_while_writing_a_refused_events_failure_holds_it():
             raise RegistryUnavailable("registry down")
         return encode(name, value, **kwargs)
 
-    rig.serde.encode = registry_down_for_failures  # type: ignore[method-assign]
+    rig.serde.encode = registry_down_for_failures  # type: ignore[method-assign,assignment]
     good, garbage = rig.message(sku()), FakeMessage(TOPIC, 1, 2, b"\x00not avro", b"CH-9")
     out, offsets = rig.decide(good, garbage)
     assert offsets == {(TOPIC, 1): 2} and len(out["requests.high"]) == 3 and "requests.failed" not in out
