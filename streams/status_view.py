@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from connectors import kafka
 from connectors.redis_store import RedisStore
-from schemas.serde import AvroSerde, SerdeError
+from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError
 from streams.heap import freeze_start_up_heap
 from streams.settings import Settings
 
@@ -86,6 +86,9 @@ class StatusView:
             except SerdeError as exc:
                 log.warning("ignoring an unreadable status: %s", exc)
                 continue
+            except RegistryUnavailable as exc:  # an outage, like Redis down: the batch is read again later
+                log.warning("the Schema Registry does not answer: %s", exc)
+                return False
             key = status_entry_key(self.s.topic_prefix, status["tenant"], status["request_id"])
             if key not in latest or status["at"] >= latest[key]["at"]:
                 latest[key] = status

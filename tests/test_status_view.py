@@ -88,6 +88,19 @@ def test_an_unreadable_value_in_redis_is_replaced_not_fatal():
         assert json.loads(fake.data[status_entry_key("tv", "acme", f"r{i}")])["status"] == "admitted"
 
 
+def test_a_schema_registry_outage_reads_the_batch_again_later():
+    from schemas.serde import RegistryUnavailable
+
+    class RegistryDown(AvroSerde):
+        def decode(self, *_args, **_kwargs):
+            raise RegistryUnavailable("the registry does not answer")
+
+    fake = FakeRedis()
+    view = StatusView(Settings(_env_file=None, topic_prefix="tv"), RegistryDown(),
+                      RedisStore("redis://x", client=fake.client))
+    assert view._apply_many([status("admitted", 10)]) is False and not fake.data  # not skipped: held
+
+
 def test_redis_down_means_the_status_is_read_again_later():
     fake = FakeRedis()
     view = make_view(fake)
