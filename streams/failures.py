@@ -7,18 +7,25 @@ header.
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from connectors.kafka import Headers, OutRecord
+from connectors.retry import until_done
 from processors.events import dead_letter_headers, request_failed
 from processors.requests import Limits
 from processors.status import request_status, status_key
-from schemas.serde import AvroSerde
+from schemas.serde import AvroSerde, RegistryUnavailable
 from streams.topology import Topology
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,3 +86,11 @@ class FailureRecords:
             records.append(OutRecord(self._topology.status, self._serde.encode("RequestStatus", status),
                                      status_key(event["tenant"], event["request_id"])))
         return records
+
+
+def waiting_out_registry(call: Callable[[], T], stop: threading.Event) -> T:
+    """`call()` (an encoding), retried with backoff while the Schema Registry does not answer: an outage is no
+    request's fault, so a request rendered already waits for it rather than fail. Raises Stopping on `stop`."""
+    return until_done(call, is_infrastructure=lambda exc: isinstance(exc, RegistryUnavailable), stop=stop,
+                      on_retry=lambda exc, attempt: log.warning("the Schema Registry does not answer (attempt %d): %s",
+                                                                attempt, exc))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from connectors import kafka
-from connectors.kafka import OutRecord, TransactionAborted, TransactionalStep
+from connectors.kafka import TP, OutRecord, TransactionAborted, TransactionalStep
 from connectors.storage import ObjectStore
 from processors.batching import Batch, Pending
 from processors.commit_policy import commit_due
@@ -31,7 +31,7 @@ from schemas.serde import AvroSerde
 from streams import lag, metrics
 from streams.cancellation import Cancellations
 from streams.crash_journal import INTAKE_STEP, CrashJournal
-from streams.failures import FailureRecords, Origin
+from streams.failures import FailureRecords, Origin, waiting_out_registry
 from streams.heap import freeze_start_up_heap
 from streams.holds import ClassPauses, PartitionHolds
 from streams.intake import Admit, Finish, Hold, Intake, Outcome, pending_of
@@ -42,7 +42,6 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TP = tuple[str, int]
 INTAKE_LIMIT_S = 120.0  # one round of consume + decode; a record that spins the decoder ends the process
 COMMIT_LIMIT_S = 60.0  # librdkafka can block past its own timeouts when the coordinator vanishes
 
@@ -88,8 +87,8 @@ class RenderWorker:
         self._heartbeat = Heartbeat(settings.health_file, settings.worker_id)
         self._stage = RenderStage(
             renderer=renderer, store=store,
-            encode_rendered=lambda v: serde.encode(
-                "ImageRendered", v, topic=self.topology.rendered, validate=False),  # built from decoded records
+            encode_rendered=lambda v: waiting_out_registry(lambda: serde.encode(  # built from decoded records
+                "ImageRendered", v, topic=self.topology.rendered, validate=False), self._stop),
             rendered_topic=self.topology.rendered, max_rendered_bytes=self.topology.max_bytes(self.topology.rendered),
             worker_id=settings.worker_id, take_batch=self._take_batch, on_done=self._on_done,
             on_fail=self._on_render_fail, journal=self._journal, deadlines=self._deadlines,
@@ -292,13 +291,14 @@ class RenderWorker:
 
     def _on_done(self, pending: Pending, records: list, status: str) -> None:
         if status in ("rendered", "deduplicated"):
-            records = [*records, self._notes.rendered(pending.payload.request)]
+            request = pending.payload.request
+            records = [*records, waiting_out_registry(lambda: self._notes.rendered(request), self._stop)]
         with self._lock:
             self._complete_locked(pending, Outcome(records, pending.priority, status))
 
     def _on_render_fail(self, pending: Pending, code: str, reason: str) -> None:
-        outcome = self._intake.failed(code, reason, pending.payload.origin, pending.payload.request,
-                                      pending.priority)
+        outcome = waiting_out_registry(lambda: self._intake.failed(
+            code, reason, pending.payload.origin, pending.payload.request, pending.priority), self._stop)
         records = outcome.records
         if code == "cancelled":  # asked for, not broken: no dead letter
             records = [r for r in records if r.topic != self.topology.dlq]

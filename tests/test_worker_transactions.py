@@ -332,3 +332,22 @@ def test_a_registry_outage_while_writing_a_failure_holds_the_record_and_ends_not
                     FailureRecords(settings.topology, RegistryDown(), "worker:turbo"))
     garbage = Origin("tw.render.turbo.normal", 0, 7, b"\x00not avro")
     assert isinstance(intake.decide(garbage, "normal"), Hold)  # read again once the registry answers
+
+
+def test_a_registry_outage_after_rendering_is_waited_out_and_fails_nothing(tmp_path):
+    rig = Rig(tmp_path, count=6)
+    encode = rig.serde.encode
+    outage = {"ImageRendered": 1, "RequestStatus": 1}
+
+    def registry_down_a_while(name, value, **kwargs):
+        if outage.get(name):
+            outage[name] -= 1
+            raise RegistryUnavailable("Schema Registry unreachable: connection refused")
+        return encode(name, value, **kwargs)
+
+    rig.serde.encode = registry_down_a_while  # type: ignore[method-assign,assignment]
+    rig.run_until_all_committed()
+    assert outage == {"ImageRendered": 0, "RequestStatus": 0}  # met, and waited out
+    assert not [t for t, _k, _v in rig.kafka.outputs if t.endswith((".failed", ".dlq"))]
+    rig.assert_offsets_match_outputs()
+    assert rig.worker._stage.failure is None
