@@ -69,6 +69,14 @@ def consumer(base: dict[str, str], group_id: str, **overrides: object) -> Consum
     return Consumer(conf)
 
 
+# For a processor whose state of partition p serves partition p of every topic it reads (the gate: the three request
+# topics; publication: rendered and review.decisions): the range assignor gives the same partition numbers of
+# topics with equal counts to one member, as Kafka Streams assigns co-partitioned inputs as one task.
+# cooperative-sticky places each topic-partition on its own, and two members would each decide on partition p
+# from their own copy of its state. Rebalances are then eager (every partition revoked and assigned again).
+CO_PARTITIONED: dict[str, object] = {"partition.assignment.strategy": "range"}
+
+
 def producer(base: dict[str, str], **overrides: object) -> Producer:
     """An idempotent producer. Uncompressed unless the base settings ask (ZIMAGE_KAFKA_EXTRA=compression.type=lz4,
     say, where the network is the bottleneck): the records are small Avro, and compressing cost the broker a

@@ -102,7 +102,7 @@ class Gate:
 
     def run(self) -> None:
         conf = self.s.kafka_config()
-        self._consumer = self._consumer_factory(conf, self.group_id)
+        self._consumer = self._consumer_factory(conf, self.group_id, **kafka.CO_PARTITIONED)
         self._step = self._step_factory(conf, f"{self.group_id}-{self.s.worker_id}")
         self._admitted = AdmittedKeys(conf, self.topology.gate_changelog, self.s.idempotency_window_days)
         self._pools = PoolDirectory(conf, self.topology.pool_announcements, self._serde)

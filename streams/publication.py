@@ -70,7 +70,7 @@ class PublicationRelay:
 
     def run(self) -> None:
         conf = self.s.kafka_config()
-        self._consumer = kafka.consumer(conf, self.group_id)
+        self._consumer = kafka.consumer(conf, self.group_id, **kafka.CO_PARTITIONED)
         step = TransactionalStep(conf, f"{self.group_id}-{self.s.worker_id}")
         self._published = PublishedState(conf, self.topology, self._serde, self.s.publication_window_days)
         self._consumer.subscribe([self.topology.rendered, self.topology.review_decisions],
