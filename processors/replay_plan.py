@@ -85,7 +85,7 @@ def parse_time(text: str) -> int:
 
 
 def check_label(name: str, value: str) -> str:
-    if not _LABEL.match(value):
+    if not _LABEL.fullmatch(value):  # match() and `$` would let a trailing newline through
         raise InvalidReplay(f"{name} {value!r} must be 1-{HEADER_VALUE_MAX_CHARS} letters, digits or ._:@+-")
     return value
 

@@ -14,6 +14,7 @@ from processors.render_settings import RenderSettings
 
 PRIORITY_NAMES = {"HIGH": "high", "NORMAL": "normal", "LOW": "low"}
 MAX_SEED = 2**63 - 1
+MAX_LONG = 2**63 - 1  # an Avro long: a larger timestamp passes no encoder
 
 
 class InvalidRequest(ValueError):
@@ -245,10 +246,10 @@ def _check_numbers(request: Mapping[str, Any], limits: Limits) -> None:
     priority = request.get("priority", "NORMAL")
     if not isinstance(priority, str) or priority not in PRIORITY_NAMES:
         raise _invalid(f"priority {request.get('priority')!r:.40}: must be one of {', '.join(PRIORITY_NAMES)}")
-    if not _is_int(request.get("submitted_at")):
+    if not _is_int(request.get("submitted_at")) or not 0 <= request["submitted_at"] <= MAX_LONG:
         raise _invalid("submitted_at must be an int (milliseconds since the epoch)")
     deadline = request.get("deadline")
-    if deadline is not None and not _is_int(deadline):
+    if deadline is not None and (not _is_int(deadline) or not 0 <= deadline <= MAX_LONG):
         raise _invalid("deadline must be an int (milliseconds since the epoch) or absent")
 
 

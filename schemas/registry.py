@@ -18,6 +18,9 @@ from schemas.errors import (
     UnknownSchema,
 )
 
+REQUEST_TIMEOUT_S = 10
+MAX_SCHEMA_ID = 2**31 - 1  # ids are 4-byte big-endian signed in the wire format
+
 
 def subject_name(record_full_name: str, topic: str | None) -> str:
     return f"{topic}-value" if topic else record_full_name
@@ -27,8 +30,12 @@ def client_for_url(url: str) -> Any:
     """A registry client; `mock://<scope>` gives confluent-kafka's in-memory registry (for tests)."""
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    # new_client() is the factory that understands mock:// (the constructor does not).
-    return SchemaRegistryClient.new_client({"url": url})
+    # new_client() is the factory that understands mock:// (the constructor does not). Without a timeout a
+    # registry that accepts connections and never answers would hang the caller for good.
+    conf: dict[str, Any] = {"url": url}
+    if not url.startswith("mock://"):
+        conf["timeout"] = REQUEST_TIMEOUT_S
+    return SchemaRegistryClient.new_client(conf)
 
 
 def _status(exc: Exception) -> int | None:
@@ -59,6 +66,9 @@ class ConfluentRegistry:
         else:
             registered = self._call(lambda: self._client.lookup_schema(subject, registry_schema), subject)
             schema_id = registered.schema_id
+        if isinstance(schema_id, bool) or not isinstance(schema_id, int) or not 0 <= schema_id <= MAX_SCHEMA_ID:
+            raise RegistryUnavailable(f"Schema Registry answered {subject} with the id {schema_id!r}, which no "
+                                      "record can carry")  # not cached: asked again
         self._ids[key] = schema_id
         return schema_id
 
@@ -72,8 +82,8 @@ class ConfluentRegistry:
             raise UnknownSchema(f"schema id {schema_id} is a {registered.schema_type} schema, not Avro")
         try:
             source = json.loads(registered.schema_str)
-        except ValueError as exc:
-            raise UnknownSchema(f"schema id {schema_id} is not valid JSON: {exc}") from exc
+        except (ValueError, TypeError, RecursionError) as exc:  # not a string, not JSON, or nested beyond reason
+            raise UnknownSchema(f"schema id {schema_id} is not a JSON schema: {type(exc).__name__}") from exc
         writer = parse_writer_schema(source, f"registry id {schema_id}")
         writer = resolve_known(writer.fingerprint) or writer
         self._writers[schema_id] = writer

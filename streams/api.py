@@ -12,6 +12,7 @@ rest. What each piece does is in streams/api_service.py; the outcomes come from 
 # no `from __future__ import annotations`: FastAPI reads the route signatures, which name local dependencies
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -148,6 +149,8 @@ def create_app(s: Settings, *, keys: KeyRing | None = None, service: ApiService 
                          ) -> TaskPage:
         if tenant is not None and tenant != key_tenant:
             raise ApiError(403, f"this API key lists tenant {key_tenant!r} only")
+        if before is not None and not math.isfinite(before):  # Redis refuses it, and that reads as Redis down
+            raise ApiError(422, "before must be a finite number (a page's next_before)")
         tasks, next_before = await service.list_tasks(key_tenant, before, limit)
         return TaskPage(tasks=tasks, next_before=next_before)
 

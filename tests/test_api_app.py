@@ -90,3 +90,11 @@ def test_the_submit_body_is_checked_from_its_bytes_and_documented_in_openapi() -
     body = submit["requestBody"]["content"]["application/json"]["schema"]
     assert "prompt" in body["required"] and "callback_url" in body["properties"]
     assert {"200", "202", "422", "429"} <= set(submit["responses"])
+
+
+def test_a_page_cursor_that_is_no_finite_number_is_refused_before_redis_is_asked() -> None:
+    ring, service = RecordingRing("zk_good", "acme"), RecordingService()
+    with app_with(ring, service) as client:
+        answers = [client.get(f"/v1/tasks?before={value}", headers={"Authorization": "Bearer zk_good"})
+                   for value in ("nan", "inf", "-inf")]
+    assert [a.status_code for a in answers] == [422, 422, 422]

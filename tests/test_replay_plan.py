@@ -55,7 +55,7 @@ def test_headers_keep_the_records_own_and_tag_it_once_with_this_replay():
                                                                   (GENERATION_HEADER, b"template.chairs@4")]
 
 
-@pytest.mark.parametrize("value", ["", "a b", "x" * 200, "r\x1b[0m", "ünïcode"])
+@pytest.mark.parametrize("value", ["", "a b", "x" * 200, "r\x1b[0m", "ünïcode", "b2\n"])
 def test_labels_that_the_gate_would_not_trust_are_refused_up_front(value):
     with pytest.raises(InvalidReplay):
         check_label("--replay-id", value)

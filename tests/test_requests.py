@@ -111,6 +111,8 @@ def test_metadata_bytes_count_utf8_not_characters():
     ({"priority": "URGENT"}, "priority"),
     ({"submitted_at": None}, "submitted_at"),
     ({"deadline": "soon"}, "deadline"),
+    ({"deadline": 2**63}, "deadline"),
+    ({"submitted_at": -1}, "submitted_at"),
     ({"seed": -5}, "seed"),
     ({"callback_url": "ftp://example.org/x"}, "callback_url"),
     ({"callback_url": "not a url"}, "callback_url"),

@@ -375,6 +375,33 @@ def test_registry_outage_is_not_a_record_error() -> None:
     assert not isinstance(raised.value, SerdeError)
 
 
+@pytest.mark.parametrize("schema_str", [5, None, "[" * 100_000 + "]" * 100_000, "{not json"])
+def test_a_registry_answer_that_is_no_schema_is_an_unknown_schema_not_a_crash(schema_str: Any) -> None:
+    class OddRegistry:
+        def get_schema(self, schema_id: int) -> Any:
+            return type("Registered", (), {"schema_type": "AVRO", "schema_str": schema_str})()
+
+    serde = AvroSerde(registry_client=OddRegistry())
+    with pytest.raises(UnknownSchema):
+        serde.decode("SkuChanged", b"\x00\x00\x00\x00\x01" + plain_body(avsc("SkuChanged"), SAMPLES["SkuChanged"]))
+
+
+@pytest.mark.parametrize("schema_id", [2**40, -1, "7", True])
+def test_a_registered_id_no_record_can_carry_is_an_outage_and_not_kept(schema_id: Any) -> None:
+    class OddRegistry:
+        calls = 0
+
+        def register_schema(self, subject: str, schema: Any) -> Any:
+            OddRegistry.calls += 1
+            return schema_id
+
+    serde = AvroSerde(registry_client=OddRegistry())
+    for _ in range(2):
+        with pytest.raises(RegistryUnavailable):
+            serde.encode("SkuChanged", SAMPLES["SkuChanged"], topic="t")
+    assert OddRegistry.calls == 2  # asked again, not cached
+
+
 # ---- evolution ---------------------------------------------------------------------------------------
 
 def generation_request_v2() -> dict[str, Any]:
