@@ -93,36 +93,47 @@ def zero_byte_collections(schema: Any) -> list[str]:
 
     A block count in such a collection is not bounded by the bytes that follow it: a count of 2**62
     makes a reader loop for ever on a record of a few bytes. Call only on a schema within MAX_SCHEMA_NESTING."""
-    named: dict[str, Any] = {}
+    # Every definition under each name it may be referred to by (its name as written, its full name, its short
+    # name): a reference takes the smallest of the definitions it may mean. Namespaces are not resolved here, so
+    # two records called E in two namespaces cannot hide a zero-byte one behind the other.
+    named: dict[str, list[Any]] = {}
     pending = [schema]
     while pending:
         node = pending.pop()
         if isinstance(node, dict):
             if node.get("type") in ("record", "error", "enum", "fixed") and isinstance(node.get("name"), str):
-                named[node["name"]] = named[full_name(node)] = node
+                for name in {node["name"], full_name(node), short_name(full_name(node))}:
+                    named.setdefault(name, []).append(node)
             pending.extend(node.values())
         elif isinstance(node, list):
             pending.extend(node)
+    known: dict[int, int] = {}  # by definition: a record used by many fields is sized once, not once per path
 
     def min_bytes(node: Any, visiting: frozenset[int]) -> int:
         if isinstance(node, str):
             if node in PRIMITIVE_MIN_BYTES:
                 return PRIMITIVE_MIN_BYTES[node]
-            node = named.get(node, named.get(short_name(node)))
-            if node is None:
+            meant = named.get(node) or named.get(short_name(node))
+            if not meant:
                 return 1  # an unknown name fails parsing anyway
+            return min(min_bytes(definition, visiting) for definition in meant)
         if isinstance(node, list) or not isinstance(node, dict) or id(node) in visiting:
             return 1  # a union writes its branch index; a record inside itself cannot be finite
+        if id(node) in known:
+            return known[id(node)]
         kind = node.get("type")
         if kind in ("record", "error"):
             fields = node["fields"] if isinstance(node.get("fields"), list) else []
-            return sum(min_bytes(f.get("type") if isinstance(f, dict) else None, visiting | {id(node)})
+            size = sum(min_bytes(f.get("type") if isinstance(f, dict) else None, visiting | {id(node)})
                        for f in fields)
-        if kind == "fixed":
-            return node["size"] if isinstance(node.get("size"), int) else 1
-        if kind in ("enum", "array", "map"):
-            return 1
-        return min_bytes(kind, visiting)
+        elif kind == "fixed":
+            size = node["size"] if isinstance(node.get("size"), int) else 1
+        elif kind in ("enum", "array", "map"):
+            size = 1
+        else:
+            size = min_bytes(kind, visiting)
+        known[id(node)] = size
+        return size
 
     found = []
     pending = [schema]

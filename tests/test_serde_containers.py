@@ -246,6 +246,33 @@ def test_writer_schemas_with_collections_of_zero_byte_items_are_refused() -> Non
     assert not zero_byte_collections({"type": "array", "items": ["null", "string"]})
 
 
+def test_a_zero_byte_record_cannot_hide_behind_another_of_the_same_short_name() -> None:
+    schema = request_schema()
+    schema["fields"] += [
+        {"name": "one", "type": {"type": "record", "name": "E", "namespace": "b",
+                                 "fields": [{"name": "x", "type": "int"}]}},
+        {"name": "two", "type": {"type": "record", "name": "E", "fields": []}},  # in the record's namespace
+        {"name": "bomb", "type": {"type": "array", "items": "E"}, "default": []},  # fastavro reads it as the empty E
+    ]
+    with pytest.raises(UnknownSchema, match="zero-byte"):
+        AvroSerde().register_writer_schema(schema)
+
+
+def test_sizing_a_schema_whose_records_reuse_each_other_takes_no_exponential_time() -> None:
+    fields = [{"name": "leaf", "type": "int"}]
+    levels = [{"type": "record", "name": "R0", "fields": fields}]
+    for k in range(1, 60):  # R_k has two fields of R_(k-1): 2**59 paths, 60 definitions
+        levels.append({"type": "record", "name": f"R{k}", "fields": [
+            {"name": "a", "type": levels[-1] if k == 1 else f"R{k - 1}"}, {"name": "b", "type": f"R{k - 1}"}]})
+    nested: dict = levels[-1]
+    for k in range(len(levels) - 2, 0, -1):  # each definition written once, inside the first field of the next
+        nested["fields"][0]["type"] = levels[k]
+        nested = levels[k]
+    top = {"type": "record", "name": "Top", "fields": [
+        {"name": "r", "type": levels[-1]}, {"name": "many", "type": {"type": "array", "items": f"R{len(levels) - 1}"}}]}
+    assert zero_byte_collections(top) == []  # answers at once; each R_k is at least one int
+
+
 def test_writer_schemas_nested_too_deep_are_refused_without_recursion() -> None:
     deep = json.loads(deep_record_schema(MAX_SCHEMA_NESTING))
     assert nesting_depth(deep) > MAX_SCHEMA_NESTING
