@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from urllib.parse import quote
 
 import redis
 
@@ -22,9 +23,15 @@ def cache_entry_key(topic_prefix: str, cache_key: str) -> str:
     return f"zimage:{topic_prefix}:cache:{cache_key}"
 
 
+def key_part(text: str) -> str:
+    """A tenant or request id inside a Redis key, percent-encoded (':', '/' and '%' among others): tenant `acme`
+    with request `eu:r1` and tenant `acme:eu` with request `r1` must not meet on one key."""
+    return quote(text, safe="")
+
+
 def cancel_entry_key(topic_prefix: str, tenant: str, request_id: str) -> str:
     """Where a cancellation of a still-queued request waits for the gate or a worker to skip the request."""
-    return f"zimage:{topic_prefix}:cancel:{tenant}:{request_id}"
+    return f"zimage:{topic_prefix}:cancel:{key_part(tenant)}:{key_part(request_id)}"
 
 
 # One script call for a whole batch: a pipeline of one command per key spent more time in the client's Python

@@ -14,7 +14,7 @@ from prometheus_client import Counter
 from connectors.api_ledger import Admission, ProducedMark, SubmissionLedger
 from connectors.api_store import ApiStore, StoreUnavailable
 from connectors.api_urls import ImageUrls
-from connectors.redis_store import cancel_entry_key
+from connectors.redis_store import cancel_entry_key, key_part
 from processors import api_rules
 from processors.requests import InvalidRequest, validate
 from schemas.serde import AvroSerde
@@ -45,15 +45,15 @@ class ApiError(Exception):
 
 
 def idempotency_key(prefix: str, tenant: str, request_id: str) -> str:
-    return f"zimage:{prefix}:api:accepted:{tenant}:{request_id}"
+    return f"zimage:{prefix}:api:accepted:{key_part(tenant)}:{key_part(request_id)}"
 
 
 def index_key(prefix: str, tenant: str) -> str:
-    return f"zimage:{prefix}:api:tasks:{tenant}"
+    return f"zimage:{prefix}:api:tasks:{key_part(tenant)}"
 
 
 def result_key(prefix: str, tenant: str, request_id: str) -> str:
-    return f"zimage:{prefix}:api:result:{tenant}/{request_id}"
+    return f"zimage:{prefix}:api:result:{key_part(tenant)}/{key_part(request_id)}"
 
 
 class ApiService:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from connectors import kafka
-from connectors.redis_store import RedisStore
+from connectors.redis_store import RedisStore, key_part
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError
 from streams.heap import freeze_start_up_heap
 from streams.settings import Settings
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def status_entry_key(topic_prefix: str, tenant: str, request_id: str) -> str:
-    return f"zimage:{topic_prefix}:status:{tenant}/{request_id}"
+    return f"zimage:{topic_prefix}:status:{key_part(tenant)}/{key_part(request_id)}"
 
 
 class StatusView:

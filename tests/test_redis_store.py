@@ -40,3 +40,16 @@ def test_redis_down_answers_false_and_none_and_is_left_alone() -> None:
     assert down.set_many([("k", b"v")], ttl_s=1) is False
     assert down.failures == 1 and down.claim_many(["k"], b"v", ttl_s=1) is None  # not asked again for a while
     assert down.failures == 1
+
+
+def test_no_two_tenants_meet_on_one_redis_key_whatever_their_names_and_ids():
+    from connectors.redis_store import cancel_entry_key
+    from streams.api_service import idempotency_key, index_key, result_key
+    from streams.status_view import status_entry_key
+
+    pairs = [("acme", "eu:r1"), ("acme:eu", "r1"), ("acme", "eu/r1"), ("acme/eu", "r1"), ("acme%3Aeu", "r1")]
+    for key_of in (cancel_entry_key, idempotency_key, result_key, status_entry_key):
+        keys = {key_of("p", tenant, request_id) for tenant, request_id in pairs}
+        assert len(keys) == len(pairs), key_of.__name__
+    assert len({index_key("p", tenant) for tenant, _ in pairs}) == 4  # four distinct tenants among the pairs
+    assert status_entry_key("p", "acme", "r-1") == "zimage:p:status:acme/r-1"  # plain names read as before
