@@ -208,20 +208,21 @@ def sku_connector(restart: bool) -> None:
 @click.option("--tenant", default=None)
 def submit(prompts: tuple[str, ...], jsonl: Path | None, priority: str | None, **fields) -> None:
     """Submit requests: PROMPTS as arguments, or a JSONL file. Prints one request id per line."""
-    from schemas.serde import AvroSerde
+    from schemas.serde import AvroSerde, SerdeError
     from streams.submit import Submitter, build_request, read_jsonl
 
     if not prompts and jsonl is None:
         raise click.UsageError("give prompts or --file")
     s = _settings()
     rows = [{"prompt": p} for p in prompts] + (list(read_jsonl(jsonl)) if jsonl else [])
-    overrides = {k: v for k, v in fields.items() if v is not None}
-    if priority:
-        overrides["priority"] = priority
-    try:
-        requests = [build_request({**row, **overrides}) for row in rows]
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    overrides = {k: v for k, v in {**fields, "priority": priority}.items() if v is not None}
+    serde, requests = AvroSerde(), []
+    for n, row in enumerate(rows, 1):  # every request checked before any is sent: a bad line sends nothing
+        try:
+            requests.append(build_request({**row, **overrides} if isinstance(row, dict) else row))
+            serde.encode("GenerationRequest", requests[-1])
+        except (ValueError, SerdeError) as exc:
+            raise ConfigError(f"request {n}: {exc}") from exc
     sub = Submitter(s.kafka_config(), s.topology, AvroSerde(registry_url=s.schema_registry_url))
     for req in sub.submit(requests):
         click.echo(f"{req['request_id']}\t{req['priority'].lower()}")

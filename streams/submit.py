@@ -20,7 +20,12 @@ REQUEST_DEFAULTS: dict[str, Any] = {
 
 
 def build_request(fields: dict[str, Any]) -> dict[str, Any]:
-    """A complete request from partial fields (JSON lines, CLI options); priority may be given lower-case."""
+    """A complete request from partial fields (JSON lines, CLI options); priority may be given lower-case.
+    Raises ValueError for fields that make no request."""
+    if not isinstance(fields, dict):
+        raise ValueError(f"a request is a JSON object, not {type(fields).__name__}")
+    if not isinstance(fields.get("metadata") or {}, dict):
+        raise ValueError("metadata must be an object of strings")
     req = {**REQUEST_DEFAULTS, **{k: v for k, v in fields.items() if v is not None}}
     req.setdefault("request_id", uuid.uuid4().hex)
     req.setdefault("submitted_at", int(time.time() * 1000))

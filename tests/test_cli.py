@@ -142,3 +142,14 @@ def test_drift_check_names_replication(kafka_bootstrap):
     assert drift.returncode == 1 and f"drift     {topic}: min.insync.replicas=2 -> 1" in drift.stdout
     fixed = zimage("topics", "apply", **env)
     assert f"updated   {topic}: min.insync.replicas=2 -> 1" in fixed.stdout
+
+
+@pytest.mark.parametrize("line, words", [('["x"]', "a request is a JSON object"),
+                                         ('{"prompt": "p", "metadata": [1]}', "metadata must be an object"),
+                                         ('{"prompt": "p", "width": "wide"}', "width")])
+def test_submit_checks_every_line_before_sending_any(tmp_path, line, words):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"prompt": "a good one"}\n' + line + "\n")
+    out = zimage("submit", "--file", str(requests), ZIMAGE_BOOTSTRAP_SERVERS="127.0.0.1:9")  # never reached
+    assert out.returncode == 78 and "Traceback" not in out.stderr
+    assert "request 2: " in out.stderr and words in out.stderr and out.stdout == ""
