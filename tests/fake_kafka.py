@@ -201,3 +201,17 @@ class FakeConsumer:
     def _close(self) -> None:
         if self.assigned and self.callbacks.get("revoke"):
             self.revoke(list(self.assigned))
+
+
+def registry_down_for(serde: Any, *record_names: str) -> None:
+    """Makes `serde` answer as a Schema Registry outage when it encodes these records; the others encode."""
+    from schemas.serde import RegistryUnavailable
+
+    encode = serde.encode
+
+    def encode_or_fail(name: str, value: Any, **kwargs: Any) -> bytes:
+        if name in record_names:
+            raise RegistryUnavailable("the registry does not answer")
+        return encode(name, value, **kwargs)
+
+    serde.encode = encode_or_fail

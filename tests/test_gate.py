@@ -434,17 +434,10 @@ def test_a_pool_announcement_that_would_fail_its_pool_is_ignored_and_the_last_go
 
 
 def test_a_registry_outage_while_writing_a_failure_holds_that_partition_only():
-    from schemas.serde import RegistryUnavailable
+    from tests.fake_kafka import registry_down_for
 
     rig = Rig()
-    encode = rig.serde.encode
-
-    def registry_down_for_failures(name, value, **kwargs):
-        if name == "RequestFailed":
-            raise RegistryUnavailable("the registry does not answer")
-        return encode(name, value, **kwargs)
-
-    rig.serde.encode = registry_down_for_failures  # type: ignore[method-assign,assignment]
+    registry_down_for(rig.serde, "RequestFailed")
     garbage = FakeMessage(f"{PREFIX}.requests.normal", 1, 40, b"\x00not avro", b"k")
     good = rig.message(req(home=2), partition=2)
     out, offsets = rig.decide(garbage, good)

@@ -13,7 +13,7 @@ from schemas.serde import AvroSerde, RegistryUnavailable
 from streams.settings import Settings
 from streams.sku_connector import SkuConnector
 from streams.sku_state import LatestVersions
-from tests.fake_kafka import FakeKafka, FakeMessage, kafka_error
+from tests.fake_kafka import FakeKafka, FakeMessage, kafka_error, registry_down_for
 from tests.test_sku_templates import FILE, templates
 
 PREFIX = "ts"
@@ -149,14 +149,7 @@ def test_a_registry_that_does_not_answer_holds_the_partition():
 def test_a_registry_outage_while_writing_a_refused_events_failure_holds_it():
     rig = Rig()
     rig.consumer.assigned = [(TOPIC, 1)]
-    encode = rig.serde.encode
-
-    def registry_down_for_failures(name, value, **kwargs):
-        if name == "RequestFailed":
-            raise RegistryUnavailable("registry down")
-        return encode(name, value, **kwargs)
-
-    rig.serde.encode = registry_down_for_failures  # type: ignore[method-assign,assignment]
+    registry_down_for(rig.serde, "RequestFailed")
     good, garbage = rig.message(sku()), FakeMessage(TOPIC, 1, 2, b"\x00not avro", b"CH-9")
     out, offsets = rig.decide(good, garbage)
     assert offsets == {(TOPIC, 1): 2} and len(out["requests.high"]) == 3 and "requests.failed" not in out
