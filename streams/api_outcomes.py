@@ -20,7 +20,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors import kafka
 from connectors.retry import Stopping, until_done
-from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError
+from schemas.serde import AvroSerde, SerdeError
+from streams.failures import waiting_out_registry
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,7 @@ class OutcomeFeed:
             return None
         record = "ImageReady" if kind == "ready" else "RequestFailed"
         try:  # a Schema Registry outage is waited out: moving past the record would leave its waiter unanswered
-            event = until_done(lambda: self._serde.decode(record, value, topic=topic),
-                               is_infrastructure=lambda exc: isinstance(exc, RegistryUnavailable),
-                               on_retry=lambda exc, attempt: log.warning("outcome feed: %s", exc), stop=self._stop)
+            event = waiting_out_registry(lambda: self._serde.decode(record, value, topic=topic), self._stop)
         except (SerdeError, Stopping):
             return None
         if not event.get("tenant") or not event.get("request_id"):
