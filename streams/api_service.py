@@ -17,7 +17,7 @@ from connectors.api_urls import ImageUrls
 from connectors.redis_store import cancel_entry_key, key_part
 from processors import api_rules
 from processors.requests import InvalidRequest, validate
-from schemas.serde import AvroSerde
+from schemas.serde import AvroSerde, RegistryUnavailable
 from streams.api_models import ErrorOut, GenerationBody, ImageOut, Task
 from streams.api_outcomes import Key, Outcome, OutcomeFeed
 from streams.api_producer import AsyncRequestProducer, NotDelivered
@@ -54,6 +54,18 @@ def index_key(prefix: str, tenant: str) -> str:
 
 def result_key(prefix: str, tenant: str, request_id: str) -> str:
     return f"zimage:{prefix}:api:result:{key_part(tenant)}/{key_part(request_id)}"
+
+
+async def encoded_request(serde: AvroSerde, request: dict[str, Any], topic: str, *, off_the_loop: bool) -> bytes:
+    """The request's Avro value. With a Schema Registry, encoding may ask it over the network: that happens off the
+    event loop, so a slow registry stalls this request only, and an outage is a 503 to retry, not a 500."""
+    try:
+        if off_the_loop:
+            return await asyncio.to_thread(serde.encode, "GenerationRequest", request, topic=topic)
+        return serde.encode("GenerationRequest", request, topic=topic)
+    except RegistryUnavailable as exc:
+        SUBMITTED.labels("registry_unavailable").inc()
+        raise ApiError(503, f"the Schema Registry does not answer ({exc}); retry", {"Retry-After": "5"}) from None
 
 
 class ApiService:
@@ -143,7 +155,7 @@ class ApiService:
     async def _produce(self, request: dict[str, Any], fingerprint: str) -> None:
         tenant, request_id = request["tenant"], request["request_id"]
         topic = self.s.topology.request_topic(request["priority"].lower())
-        value = self._serde.encode("GenerationRequest", request, topic=topic)
+        value = await encoded_request(self._serde, request, topic, off_the_loop=self.s.schema_registry_url is not None)
         try:
             await self._producer.send(topic, value, request_id.encode())
         except NotDelivered as exc:

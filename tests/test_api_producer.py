@@ -131,3 +131,34 @@ def test_the_outcome_feed_waits_out_a_registry_outage_rather_than_drop_an_outcom
     assert outage["left"] == 0 and decoded is not None
     assert decoded[0] == ("acme", "r1") and decoded[1]["reason_code"] == "blocked"
     assert feed._decode("t.failed", b"\x00garbage") is None  # the record's own fault: skipped
+
+
+def test_a_registry_outage_while_encoding_a_submission_is_a_503_to_retry_and_runs_off_the_loop():
+
+    from schemas.serde import AvroSerde, RegistryUnavailable
+    from streams.api_service import ApiError, encoded_request
+    from streams.submit import build_request
+
+    threads: list[int] = []
+
+    class Registry(AvroSerde):
+        down = True
+
+        def encode(self, *args, **kwargs):
+            threads.append(threading.get_ident())
+            if self.down:
+                raise RegistryUnavailable("the registry does not answer")
+            return super().encode(*args, **kwargs)
+
+    serde, request = Registry(), build_request({"prompt": "a teapot", "tenant": "acme"})
+
+    async def main() -> bytes:
+        with pytest.raises(ApiError) as refused:
+            await encoded_request(serde, request, "t.requests.normal", off_the_loop=True)
+        assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "5"}
+        serde.down = False
+        return await encoded_request(serde, request, "t.requests.normal", off_the_loop=True)
+
+    value = asyncio.run(main())
+    assert AvroSerde().decode("GenerationRequest", value)["request_id"] == request["request_id"]
+    assert threading.get_ident() not in threads  # encoded on a worker thread, not the event loop's
