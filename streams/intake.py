@@ -23,6 +23,7 @@ from processors.batching import CompatKey, Pending
 from processors.render_settings import BatchRenderer, UnsupportedSettings
 from processors.requests import InvalidRequest, settings_of, validate
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError, UnknownSchema
+from streams.crash_journal import Deaths
 from streams.failures import FailureRecords, Origin
 from streams.rendering import Admitted
 from streams.settings import Settings
@@ -102,9 +103,10 @@ class Intake:
         """The outcome of a request of this pool that failed."""
         return Outcome(self._failures(code, reason, origin, request), priority, code)
 
-    def poison(self, origin: Origin, priority: str, strikes: int) -> Outcome:
-        """A record at which the worker died `strikes` times: dead-lettered undecoded."""
-        return self.failed("poison_record", f"the worker died {strikes} times while handling this record",
+    def poison(self, origin: Origin, priority: str, deaths: Deaths) -> Outcome:
+        """A record at which worker processes died too often: dead-lettered undecoded."""
+        return self.failed("poison_record", f"the worker died {deaths.total} times while handling this record "
+                           f"({deaths.by_fault} by a fault of its own: a fatal signal, a deadline or an exception)",
                            origin, None, priority)
 
 

@@ -1,9 +1,10 @@
 """Liveness of a long-running process: deadlines that end it when a step hangs, and a heartbeat health file.
 
 A hang is worse than a crash: the partitions stay assigned and every later offset waits behind the stuck one.
-`Deadlines` ends the process (exit code 1, every thread's stack on stderr) when a guarded step outlives its
-limit. It arms faulthandler's timer, which runs in a C thread: it fires even while a C extension spins with the
-GIL held, where a Python watchdog thread would never get to run. The supervisor then starts a fresh process.
+`Deadlines` ends the process (exit code 1, every thread's stack on stderr or in `dump_to`) when a guarded step
+outlives its limit. It arms faulthandler's timer, which runs in a C thread: it fires even while a C extension
+spins with the GIL held, where a Python watchdog thread would never get to run. The supervisor then starts a fresh
+process.
 
 `Heartbeat` writes the health file: one JSON object with when each loop last went round, rewritten at most once a
 second, so a probe can tell "started" from "making progress" (age of `main` and `render`).
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,13 @@ class Deadlines:
     that deadline, so the monitor always has time to move it once its step has ended in time."""
 
     def __init__(self, on_overdue: Callable[[str | None], None] | None = None, *,
-                 monitor_period_s: float = MONITOR_PERIOD_S) -> None:
+                 monitor_period_s: float = MONITOR_PERIOD_S, dump_to: TextIO | None = None) -> None:
         """`on_overdue` hears, from the monitor thread, the step whose deadline has passed and that will end the
         process (the earliest), and None once no step is overdue: in the MARGIN_S before the timer fires, the crash
         journal can note which step's records a death blames. A step that spins with the GIL held keeps the monitor
-        from running, and then nothing is heard."""
+        from running, and then nothing is heard. `dump_to` takes the stacks instead of stderr (the worker's crash
+        journal, whose next process logs them)."""
+        self._dump_to = dump_to
         self._lock = threading.Lock()
         self._active: dict[int, tuple[float, str]] = {}
         self._ids = itertools.count()
@@ -104,7 +108,7 @@ class Deadlines:
         """(lock held)"""
         self._armed_until = deadline + MARGIN_S
         faulthandler.dump_traceback_later(max(0.001, self._armed_until - time.monotonic()), exit=True,
-                                          file=sys.stderr)
+                                          file=self._dump_to or sys.stderr)
 
 
 class Heartbeat:

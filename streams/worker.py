@@ -82,7 +82,7 @@ class RenderWorker:
         self._all_finished_now = threading.Event()  # set by the finish that leaves none unfinished
         self.group_id = f"{settings.topic_prefix}-render-{settings.pool}"
         self._journal = CrashJournal(settings.state_dir, f"{self.group_id}-{settings.worker_id}")
-        self._deadlines = Deadlines(on_overdue=self._journal.overdue)  # a death by deadline: its step to blame
+        self._deadlines = Deadlines(on_overdue=self._journal.overdue, dump_to=self._journal.fault_file)  # evidence
         self._notes = ProgressNotes(self.topology, serde, f"worker:{settings.pool}", notes_producer_factory)
         self._heartbeat = Heartbeat(settings.health_file, settings.worker_id)
         self._stage = RenderStage(
@@ -200,9 +200,9 @@ class RenderWorker:
             return  # revoked during consume(), or to be read again once the registry answers
         origin = Origin.of(msg)
         priority = self._priority_of_topic[origin.topic]
-        strikes = self._journal.strikes(origin.source)
-        if strikes >= self._journal.max_strikes:
-            self._track_finished(origin, self._intake.poison(origin, priority, strikes))
+        deaths = self._journal.deaths(origin.source)
+        if deaths is not None and self._journal.is_poison(deaths):
+            self._track_finished(origin, self._intake.poison(origin, priority, deaths))
             return
         with self._journal.holding("intake", [origin.source]):
             decision = self._intake.decide(origin, priority)
@@ -214,7 +214,7 @@ class RenderWorker:
         if isinstance(decision, Finish):
             self._track_finished(origin, decision.outcome)
         else:
-            self._admit(origin, priority, decision, solo=strikes > 0)
+            self._admit(origin, priority, decision, solo=deaths is not None)
 
     def _track_finished(self, origin: Origin, outcome: Outcome) -> None:
         with self._lock:

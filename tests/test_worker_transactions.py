@@ -274,12 +274,20 @@ def test_the_running_worker_with_aborts_now_and_then_publishes_everything_once(t
     assert rig.producer.abort_transaction.call_count >= 1
 
 
-def test_a_record_the_worker_died_with_twice_is_dead_lettered_undecoded(tmp_path):
+def died_holding(tmp_path, offset: int, *, by_fault: bool) -> None:
+    """Leaves the journal as a worker process that died decoding `offset` leaves it, and lets the next one open it."""
     name = f"{PREFIX}-render-turbo-w1"
-    for _ in range(2):  # two deaths while decoding offset 3: the journal names it when the next process opens
-        (tmp_path / "state").mkdir(exist_ok=True)
-        (tmp_path / "state" / f"{name}.intake").write_text(json.dumps([[TOPIC, 0, 3]]))
-        CrashJournal(tmp_path / "state", name).close()
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    (state / f"{name}.intake").write_text(json.dumps([[TOPIC, 0, offset]]))
+    # faulthandler's traceback: the process ended itself (nothing is written when it is killed from outside)
+    (state / f"{name}.fault").write_text("Fatal Python error: Segmentation fault\n" if by_fault else "")
+    CrashJournal(state, name).close()
+
+
+def test_a_record_the_worker_died_with_twice_by_a_fault_is_dead_lettered_undecoded(tmp_path):
+    for _ in range(2):  # two segfaults while decoding offset 3
+        died_holding(tmp_path, 3, by_fault=True)
     rig = Rig(tmp_path, count=6)
     rig.kafka.logs[TP][3] = (b"poison-key", b"\xc3\x01 whatever made the decoder crash")
     rig.ids[3] = None
@@ -288,8 +296,22 @@ def test_a_record_the_worker_died_with_twice_is_dead_lettered_undecoded(tmp_path
     rig.worker._commit()
     failed = [rig.serde.decode("RequestFailed", v) for t, _k, v in rig.kafka.outputs if t.endswith(".failed")]
     assert [(f["reason_code"], f["source"]["offset"]) for f in failed] == [("poison_record", 3)]
+    assert "2 by a fault" in failed[0]["reason"]
     letters = [(k, v) for t, k, v in rig.kafka.outputs if t.endswith(".dlq")]
     assert letters == [(b"poison-key", b"\xc3\x01 whatever made the decoder crash")]
+    assert rig.kafka.committed[TP] == 6
+    rig.worker._stage.stop()
+
+
+def test_a_healthy_record_held_through_two_kills_from_outside_is_still_rendered(tmp_path):
+    for _ in range(2):  # a deploy's SIGKILL after its grace period, twice, each while offset 3 was in hand
+        died_holding(tmp_path, 3, by_fault=False)
+    rig = Rig(tmp_path, count=6)
+    rig.open()
+    rig.ingest(range(0, 6))
+    rig.worker._commit()
+    assert not [v for t, _k, v in rig.kafka.outputs if t.endswith((".failed", ".dlq"))]
+    rig.assert_offsets_match_outputs()
     assert rig.kafka.committed[TP] == 6
     rig.worker._stage.stop()
 
