@@ -49,10 +49,14 @@ class Homes:
     def of(self, consumer: Consumer, topic: str, request_id: str) -> int:
         """Raises KafkaException while the broker does not say how many partitions the topics have (not the
         record's fault: its partition waits), PartitionCountMismatch when they differ."""
+        return home_partition(request_id, self.count(consumer, topic))
+
+    def count(self, consumer: Consumer, topic: str) -> int:
+        """The partition count of `topic`, once checked equal to the state topic's (raises as `of`)."""
         count = self._counts.get(topic)
         if count is None:
             count = self._counts[topic] = self._co_partitioned(consumer, topic)
-        return home_partition(request_id, count)
+        return count
 
     def _co_partitioned(self, consumer: Consumer, topic: str) -> int:
         if time.monotonic() < self._retry_at:  # one slow failure per second, not one per record of a batch

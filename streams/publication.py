@@ -12,6 +12,11 @@ quarantine. A detector or storage outage holds the partition at that record and 
 
 What was published is known per partition, so a record read off the home partition of its request id (produced
 again by a tool that places keys otherwise, say) is forwarded there first (streams/homes.py).
+
+The by-SKU view has one writer per (tenant, SKU, view): two requests for one SKU can be published by two members,
+so each ImageReady of a SKU goes to images.by-sku.repartition keyed by its SKU, and the member that owns its
+partition q compares it with the latest of by-sku partition q and writes it there only if it is newer. Otherwise a
+member could write an older SKU version after another wrote a newer one, and compaction would keep the older.
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ class PublicationRelay:
         self.group_id = f"{settings.topic_prefix}-publication"
         self._max_ready_bytes = self.topology.max_bytes(self.topology.images_ready)
         self._homes = Homes(self.topology.images_ready)  # its state: what was published
+        self._sku_homes = Homes(self.topology.images_by_sku)  # the by-SKU view's state, of its repartition topic
 
     def stop(self) -> None:
         self._stop.set()
@@ -73,9 +79,10 @@ class PublicationRelay:
         self._consumer = kafka.consumer(conf, self.group_id, **kafka.CO_PARTITIONED)
         step = TransactionalStep(conf, f"{self.group_id}-{self.s.worker_id}")
         self._published = PublishedState(conf, self.topology, self._serde, self.s.publication_window_days)
-        self._consumer.subscribe([self.topology.rendered, self.topology.review_decisions],
-                                 on_assign=lambda *_: self._homes.forget(),  # partitions added come with one
-                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self._consumer.subscribe(
+            [self.topology.rendered, self.topology.review_decisions, self.topology.images_by_sku_repartition],
+            on_assign=lambda *_: self._forget_counts(),  # partitions added come with one
+            on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("publishing %s -> %s in group %s", self.topology.rendered, self.topology.images_ready,
                  self.group_id)
         clean = False
@@ -106,6 +113,8 @@ class PublicationRelay:
             try:
                 if origin.topic == self.topology.review_decisions:
                     records += self._decided(origin, now_ms, scans.get(origin.source))
+                elif origin.topic == self.topology.images_by_sku_repartition:
+                    records += self._sku_candidate(origin)
                 else:
                     records += self._rendered(origin, origin.value, now_ms, False, scans.get(origin.source))
             except SafetyUnavailable as exc:
@@ -121,8 +130,7 @@ class PublicationRelay:
                 continue
             except Exception as exc:  # noqa: BLE001 - a record never stops publication
                 log.error("unpublishable record at %s: %s", origin.source, exc)
-                records += self._failures("unpublishable", f"{type(exc).__name__}: {exc}", origin,
-                                          self._request_of(origin))
+                records += self._unpublishable(origin, exc)
             offsets[tp] = origin.offset + 1
             self._held.decided(tp)
         return records, offsets
@@ -134,6 +142,8 @@ class PublicationRelay:
             return {}
         todo: dict[tuple[str, int, int], dict] = {}
         for origin in origins:
+            if origin.topic == self.topology.images_by_sku_repartition:
+                continue  # scanned before it was published
             try:
                 rendered = self._to_publish(origin, now_ms)
             except Exception:  # noqa: BLE001 - the record fails on its own in publish()
@@ -145,6 +155,12 @@ class PublicationRelay:
         except Exception as exc:  # noqa: BLE001 - each record is then scanned alone, inside its own try
             log.warning("scanning a batch together failed (%r); scanning each record alone", exc)
             return {}
+
+    def _unpublishable(self, origin: Origin, exc: Exception) -> list[OutRecord]:
+        if origin.topic == self.topology.images_by_sku_repartition:  # its request is published (images.ready):
+            failure = self._failures("unpublishable", f"{type(exc).__name__}: {exc}", origin, None)
+            return [r for r in failure if r.topic == self.topology.dlq]  # only the candidate is lost, dead-lettered
+        return self._failures("unpublishable", f"{type(exc).__name__}: {exc}", origin, self._request_of(origin))
 
     def _request_of(self, origin: Origin) -> dict | None:
         """The ImageRendered a failed record carries, when it decodes: its RequestFailed then names the request
@@ -210,10 +226,9 @@ class PublicationRelay:
                                           validate=False)
         if len(ready_value) > self._max_ready_bytes:
             raise ValueError(f"ImageReady would be {len(ready_value)} bytes; at most {self._max_ready_bytes}")
-        # Everything that can fail (restoring the SKU view, encoding the status) comes before the state changes:
-        # a record held after a change would find itself published when read again, and publish nothing.
+        # Everything that can fail (encoding the status) comes before the state changes: a record held after a
+        # change would find itself published when read again, and publish nothing.
         sku_key = by_sku_key(ready)
-        sku_latest = self._published.sku_latest() if sku_key is not None else None
         published = self._status(request_status(request=ready, status="published", stage="publication", now_ms=now_ms,
                                                 generation=ready["generation"], final=True,
                                                 detail=f"version {decision.version}"))
@@ -223,13 +238,25 @@ class PublicationRelay:
         # whatever partitioner a producer of this process is configured with.
         out = [OutRecord(self.topology.images_ready, ready_value, ready["request_id"].encode(),
                          partition=origin.partition)]
-        if sku_key is not None and sku_latest is not None and sku_latest.offer(ready):
-            out.append(OutRecord(self.topology.images_by_sku, ready_value, sku_key))
+        if sku_key is not None:  # a candidate for the by-SKU view, decided by the owner of its SKU (_sku_candidate)
+            out.append(OutRecord(self.topology.images_by_sku_repartition, ready_value, sku_key))
         out.append(published)
         key = rendered.get("cache_key")
         if key and not rendered.get("cached"):  # what the gate answered from the cache is there already
             self._to_cache.append((key, {"model_id": rendered["model_id"], "images": rendered["images"]}))
         return out
+
+    def _sku_candidate(self, origin: Origin) -> list[OutRecord]:
+        """An ImageReady of a SKU, on the partition of its (tenant, SKU, view): written to the same partition of
+        images.by-sku when it is newer than the latest there (sku_order), else nothing."""
+        self._sku_homes.count(self._consumer, origin.topic)  # stops on a partition count other than by-sku's
+        ready = self._serde.decode("ImageReady", origin.value, topic=origin.topic)
+        key = by_sku_key(ready)
+        if key is None:
+            raise ValueError("an ImageReady of no SKU on the by-SKU repartition topic")
+        if not self._published.sku_latest(origin.partition).offer(ready):
+            return []  # older than the latest image of its SKU and view, or that image again (a replay)
+        return [OutRecord(self.topology.images_by_sku, origin.value, key, partition=origin.partition)]
 
     def _decided(self, origin: Origin, now_ms: int, scanned: Scanned | None) -> list[OutRecord]:
         """A reviewer's decision: an approval publishes the image held for review (unless the detector now
@@ -249,6 +276,10 @@ class PublicationRelay:
         metrics.SAFETY.labels(metric_label(safety)).inc()
         failure = self._failures("unsafe", f"{describe(safety)}; {removed}", origin, rendered)
         return [r for r in failure if r.topic != self.topology.dlq]  # a decision, not a broken record
+
+    def _forget_counts(self) -> None:
+        self._homes.forget()
+        self._sku_homes.forget()
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self._held.drop(consumer, [(p.topic, p.partition) for p in parts])

@@ -3,7 +3,8 @@ images.ready) and the latest image of each SKU and view (from images.by-sku).
 
 images.ready is keyed by request id and has as many partitions as zimage.rendered, so the state of rendered
 partition p is read from images.ready partition p when p is first used, and forgotten when p is revoked or a
-transaction aborts (then read again). The SKU view spans every partition: it is read whole on first use.
+transaction aborts (then read again). The SKU view is kept the same way: images.by-sku is keyed by (tenant, SKU,
+view), as its repartition topic is, and the latest images of partition q are read from images.by-sku q.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class PublishedState:
         self._serde = serde
         self._window_ms = int(window_days * DAY_MS)
         self._partitions: dict[int, PublicationState] = {}
-        self._sku: SkuLatest | None = None
+        self._sku: dict[int, SkuLatest] = {}
 
     def of_partition(self, partition: int) -> PublicationState:
         state = self._partitions.get(partition)
@@ -51,26 +52,29 @@ class PublishedState:
                      time.monotonic() - started)
         return state
 
-    def sku_latest(self) -> SkuLatest:
-        if self._sku is None:
+    def sku_latest(self, partition: int) -> SkuLatest:
+        """The latest image of each SKU and view of by-SKU partition `partition`."""
+        sku = self._sku.get(partition)
+        if sku is None:
             sku = SkuLatest()
 
             def restore(_key: bytes | None, value: bytes | None) -> None:
                 self._restored(self._topology.images_by_sku, value, sku.offer)
 
-            self._read(self._base, self._topology.images_by_sku, list(range(self._topology.output_partitions)),
-                       restore)
-            self._sku = sku
-        return self._sku
+            self._read(self._base, self._topology.images_by_sku, [partition], restore)  # kept only once read whole
+            self._sku[partition] = sku
+        return sku
 
     def forget(self, partitions: Iterable[int] | None = None) -> None:
-        """Drops the state of these partitions (all of it when None): it is read again from the topics."""
+        """Drops the state of these partitions (all of it when None): it is read again from the topics. A member
+        owns partition p of every topic it reads (the range assignor), so p's publications and SKUs go together."""
         if partitions is None:
             self._partitions.clear()
-            self._sku = None
+            self._sku.clear()
             return
         for partition in partitions:
             self._partitions.pop(partition, None)
+            self._sku.pop(partition, None)
 
     def _restored(self, topic: str, value: bytes | None, apply: Callable[[dict], object]) -> None:
         """Applies one record of `topic` to the state. A record that is no ImageReady (a producer's mistake, a

@@ -113,6 +113,11 @@ class Topology:
         return f"{self.prefix}.images.by-sku"
 
     @property
+    def images_by_sku_repartition(self) -> str:
+        """Each SKU's candidates for the by-SKU view, keyed as images.by-sku: one member decides each SKU."""
+        return f"{self.prefix}.images.by-sku.repartition"
+
+    @property
     def status(self) -> str:
         return f"{self.prefix}.status"
 
@@ -218,6 +223,13 @@ class Topology:
                       value="ReviewDecision"),
             TopicSpec(self.images_by_sku, self.output_partitions, dict(compacted),
                       writers=("processors: publication",), readers=("subscribers", "publication (restore)"),
+                      value="ImageReady"),
+            # keyed by (tenant, SKU, view) as images.by-sku, with as many partitions: the member that owns partition
+            # q decides every SKU of by-sku partition q, so the view has one writer per key (Kafka Streams'
+            # repartition topic before an aggregation)
+            TopicSpec(self.images_by_sku_repartition, self.output_partitions,
+                      {"retention.ms": week, "max.message.bytes": output_bytes},
+                      writers=("processors: publication",), readers=("processors: publication (by-SKU view)",),
                       value="ImageReady"),
             TopicSpec(self.status, self.status_partitions, dict(compacted),
                       writers=("gate", "render worker", "processors"),

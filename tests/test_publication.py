@@ -25,16 +25,17 @@ class MemoryState:
 
     def __init__(self) -> None:
         self.partitions: dict[int, PublicationState] = {}
-        self.sku = SkuLatest()
+        self.sku: dict[int, SkuLatest] = {}
 
     def of_partition(self, partition: int) -> PublicationState:
         return self.partitions.setdefault(partition, PublicationState())
 
-    def sku_latest(self) -> SkuLatest:
-        return self.sku
+    def sku_latest(self, partition: int) -> SkuLatest:
+        return self.sku.setdefault(partition, SkuLatest())
 
     def forget(self, partitions=None) -> None:
         self.partitions.clear()
+        self.sku.clear()
 
 
 class Rig:
@@ -93,12 +94,25 @@ def test_one_publication_per_generation_and_content_and_new_generations_supersed
     assert (second["version"], second["supersedes"], second["generation"]) == (2, 1, "g2")
 
 
-def test_the_sku_view_keeps_the_highest_sku_version():
+def test_the_sku_view_has_one_writer_per_sku_and_keeps_the_highest_sku_version():
     rig = Rig()
     newer = rig.rendered(req(sku_id="SKU-1"), sha="bb", sku_version=5, view="front")
     older = rig.rendered(req(sku_id="SKU-1"), sha="cc", sku_version=4, view="front")
-    assert len(rig.publish(newer)["images.by-sku"]) == 1
-    assert "images.by-sku" not in rig.publish(older)  # arrived later, but an older version of the SKU
+    published = [rig.publish(event) for event in (newer, older)]
+    assert all("images.by-sku" not in out for out in published)  # not where their requests are published...
+    [first], [second] = (out["images.by-sku.repartition"] for out in published)
+    assert first.key == second.key  # ...but on the one partition of their SKU and view, whoever published them
+    [view] = rig.out([rig.message("images.by-sku.repartition", first.value, first.key)])["images.by-sku"]
+    assert (view.key, view.value, view.partition) == (first.key, first.value, 1)  # the partition it restores from
+    assert rig.decode([view], "ImageReady")[0]["sku_version"] == 5
+    # decided later, but an older version of the SKU: the view keeps version 5
+    assert rig.out([rig.message("images.by-sku.repartition", second.value, second.key)]) == {}
+
+
+def test_a_broken_candidate_of_the_sku_view_is_dead_lettered_without_failing_its_published_request():
+    rig = Rig()
+    out = rig.out([rig.message("images.by-sku.repartition", b"\xc3\x01 not an ImageReady", b"k")])
+    assert list(out) == ["dlq"]
 
 
 def test_an_image_below_the_quality_bar_is_held_for_review_then_approved_or_rejected():
@@ -238,18 +252,18 @@ def test_records_that_are_no_image_ready_are_skipped_when_the_state_is_restored(
 
     serde = AvroSerde()
     topology = Settings(_env_file=None, topic_prefix=PREFIX, output_partitions=3).topology
-    good = image_ready_value(serde, req())
+    good = [image_ready_value(serde, req()), image_ready_value(serde, req(sku_id="SKU-9", view="front"))]
     hostile = [b"\x00garbage", b"", b"[" * 100_000, serde.encode("RequestStatus", {
         "tenant": "acme", "request_id": "x", "status": "admitted", "stage": "gate", "at": 1, "final": False,
         "generation": None, "detail": None})]
 
     def read(_base, _topic, _partitions, apply) -> None:
-        for value in [*hostile, good, *hostile]:
+        for value in [*hostile, *good, *hostile]:
             apply(b"k", value)
 
     state = PublishedState({}, topology, serde, 30.0, read=read)
-    assert len(state.of_partition(1)) == 1
-    assert state.sku_latest() is not None
+    assert len(state.of_partition(1)) == 2
+    assert len(state.sku_latest(1)) == 1  # the one of a SKU
 
     class RegistryDown(AvroSerde):
         def decode(self, *_args, **_kwargs):
@@ -284,25 +298,47 @@ def test_an_image_ready_goes_to_the_partition_its_state_is_restored_from():
 
 
 def test_a_record_held_part_way_is_published_when_read_again():
-    """The SKU view cannot be read the first time (a broker restarting): the record is held before the state
+    """The status cannot be encoded the first time (a Schema Registry outage): the record is held before the state
     knows it as published, so reading it again publishes it."""
-    from confluent_kafka import KafkaError, KafkaException
+    from schemas.serde import RegistryUnavailable
 
-    class SkuViewFailsOnce(MemoryState):
-        failed = False
+    class RegistryDownOnce(AvroSerde):
+        down = True
 
-        def sku_latest(self) -> SkuLatest:
-            if not self.failed:
-                self.failed = True
-                raise KafkaException(KafkaError(KafkaError._TRANSPORT, "the broker went away"))
-            return super().sku_latest()
+        def encode(self, record_name, value, **kwargs):
+            if record_name == "RequestStatus" and self.down:
+                self.down = False
+                raise RegistryUnavailable("the registry does not answer")
+            return super().encode(record_name, value, **kwargs)
 
     rig = Rig()
-    rig.relay._published = SkuViewFailsOnce()  # type: ignore[assignment]
+    rig.relay._serde = RegistryDownOnce()
     request = req(sku_id="chair-1", view="front", sku_version=3)
     msg = rig.message("rendered", rig.serde.encode("ImageRendered", rig.rendered(request)), b"k")
     assert rig.relay.publish([msg]) == ([], {})  # type: ignore[list-item]  # held, nothing decided
     rig.relay._held.resume_all(rig.relay._consumer)
     out = rig.out([msg])
     assert [v["request_id"] for v in rig.decode(out["images.ready"], "ImageReady")] == [request["request_id"]]
-    assert len(out["images.by-sku"]) == 1
+    assert len(out["images.by-sku.repartition"]) == 1
+
+
+def test_a_sku_candidate_held_while_the_view_cannot_be_read_is_decided_when_read_again():
+    from confluent_kafka import KafkaError, KafkaException
+
+    class SkuViewFailsOnce(MemoryState):
+        failed = False
+
+        def sku_latest(self, partition: int) -> SkuLatest:
+            if not self.failed:
+                self.failed = True
+                raise KafkaException(KafkaError(KafkaError._TRANSPORT, "the broker went away"))
+            return super().sku_latest(partition)
+
+    rig = Rig()
+    rig.relay._published = SkuViewFailsOnce()  # type: ignore[assignment]
+    [candidate] = rig.publish(rig.rendered(req(sku_id="chair-1", view="front", sku_version=3)))[
+        "images.by-sku.repartition"]
+    msg = rig.message("images.by-sku.repartition", candidate.value, candidate.key)
+    assert rig.relay.publish([msg]) == ([], {})  # type: ignore[list-item]  # held, nothing decided
+    rig.relay._held.resume_all(rig.relay._consumer)
+    assert len(rig.out([msg])["images.by-sku"]) == 1
