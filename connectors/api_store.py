@@ -69,16 +69,28 @@ class ApiStore:
         except (redis.RedisError, OSError) as exc:
             raise self._failed(exc) from exc
 
-    async def index_page(self, key: str, before: float | None, limit: int) -> list[tuple[str, float]]:
-        """Up to `limit` members with a score below `before` (all when None), highest first."""
+    async def index_page(self, key: str, before: float | None, limit: int,
+                         before_member: str | None = None) -> list[tuple[str, float]]:
+        """Up to `limit` members, highest score first (members of one score in reverse byte order, as Redis orders
+        them): all of them when `before` is None; else those below the cursor (`before`, `before_member`): a lower
+        score, or the same score and a lower member. Without `before_member`, those of a lower score only."""
         self._check()
-        top = f"({before!r}" if before is not None else "+inf"
         try:
-            found = await self._client.zrevrangebyscore(key, top, "-inf", start=0, num=limit, withscores=True)
+            if before is None or before_member is None:
+                top = f"({before!r}" if before is not None else "+inf"
+                found = await self._client.zrevrangebyscore(key, top, "-inf", start=0, num=limit, withscores=True)
+            else:  # members of the cursor's own score come first: skip those at or above its member
+                ties = await self._client.zcount(key, before, before)
+                found = await self._client.zrevrangebyscore(key, before, "-inf", start=0, num=limit + ties,
+                                                            withscores=True)
         except (redis.RedisError, OSError) as exc:
             raise self._failed(exc) from exc
         pairs: list[Any] = list(found)  # withscores=True: (member, score) pairs
-        return [(m.decode() if isinstance(m, bytes) else str(m), float(score)) for m, score in pairs]
+        page = [(m.decode() if isinstance(m, bytes) else str(m), float(score)) for m, score in pairs]
+        if before is not None and before_member is not None:
+            cursor = before_member.encode()
+            page = [(m, score) for m, score in page if score < before or m.encode() < cursor]
+        return page[:limit]
 
     async def close(self) -> None:
         await self._client.aclose()

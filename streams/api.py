@@ -146,13 +146,15 @@ def create_app(s: Settings, *, keys: KeyRing | None = None, service: ApiService 
                          tenant: Annotated[str | None, Query(description="Defaults to the key's tenant.")] = None,
                          limit: Annotated[int, Query(ge=1, le=100)] = 20,
                          before: Annotated[float | None, Query(description="From a page's next_before.")] = None,
+                         before_id: Annotated[str | None, Query(description="From a page's next_before_id.",
+                                                                max_length=256)] = None,
                          ) -> TaskPage:
         if tenant is not None and tenant != key_tenant:
             raise ApiError(403, f"this API key lists tenant {key_tenant!r} only")
         if before is not None and not math.isfinite(before):  # Redis refuses it, and that reads as Redis down
             raise ApiError(422, "before must be a finite number (a page's next_before)")
-        tasks, next_before = await service.list_tasks(key_tenant, before, limit)
-        return TaskPage(tasks=tasks, next_before=next_before)
+        tasks, next_before, next_before_id = await service.list_tasks(key_tenant, before, limit, before_id)
+        return TaskPage(tasks=tasks, next_before=next_before, next_before_id=next_before_id)
 
     @app.get("/healthz", include_in_schema=False)
     async def health() -> dict[str, Any]:

@@ -77,3 +77,5 @@ class Accepted(BaseModel):
 class TaskPage(BaseModel):
     tasks: list[Task]
     next_before: float | None = Field(None, description="Pass as `before` for the next (older) page.")
+    next_before_id: str | None = Field(None, description="Pass as `before_id` with `before`: the page ends at this "
+                                       "task, and tasks accepted in the same millisecond are not skipped.")

@@ -232,13 +232,17 @@ class ApiService:
         task.cancel_requested = True
         return task
 
-    async def list_tasks(self, tenant: str, before: float | None, limit: int) -> tuple[list[Task], float | None]:
+    async def list_tasks(self, tenant: str, before: float | None, limit: int,
+                         before_id: str | None = None) -> tuple[list[Task], float | None, str | None]:
+        """A page of the tenant's tasks, newest first, and the cursor of the next (None, None on the last)."""
         try:
-            page = await self._store.index_page(index_key(self.s.topic_prefix, tenant), before, limit)
+            page = await self._store.index_page(index_key(self.s.topic_prefix, tenant), before, limit, before_id)
         except StoreUnavailable:
             raise ApiError(503, "the task index (Redis) does not answer; retry", {"Retry-After": "5"}) from None
         tasks = [t for rid, _ in page if (t := await self.task(tenant, rid)) is not None]
-        return tasks, (page[-1][1] if len(page) == limit else None)
+        if len(page) < limit:
+            return tasks, None, None
+        return tasks, page[-1][1], page[-1][0]
 
 
 def _json(value: bytes | None) -> dict[str, Any] | None:
