@@ -1,6 +1,7 @@
 """Delivery through the consumer group: a worker killed mid-batch loses nothing and publishes nothing twice."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import Counter
@@ -9,6 +10,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from streams.submit import Submitter, build_request
+from tests.harness import Pipeline
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -118,3 +120,48 @@ def test_sigkill_of_the_gate_or_of_publication_mid_stream_publishes_each_request
     published = Counter(v["request_id"] for v in committed_values(p, p.topology.images_ready, "ImageReady"))
     assert set(published) == set(ids), f"{len(set(ids) - set(published))} never published"
     assert max(published.values()) == 1, [r for r, n in published.items() if n > 1][:5]
+
+
+def batch_in_render(p, name: str, timeout_s: float = 120) -> list:
+    """Waits until the worker `name` holds a batch in render (its crash journal names it) and returns it."""
+    path = p.tmp / "state" / f"{p.settings.topic_prefix}-render-{p.settings.pool}-{name}.render"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        p.check_alive()
+        try:
+            held = json.loads(path.read_bytes().rstrip(b"\0 ") or b"[]")
+        except (FileNotFoundError, ValueError):
+            held = []
+        if held:
+            return held
+        time.sleep(0.005)
+    raise AssertionError(f"{name} never rendered: {p.log(name)[-3000:]}")
+
+
+def test_a_worker_killed_twice_from_outside_mid_render_fails_no_healthy_request(tmp_path):
+    """A deploy that kills the worker after its grace period, twice, while the same records render: they are
+    rendered again (alone, as suspects) and published, never dead-lettered as poison."""
+    p = Pipeline(tmp_path, ZIMAGE_STATE_DIR=str(tmp_path / "state"), ZIMAGE_MAX_BATCH_SIZE="4",
+                 ZIMAGE_MAX_WAIT_MS="200")
+    try:
+        p.start("processors", "processors", wait_ready=False)
+        p.start("w", "worker")
+        sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
+        # large enough for the tiny model to take a while: the kills land while a batch renders
+        requests = [build_request({"prompt": f"lamp {i}", "seed": i, "width": 256, "height": 256, "steps": 8})
+                    for i in range(4)]
+        ids = [r["request_id"] for r in requests]
+        sub.submit(requests)
+        sub.flush()
+        held = []
+        for _ in range(2):
+            held.append(batch_in_render(p, "w"))
+            p.kill("w")  # SIGKILL with the batch in hand: no fault of its records
+            p.start("w", "worker")
+        events = p.collect(ids, timeout_s=240)
+        first, second = held
+        assert len(second) == 1 and second[0] in first  # the second kill hit one of the first batch, alone
+        kinds = {rid: [n for n, _ in events.get(rid, [])] for rid in ids}
+        assert all(k == ["ImageReady"] for k in kinds.values()), (kinds, p.log("w")[-3000:])
+    finally:
+        p.stop_all()
