@@ -271,8 +271,11 @@ class PublicationRelay:
 
     def _blocked(self, origin: Origin, rendered: dict, safety: SafetyVerdict) -> list[OutRecord]:
         """RequestFailed(`unsafe`), its objects moved to quarantine (or deleted) first: a replay after a crash
-        between the two finds them moved and fails the request again."""
-        removed = self._safety.remove(rendered)
+        between the two finds them moved and fails the request again. Only a detector's judgement of the bytes
+        moves them: objects are shared by every request of the tenant that rendered the same bytes (their key is
+        the sha256), and a BLOCK because the detector could not judge (the fail-closed policy) says nothing of
+        them; moving them would break what another request published, or the cache answers with."""
+        removed = self._safety.remove(rendered) if safety.scanned else "its images were kept (not judged unsafe)"
         metrics.SAFETY.labels(metric_label(safety)).inc()
         failure = self._failures("unsafe", f"{describe(safety)}; {removed}", origin, rendered)
         return [r for r in failure if r.topic != self.topology.dlq]  # a decision, not a broken record

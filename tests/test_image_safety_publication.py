@@ -192,3 +192,18 @@ def test_hostile_image_lists_fail_their_own_request_and_the_batch_goes_on(tmp_pa
     failed = {f["request_id"]: f["reason_code"] for f in rig.decode(out["requests.failed"], "RequestFailed")}
     assert failed == {empty["request_id"]: "unpublishable", elsewhere["request_id"]: "unpublishable"}
     assert offsets == {(f"{PREFIX}.rendered", 1): rig.offset + 1}  # nothing held: no outage
+
+
+def test_a_fail_closed_block_keeps_the_object_another_request_published(tmp_path) -> None:
+    """Objects are keyed by the tenant and the bytes' sha256, so two requests share one: a BLOCK because the
+    detector could not judge says nothing of the bytes, and must not pull them from under the first request."""
+    rig = Rig(tmp_path, {b"lamp": {"nudity": 0.01}}, on_timeout="block")
+    first, again = rig.rendered("a lamp", b"lamp"), rig.rendered("the same lamp", b"lamp")
+    out, _ = rig.publish(first)
+    assert len(out["images.ready"]) == 1
+    rig.detector.down = True  # the detector times out for the second request: fail closed
+    out, _ = rig.publish(again)
+    [failed] = rig.decode(out["requests.failed"], "RequestFailed")
+    assert (failed["request_id"], failed["reason_code"]) == (again["request_id"], "unsafe")
+    assert "kept" in failed["reason"]
+    assert rig.store.get(f"acme/{b'lamp'.hex()}.png") == b"lamp"  # what the first request published stays
