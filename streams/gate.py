@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 CACHED_IMAGE_FIELDS = {"index", "uri", "sha256", "seed", "size_bytes"}
 TP = tuple[str, int]
 # [(prompt, negative prompt, tenant)] -> [(action "allow" | "review" | "block", what decided it)], in order
-Moderate = Callable[[list[tuple[str, str | None, str]]], list[tuple[str, str | None]]]
+Verdict = tuple[str, str | None]
+Moderate = Callable[[list[tuple[str, str | None, str]]], list[Verdict]]
 
 
 class Hold(Exception):
@@ -139,10 +140,10 @@ class Gate:
         checked = [self._checked_or_held(origin) for origin in origins]
         admitted = [(origin, check) for origin, check in zip(origins, checked, strict=True) if isinstance(check, tuple)]
         valid = [check for _, check in admitted]
-        verdicts = iter(self._moderate([(r["prompt"], r.get("negative_prompt"), r["tenant"]) for r, _ in valid]))
         keyed = [self._keys_of(origin, request, info) for origin, (request, info) in admitted]
         cancelled, self._cache_entries = self._look_up(
             [request for request, _ in valid], sorted({k[1] for k in keyed if isinstance(k, tuple)}))
+        verdicts = iter(self._moderated(admitted, keyed, cancelled))
         positions = iter(range(len(valid)))
         records: list[OutRecord] = []
         offsets: dict[TP, int] = {}
@@ -158,7 +159,6 @@ class Gate:
                 continue
             if isinstance(check, tuple):
                 request, info = check
-                assert verdict is not None
                 try:
                     records += self._admitted_or_failed(origin, request, info, keyed[position], verdict, was_cancelled)
                 except RegistryUnavailable as exc:  # an outage, even while writing a failure: read it again later
@@ -170,8 +170,37 @@ class Gate:
             self._held.decided(tp)
         return records, offsets
 
+    def _moderated(self, admitted: list[tuple[Origin, tuple[dict[str, Any], PoolInfo]]],
+                   keyed: list[tuple[str, str] | Exception], cancelled: set[int]) -> list[Verdict | None]:
+        """The moderation verdict of each admitted request, the prompts of a batch in one call (a classifier scores
+        many texts for about the cost of one). Only those whose fate it decides are asked: a repeat, a cancelled
+        request or one past its deadline ends without it, and a cloud moderator is paid by the call. None for a
+        request not asked (_outcome asks alone for one that turns out to need it after all)."""
+        now_ms = int(time.time() * 1000)
+        asked = [i for i, ((origin, (request, _)), keys) in enumerate(zip(admitted, keyed, strict=True))
+                 if i not in cancelled and self._decided_by_moderation(origin, request, keys, now_ms)]
+        texts = [(r["prompt"], r.get("negative_prompt"), r["tenant"]) for r, _ in (admitted[i][1] for i in asked)]
+        verdicts: list[Verdict | None] = [None] * len(admitted)
+        for i, verdict in zip(asked, self._moderate(texts), strict=True):
+            verdicts[i] = verdict
+        return verdicts
+
+    def _decided_by_moderation(self, origin: Origin, request: dict[str, Any], keys: tuple[str, str] | Exception,
+                               now_ms: int) -> bool:
+        """False for a request that _admit ends before moderation counts: past its deadline, or a repeat."""
+        if isinstance(keys, Exception):
+            return False
+        deadline = request.get("deadline")
+        if deadline is not None and deadline <= now_ms:
+            return False
+        try:
+            return not self._admitted.seen(origin.partition, idempotency_key(request["tenant"], request["request_id"],
+                                                                             keys[0]), now_ms)
+        except Exception:  # noqa: BLE001 - the state cannot be read now: moderated, and decided in its turn
+            return True
+
     def _admitted_or_failed(self, origin: Origin, request: dict[str, Any], info: PoolInfo,
-                            keys: tuple[str, str] | Exception, verdict: tuple[str, str | None],
+                            keys: tuple[str, str] | Exception, verdict: Verdict | None,
                             cancelled: bool) -> list[OutRecord]:
         try:
             if isinstance(keys, Exception):
@@ -233,7 +262,7 @@ class Gate:
             return exc
 
     def _admit(self, origin: Origin, request: dict[str, Any], info: PoolInfo, keys: tuple[str, str],
-               verdict: tuple[str, str | None], cancelled: bool = False) -> list[OutRecord]:
+               verdict: Verdict | None, cancelled: bool = False) -> list[OutRecord]:
         generation, ckey = keys
         now_ms = int(time.time() * 1000)
         deadline = request.get("deadline")
@@ -251,13 +280,15 @@ class Gate:
         return [self._admitted.admit(origin.partition, key, now_ms), *outcome]
 
     def _outcome(self, origin: Origin, request: dict[str, Any], info: PoolInfo, generation: str, ckey: str,
-                 verdict: tuple[str, str | None], cancelled: bool, now_ms: int) -> list[OutRecord]:
+                 verdict: Verdict | None, cancelled: bool, now_ms: int) -> list[OutRecord]:
         """What an admitted request turns into: a failure (cancelled, blocked), its cached answer, or its routed
         copy on the pool's render topic; each with its status."""
         if cancelled:
             metrics.GATE.labels("cancelled").inc()
             return self._failed("cancelled", "cancelled while queued, before it was routed", origin, request,
                                 dead_letter=False)
+        if verdict is None:  # not asked with its batch (it looked like a repeat then): never routed unmoderated
+            [verdict] = self._moderate([(request["prompt"], request.get("negative_prompt"), request["tenant"])])
         action, why = verdict
         if action == "block":
             metrics.GATE.labels("blocked").inc()

@@ -12,6 +12,7 @@ from connectors.redis_store import RedisStore
 from processors.admission import PoolInfo, cache_key
 from processors.partitioning import FORWARDED_FROM_HEADER, home_partition
 from schemas.serde import AvroSerde
+from streams.failures import Origin
 from streams.gate import Gate
 from streams.gate_state import AdmittedKeys
 from streams.homes import PartitionCountMismatch
@@ -444,3 +445,34 @@ def test_a_registry_outage_while_writing_a_failure_holds_that_partition_only():
     assert len(out["render.turbo.normal"]) == 1 and "requests.failed" not in out
     assert offsets == {(f"{PREFIX}.requests.normal", 2): good.offset() + 1}
     assert (f"{PREFIX}.requests.normal", 1) in rig.consumer.paused  # held at the record, read again later
+
+
+def test_only_requests_whose_fate_moderation_decides_are_sent_to_the_moderators():
+    """A cloud moderator is paid by the call: a repeat, a cancelled request and one past its deadline end
+    without asking it, and nothing reaches a render topic unmoderated."""
+    from connectors.redis_store import cancel_entry_key
+
+    asked: list[str] = []
+
+    def counting(items):
+        asked.extend(prompt for prompt, _neg, _tenant in items)
+        return moderate(items)
+
+    cancelled, fresh, repeat = req(prompt="cancelled"), req(prompt="fresh"), req(prompt="repeat")
+    expired = req(prompt="expired", deadline=1)
+    client = create_autospec(redis.Redis, instance=True)
+    marked = cancel_entry_key(PREFIX, "acme", cancelled["request_id"])
+    client.mget.side_effect = lambda keys: [b"cancelled" if k == marked else None for k in keys]
+    rig = Rig(cache=RedisStore("redis://unused", client=client))
+    rig.gate._moderate = counting
+    rig.decide(rig.message(repeat))
+    asked.clear()
+    out, _ = rig.decide(*(rig.message(r) for r in (cancelled, fresh, repeat, expired)))
+    assert asked == ["fresh"]
+    routed = [rig.serde.decode("GenerationRequest", r.value)["prompt"] for r in out["render.turbo.normal"]]
+    assert routed == ["fresh"]
+    # a request not asked with its batch that still reaches routing is moderated alone first
+    gory = req(prompt="a scene full of gore")
+    outcome = rig.gate._outcome(Origin.of(rig.message(gory)), gory, POOL, "g", "k", None, False, 1)
+    assert [r.topic.removeprefix(f"{PREFIX}.") for r in outcome] == ["requests.failed", "status"]
+    assert asked[-1] == "a scene full of gore"
