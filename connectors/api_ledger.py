@@ -28,6 +28,7 @@ import redis
 import redis.asyncio as aredis
 
 from connectors.api_store import StoreUnavailable
+from connectors.redis_store import key_part
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ return #KEYS / 2
 
 
 def limiter_key(topic_prefix: str, tenant: str) -> str:
-    return f"zimage:{topic_prefix}:api:limit:{tenant}"
+    return f"zimage:{topic_prefix}:api:limit:{key_part(tenant)}"  # encoded as every key of a tenant
 
 
 @dataclass(frozen=True)
