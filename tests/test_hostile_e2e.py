@@ -2,6 +2,7 @@
 and bytes, the worker stays alive, and the good request sent after them is published."""
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 
@@ -92,3 +93,37 @@ def test_hostile_records_are_dead_lettered_with_their_keys_and_the_worker_goes_o
     for name in ("container-recursive", "container-null-array-bomb", "container-deflate-bomb"):
         assert b"container" in letters[f"hostile-{name}".encode()][1]["zimage.reason"], name
     pipeline.check_alive()
+
+
+def test_records_whose_key_or_headers_no_output_could_carry_fail_alone_at_every_stage(fresh_pipeline):
+    """A compressed batch carries a record of many megabytes that no topic takes uncompressed: its failure must
+    not carry its key or headers whole, or the broker refuses the failure, every transaction with it aborts and
+    the stage stops for good (a crash loop at the gate, the worker and publication alike)."""
+    from streams.submit import Submitter, build_request
+
+    p = fresh_pipeline
+    p.start("processors", "processors", wait_ready=False)
+    p.start("worker", "worker")
+    prod = p.producer(**{"compression.type": "zstd", "message.max.bytes": 20_000_000})
+    huge_key, huge_header = b"K" * (8 * 1024 * 1024), [("h", b"H" * (4 * 1024 * 1024))]
+    topics = [p.topology.request_topic("normal"), p.topology.render_topic("turbo", "normal"), p.topology.rendered]
+    for topic in topics:
+        prod.produce(topic, b"\xde\xad", huge_key)
+        prod.produce(topic, b"\xbe\xef", b"hostile-headers", headers=huge_header)
+    assert prod.flush(60) == 0
+    good = build_request({"prompt": "a lamp", "seed": 3, "width": 32, "height": 32, "steps": 2})
+    sub = Submitter(p.settings.kafka_config(), p.topology, p.serde)
+    sub.submit([good])
+    sub.flush()
+    seen = p.collect([good["request_id"]], timeout_s=120)  # fails if a stage died
+    assert [n for n, _ in seen[good["request_id"]]] == ["ImageReady"]
+    letters = _drain(_dlq_reader(p), expected=2 * len(topics), timeout_s=60)
+    digest = b"sha256:" + hashlib.sha256(huge_key).hexdigest().encode()
+    assert sorted(key for key, _v, _h in letters) == sorted([digest, b"hostile-headers"] * len(topics))
+    for key, _value, headers in letters:
+        names = dict(headers)
+        assert ("zimage.key_truncated_from" in names) == (key == digest)
+        assert ("zimage.headers_dropped" in names) == (key == b"hostile-headers")
+    for name in ("processors", "worker"):
+        assert "restarting" not in p.log(name), p.log(name)[-3000:]
+    p.check_alive()
