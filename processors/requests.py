@@ -14,7 +14,10 @@ from processors.render_settings import RenderSettings
 
 PRIORITY_NAMES = {"HIGH": "high", "NORMAL": "normal", "LOW": "low"}
 MAX_SEED = 2**63 - 1
-MAX_LONG = 2**63 - 1  # an Avro long: a larger timestamp passes no encoder
+# The last millisecond of the year 9999: the schemas' timestamps are Avro `timestamp-millis`, which readers turn
+# into dates (fastavro's default reader, Java's Instant in the year ranges Python can hold); a later one, though a
+# valid long, would make the events that copy it unreadable for every such subscriber.
+MAX_TIMESTAMP_MS = 253_402_300_799_999
 
 
 class InvalidRequest(ValueError):
@@ -246,11 +249,11 @@ def _check_numbers(request: Mapping[str, Any], limits: Limits) -> None:
     priority = request.get("priority", "NORMAL")
     if not isinstance(priority, str) or priority not in PRIORITY_NAMES:
         raise _invalid(f"priority {request.get('priority')!r:.40}: must be one of {', '.join(PRIORITY_NAMES)}")
-    if not _is_int(request.get("submitted_at")) or not 0 <= request["submitted_at"] <= MAX_LONG:
-        raise _invalid("submitted_at must be an int (milliseconds since the epoch)")
+    if not _is_int(request.get("submitted_at")) or not 0 <= request["submitted_at"] <= MAX_TIMESTAMP_MS:
+        raise _invalid("submitted_at must be an int (milliseconds since the epoch, before the year 10000)")
     deadline = request.get("deadline")
-    if deadline is not None and (not _is_int(deadline) or not 0 <= deadline <= MAX_LONG):
-        raise _invalid("deadline must be an int (milliseconds since the epoch) or absent")
+    if deadline is not None and (not _is_int(deadline) or not 0 <= deadline <= MAX_TIMESTAMP_MS):
+        raise _invalid("deadline must be an int (milliseconds since the epoch, before the year 10000) or absent")
 
 
 def _check_metadata(metadata: Any, limits: Limits) -> None:

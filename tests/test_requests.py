@@ -112,6 +112,8 @@ def test_metadata_bytes_count_utf8_not_characters():
     ({"submitted_at": None}, "submitted_at"),
     ({"deadline": "soon"}, "deadline"),
     ({"deadline": 2**63}, "deadline"),
+    ({"deadline": 2**63 - 1}, "year 10000"),  # a valid long, but no reader of timestamp-millis can date it
+    ({"submitted_at": 253_402_300_800_000}, "year 10000"),
     ({"submitted_at": -1}, "submitted_at"),
     ({"seed": -5}, "seed"),
     ({"callback_url": "ftp://example.org/x"}, "callback_url"),
