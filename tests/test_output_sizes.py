@@ -10,7 +10,7 @@ from processors.events import (
     image_rendered,
     request_failed,
 )
-from processors.requests import Limits, validate
+from processors.requests import MAX_TIMESTAMP_MS, Limits, validate
 from schemas.serde import AvroSerde
 from streams.topology import (
     DEAD_LETTER_HEADER_BYTES,
@@ -35,7 +35,7 @@ def request_at_every_cap(limits: Limits) -> dict:
         "negative_prompt": WIDE * limits.max_prompt_chars, "model": "z-image-turbo",
         "width": limits.max_width, "height": limits.max_height, "steps": limits.max_steps,
         "guidance": limits.max_guidance, "seed": 2**63 - 1 - limits.max_images, "num_images": limits.max_images,
-        "priority": "HIGH", "deadline": 2**62, "submitted_at": 2**62, "metadata": metadata,
+        "priority": "HIGH", "deadline": MAX_TIMESTAMP_MS, "submitted_at": MAX_TIMESTAMP_MS, "metadata": metadata,
         "callback_url": "https://hooks.example.com/" + WIDE * (limits.max_callback_url_chars - 26),
     }
     validate(request, limits, ("z-image-turbo",))
