@@ -21,7 +21,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from bench.simulated import MemoryStore, SimulatedRenderer
+from bench.simulated import MemoryStore, SimulatedRenderer, routed
 from bench.topology import drop_topics
 from connectors.kafka_admin import TopicWanted, apply_topics
 from schemas.serde import AvroSerde
@@ -58,7 +58,7 @@ class Scenario:
             # the smallest size: PNG encoding and quality scoring of the simulated image stay out of the figures
             req = build_request({"prompt": prompt, "priority": priority, "width": 16, "height": 16, "steps": 2,
                                  "seed": i})
-            self.submitter.submit([req])
+            self.submitter.submit([routed(req, self.settings.pool)])
             sent[prompt] = time.monotonic()
         return sent
 

@@ -11,7 +11,18 @@ from collections.abc import Sequence
 import numpy as np
 
 from connectors.storage import ObjectNotFound
+from processors.admission import admission, cache_key
 from processors.render_settings import RenderItem, RenderSettings
+
+
+def routed(request: dict, pool: str = "turbo", source: tuple[str, int, int] = ("direct", 0, 0)) -> dict:
+    """`request` as the gate routes it to a render topic of `pool`, with its admission: what a benchmark (or a test)
+    that feeds a worker directly produces, since a worker refuses what the gate did not admit. `source` stands for
+    where the request was produced."""
+    generation = "direct"
+    return {**request, "admission": admission(source=source, generation=generation,
+                                              cache_key=cache_key(request, generation), pool=pool,
+                                              now_ms=request["submitted_at"])}
 
 
 class SimulatedRenderer:

@@ -82,6 +82,7 @@ class Intake:
         try:
             request = self._serde.decode("GenerationRequest", origin.value, topic=origin.topic)
             validate(request, self._limits, self._my_models)  # another pool's model: misrouted
+            check_admitted(request, self._settings.pool)
             self._renderer.check_settings(settings_of(request))
         except RegistryUnavailable:
             raise
@@ -108,6 +109,16 @@ class Intake:
         return self.failed("poison_record", f"the worker died {deaths.total} times while handling this record "
                            f"({deaths.by_fault} by a fault of its own: a fatal signal, a deadline or an exception)",
                            origin, None, priority)
+
+
+def check_admitted(request: dict[str, Any], pool: str) -> None:
+    """Render topics carry what the gate admitted, moderated and routed: a record produced there by anyone else
+    (no admission, or another pool's) is refused, not rendered past the gate's checks. (Who may write there at
+    all is for the cluster's ACLs: only the gate's principal.)"""
+    admitted = request.get("admission")
+    if not isinstance(admitted, dict) or admitted.get("pool") != pool:
+        raise InvalidRequest("invalid_request", f"not admitted by the gate for pool {pool}: produce requests to "
+                             "the request topics (zimage.requests.<priority>), never to a render topic")
 
 
 def _code_of(exc: Exception) -> str:

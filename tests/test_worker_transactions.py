@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.simulated import MemoryStore
+from bench.simulated import MemoryStore, routed
 from connectors.kafka import TransactionalStep, TransactionStuck
 from schemas.serde import AvroSerde, RegistryUnavailable
 from streams.crash_journal import CrashJournal
@@ -49,8 +49,8 @@ class Rig:
         self.serde = AvroSerde()
         self.ids = []
         for i in range(count):
-            request = build_request({"prompt": f"chair {i}", "seed": i, "width": 32, "height": 32, "steps": 1,
-                                     "priority": "normal"})
+            request = routed(build_request({"prompt": f"chair {i}", "seed": i, "width": 32, "height": 32, "steps": 1,
+                                            "priority": "normal"}))
             self.ids.append(request["request_id"])
             self.kafka.append(TOPIC, 0, self.serde.encode("GenerationRequest", request), request["request_id"].encode())
         self.producer = self.kafka.producer()
@@ -373,3 +373,23 @@ def test_a_registry_outage_after_rendering_is_waited_out_and_fails_nothing(tmp_p
     assert not [t for t, _k, _v in rig.kafka.outputs if t.endswith((".failed", ".dlq"))]
     rig.assert_offsets_match_outputs()
     assert rig.worker._stage.failure is None
+
+
+def test_a_request_the_gate_did_not_admit_for_this_pool_is_refused_not_rendered(tmp_path):
+    rig = Rig(tmp_path, count=4)
+    bare = build_request({"prompt": "past the gate", "seed": 1, "width": 32, "height": 32, "steps": 1})
+    elsewhere = routed(build_request({"prompt": "another pool's", "seed": 2, "width": 32, "height": 32,
+                                      "steps": 1}), pool="other")
+    for offset, request in ((1, bare), (2, elsewhere)):
+        rig.kafka.logs[TP][offset] = (request["request_id"].encode(), rig.serde.encode("GenerationRequest", request))
+        rig.ids[offset] = request["request_id"]
+    rig.open()
+    rig.ingest(range(0, 4))
+    rig.worker._commit()
+    failed = [rig.serde.decode("RequestFailed", v) for t, _k, v in rig.kafka.outputs if t.endswith(".failed")]
+    assert sorted((f["request_id"], f["reason_code"]) for f in failed) == sorted(
+        [(bare["request_id"], "invalid_request"), (elsewhere["request_id"], "invalid_request")])
+    assert all("not admitted by the gate" in f["reason"] for f in failed)
+    rendered = [k or b"" for t, k, _v in rig.kafka.outputs if t.endswith(".rendered")]
+    assert sorted(rendered) == sorted(i.encode() for n, i in enumerate(rig.ids) if n in (0, 3))
+    rig.worker._stage.stop()
