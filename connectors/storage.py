@@ -297,6 +297,33 @@ def parse_store_url(url: str) -> StoreLocation:
     raise ValueError(f"has the unsupported scheme {parsed.scheme!r}; use s3://bucket/prefix, file:///path or a folder")
 
 
+def in_store(uri: str, location: StoreLocation) -> bool:
+    """Whether `uri` names an object of the store at `location`, as its `put` names them. Nothing is opened: a
+    process that only reads events (publication) checks that an image it publishes lies where the workers store,
+    not in another bucket or at `file:///etc/passwd`."""
+    if not isinstance(uri, str):
+        return False
+    parsed = urlparse(uri)
+    if location.bucket is not None:
+        key = parsed.path.lstrip("/")
+        prefix = location.prefix.strip("/")
+        if parsed.scheme != "s3" or parsed.netloc != location.bucket or (prefix and not key.startswith(prefix + "/")):
+            return False
+        key = key[len(prefix) + 1:] if prefix else key
+    else:
+        assert location.folder is not None
+        root = location.folder.expanduser().resolve().as_posix().rstrip("/") + "/"
+        path = unquote(parsed.path)
+        if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not path.startswith(root):
+            return False
+        key = path[len(root):]
+    try:
+        check_key(key)
+    except UnsafeKey:
+        return False
+    return True
+
+
 def open_object_store(url: str, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
     """A store from a URL: `s3://bucket/prefix`, `file:///abs/path`, or a plain directory path."""
     try:

@@ -34,6 +34,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
+from connectors.storage import in_store, parse_store_url
 from processors.admission import (
     GENERATION_HEADER,
     REPLAY_ID_HEADER,
@@ -96,6 +97,7 @@ class Gate:
         self._stop = threading.Event()
         self._cache_entries: dict[str, bytes | None] | None = {}  # the batch in hand's, by cache key
         self._homes = Homes(self.topology.gate_changelog)  # its state: the admitted keys
+        self._store = parse_store_url(settings.storage_url)
         self.group_id = f"{settings.topic_prefix}-gate"
 
     def stop(self) -> None:
@@ -188,10 +190,8 @@ class Gate:
     def _decided_by_moderation(self, origin: Origin, request: dict[str, Any], keys: tuple[str, str] | Exception,
                                now_ms: int) -> bool:
         """False for a request that _admit ends before moderation counts: past its deadline, or a repeat."""
-        if isinstance(keys, Exception):
-            return False
         deadline = request.get("deadline")
-        if deadline is not None and deadline <= now_ms:
+        if isinstance(keys, Exception) or (deadline is not None and deadline <= now_ms):
             return False
         try:
             return not self._admitted.seen(origin.partition, idempotency_key(request["tenant"], request["request_id"],
@@ -318,7 +318,9 @@ class Gate:
         hit = self._cached(ckey)
         if hit is None:
             return None
-        try:  # checked in full: the entry came from Redis
+        try:  # checked in full: the entry came from Redis (its images too: in the store the workers write to)
+            if not all(in_store(image["uri"], self._store) for image in hit["images"]):
+                raise ValueError("an image outside the object store")
             rendered = image_rendered(
                 request=request, images=hit["images"], model_id=hit["model_id"], model_version=info.model_version,
                 timings_ms={"render": 0.0}, batch_id="cache", batch_size=0, worker_id="gate",

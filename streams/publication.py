@@ -30,9 +30,10 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
+from connectors.storage import in_store, parse_store_url
 from processors.events import image_ready
 from processors.publication_state import by_sku_key
-from processors.requests import check_headers
+from processors.requests import check_headers, identity_of
 from processors.safety import UNSCANNED, SafetyVerdict, describe, metric_label
 from processors.status import request_status, status_key
 from schemas.serde import AvroSerde, RegistryUnavailable
@@ -48,6 +49,10 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
+
+class RefusedDecision(ValueError):
+    """A review decision that no held image can take: an unknown decision, or one naming another request."""
 
 
 class PublicationRelay:
@@ -70,6 +75,7 @@ class PublicationRelay:
         self._max_ready_bytes = self.topology.max_bytes(self.topology.images_ready)
         self._homes = Homes(self.topology.images_ready)  # its state: what was published
         self._sku_homes = Homes(self.topology.images_by_sku)  # the by-SKU view's state, of its repartition topic
+        self._store = parse_store_url(settings.storage_url)  # where the workers store: every image published is there
 
     def stop(self) -> None:
         self._stop.set()
@@ -157,10 +163,13 @@ class PublicationRelay:
             return {}
 
     def _unpublishable(self, origin: Origin, exc: Exception) -> list[OutRecord]:
-        if origin.topic == self.topology.images_by_sku_repartition:  # its request is published (images.ready):
-            failure = self._failures("unpublishable", f"{type(exc).__name__}: {exc}", origin, None)
-            return [r for r in failure if r.topic == self.topology.dlq]  # only the candidate is lost, dead-lettered
-        return self._failures("unpublishable", f"{type(exc).__name__}: {exc}", origin, self._request_of(origin))
+        """RequestFailed and a dead letter. It names the request only where the request failed here: not for a
+        by-SKU candidate (its request is published on images.ready) nor for a refused review decision (it may
+        name a request of another tenant, or one published long ago)."""
+        anonymous = origin.topic == self.topology.images_by_sku_repartition or isinstance(exc, RefusedDecision)
+        code = "invalid_request" if isinstance(exc, RefusedDecision) else "unpublishable"
+        return self._failures(code, f"{type(exc).__name__}: {exc}", origin,
+                              None if anonymous else self._request_of(origin))
 
     def _request_of(self, origin: Origin) -> dict | None:
         """The ImageRendered a failed record carries, when it decodes: its RequestFailed then names the request
@@ -207,6 +216,7 @@ class PublicationRelay:
         decision = state.decide(rendered, now_ms)
         if not decision.publish:
             return []  # this request's generation and content are published already (a replay, a redo)
+        self._check_publishable(rendered)
         safety = self._verdict(rendered, scanned)
         if safety.decision == "BLOCK":
             return self._blocked(origin, rendered, safety)
@@ -246,6 +256,16 @@ class PublicationRelay:
             self._to_cache.append((key, {"model_id": rendered["model_id"], "images": rendered["images"]}))
         return out
 
+    def _check_publishable(self, rendered: dict) -> None:
+        """Raises for what publication never announces, whoever wrote it to its input: a request id or tenant that
+        breaks the request rules, or an image outside the object store the workers write to."""
+        identity = identity_of(rendered, self._limits)
+        if identity["request_id"] is None or identity["tenant"] is None:
+            raise ValueError("its request_id or tenant breaks the request rules")
+        for image in rendered["images"]:
+            if not in_store(image["uri"], self._store):
+                raise ValueError(f"image {image['uri'][:200]!r} is not in the object store {self.s.storage_url!r}")
+
     def _sku_candidate(self, origin: Origin) -> list[OutRecord]:
         """An ImageReady of a SKU, on the partition of its (tenant, SKU, view): written to the same partition of
         images.by-sku when it is newer than the latest there (sku_order), else nothing."""
@@ -262,9 +282,13 @@ class PublicationRelay:
         """A reviewer's decision: an approval publishes the image held for review (unless the detector now
         blocks it), a rejection fails it."""
         decision = self._serde.decode("ReviewDecision", origin.value, topic=origin.topic)
+        rendered = self._serde.decode("ImageRendered", decision["rendered"], topic=self.topology.rendered)
+        if decision["decision"] not in ("approve", "reject"):
+            raise RefusedDecision(f"decision {decision['decision'][:40]!r}: must be approve or reject")
+        if (decision["tenant"], decision["request_id"]) != (rendered["tenant"], rendered["request_id"]):
+            raise RefusedDecision("the decision names another request than the image it carries")
         if decision["decision"] == "approve":
             return self._rendered(origin, decision["rendered"], now_ms, True, scanned)
-        rendered = self._serde.decode("ImageRendered", decision["rendered"], topic=self.topology.rendered)
         reason = f"rejected by {decision.get('reviewer') or 'a reviewer'}: {decision.get('reason') or 'no reason'}"
         failure = self._failures("rejected", reason, origin, rendered)
         return [r for r in failure if r.topic != self.topology.dlq]  # a decision, not a broken record

@@ -42,7 +42,7 @@ class Rig:
         self.kafka = FakeKafka()
         self.consumer = self.kafka.consumer()
         self.settings = Settings(_env_file=None, topic_prefix=PREFIX, request_partitions=3, output_partitions=3,
-                                 worker_id="g1")
+                                 worker_id="g1", storage_url="s3://bkt")
         self.gate = Gate(self.settings, self.serde, moderate=moderate, cache=cache)
         self.gate._consumer = self.consumer.mock
         self.gate._admitted = AdmittedKeys({}, self.settings.topology.gate_changelog, restore=lambda p: {})
@@ -128,7 +128,7 @@ def test_a_blocked_prompt_never_reaches_a_render_topic():
 def test_a_cache_hit_is_answered_without_a_render_and_never_across_tenants():
     request = req()
     key = cache_key(request, POOL.model_version)
-    entry = {"model_id": "tiny", "images": [{"index": 0, "uri": "s3://b/images/acme-x/ab/ab.png",
+    entry = {"model_id": "tiny", "images": [{"index": 0, "uri": "s3://bkt/images/acme-x/ab/ab.png",
                                              "sha256": "ab" * 32, "seed": 5, "size_bytes": 10}]}
     client = create_autospec(redis.Redis, instance=True)
     client.mget.side_effect = lambda keys: [json.dumps(entry).encode() if k == f"zimage:{PREFIX}:cache:{key}" else None
@@ -146,7 +146,7 @@ def test_a_cache_hit_is_answered_without_a_render_and_never_across_tenants():
 
 def test_redis_is_asked_once_per_batch_and_a_hit_among_misses_is_answered():
     hit, misses = req(), [req(seed=100 + i) for i in range(3)]
-    entry = {"model_id": "tiny", "images": [{"index": 0, "uri": "s3://b/images/acme-x/ab/ab.png",
+    entry = {"model_id": "tiny", "images": [{"index": 0, "uri": "s3://bkt/images/acme-x/ab/ab.png",
                                              "sha256": "ab" * 32, "seed": 5, "size_bytes": 10}]}
     stored = f"zimage:{PREFIX}:cache:{cache_key(hit, POOL.model_version)}"
     client = create_autospec(redis.Redis, instance=True)
@@ -476,3 +476,14 @@ def test_only_requests_whose_fate_moderation_decides_are_sent_to_the_moderators(
     outcome = rig.gate._outcome(Origin.of(rig.message(gory)), gory, POOL, "g", "k", None, False, 1)
     assert [r.topic.removeprefix(f"{PREFIX}.") for r in outcome] == ["requests.failed", "status"]
     assert asked[-1] == "a scene full of gore"
+
+
+def test_a_cache_entry_whose_images_lie_outside_the_object_store_is_a_miss():
+    request = req()
+    entry = {"model_id": "tiny", "images": [{"index": 0, "uri": "file:///etc/passwd", "sha256": "ab" * 32,
+                                             "seed": 5, "size_bytes": 10}]}
+    client = create_autospec(redis.Redis, instance=True)
+    client.mget.side_effect = lambda keys: [json.dumps(entry).encode() if ":cache:" in k else None for k in keys]
+    rig = Rig(cache=RedisStore("redis://unused", client=client))
+    out, _ = rig.decide(rig.message(request))
+    assert len(out["render.turbo.normal"]) == 1 and "rendered" not in out

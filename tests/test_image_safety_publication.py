@@ -37,7 +37,8 @@ class Rig:
         self.serde = AvroSerde()
         self.store = LocalObjectStore(tmp_path / "objects")
         self.detector = Detector(answers)
-        settings = Settings(_env_file=None, topic_prefix=PREFIX, output_partitions=3)
+        settings = Settings(_env_file=None, topic_prefix=PREFIX, output_partitions=3,
+                            storage_url=str(tmp_path / "objects"))
         self.safety = ImageSafety(self.detector, self.store, **safety_options)
         self.relay = PublicationRelay(settings, self.serde, safety=self.safety)
         self.relay._published = MemoryState()  # type: ignore[assignment]
@@ -164,7 +165,7 @@ def test_cached_answers_and_replays_are_not_scanned_again(tmp_path) -> None:
 
 def test_with_no_detector_every_image_is_published_marked_unscanned(tmp_path) -> None:
     serde = AvroSerde()
-    relay = PublicationRelay(Settings(_env_file=None, topic_prefix=PREFIX), serde)
+    relay = PublicationRelay(Settings(_env_file=None, topic_prefix=PREFIX, storage_url=str(tmp_path)), serde)
     relay._published = MemoryState()  # type: ignore[assignment]
     relay._consumer = FakeKafka().consumer().mock
     store = LocalObjectStore(tmp_path)

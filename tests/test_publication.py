@@ -41,14 +41,14 @@ class MemoryState:
 class Rig:
     def __init__(self) -> None:
         self.serde = AvroSerde()
-        settings = Settings(_env_file=None, topic_prefix=PREFIX, output_partitions=3)
+        settings = Settings(_env_file=None, topic_prefix=PREFIX, output_partitions=3, storage_url="s3://bkt")
         self.relay = PublicationRelay(settings, self.serde)
         self.relay._published = MemoryState()  # type: ignore[assignment]
         self.relay._consumer = FakeKafka().consumer().mock  # three partitions a topic
         self.offset = 0
 
     def rendered(self, request, *, sha="aa", quality=None, generation="g1", **extra) -> dict:
-        images = [{"index": 0, "uri": f"s3://b/{sha}.png", "sha256": sha * 32, "seed": 1, "size_bytes": 10}]
+        images = [{"index": 0, "uri": f"s3://bkt/{sha}.png", "sha256": sha * 32, "seed": 1, "size_bytes": 10}]
         return image_rendered(request=request, images=images, model_id="tiny", model_version=generation,
                               timings_ms={"render": 1.0}, batch_id="b", batch_size=1, worker_id="w",
                               source=("tp.requests.normal", 0, 1), now_ms=1, generation=generation,
@@ -109,10 +109,12 @@ def test_the_sku_view_has_one_writer_per_sku_and_keeps_the_highest_sku_version()
     assert rig.out([rig.message("images.by-sku.repartition", second.value, second.key)]) == {}
 
 
-def test_a_broken_candidate_of_the_sku_view_is_dead_lettered_without_failing_its_published_request():
+def test_a_broken_candidate_of_the_sku_view_fails_without_naming_its_published_request():
     rig = Rig()
     out = rig.out([rig.message("images.by-sku.repartition", b"\xc3\x01 not an ImageReady", b"k")])
-    assert list(out) == ["dlq"]
+    assert sorted(out) == ["dlq", "requests.failed"]
+    [failed] = rig.decode(out["requests.failed"], "RequestFailed")
+    assert failed["request_id"] is None and failed["reason_code"] == "unpublishable"
 
 
 def test_an_image_below_the_quality_bar_is_held_for_review_then_approved_or_rejected():
@@ -342,3 +344,36 @@ def test_a_sku_candidate_held_while_the_view_cannot_be_read_is_decided_when_read
     assert rig.relay.publish([msg]) == ([], {})  # type: ignore[list-item]  # held, nothing decided
     rig.relay._held.resume_all(rig.relay._consumer)
     assert len(rig.out([msg])["images.by-sku"]) == 1
+
+
+def test_what_publication_never_announces_fails_whoever_wrote_it_to_its_input():
+    rig = Rig()
+    outside = rig.rendered(req())
+    outside["images"][0]["uri"] = "file:///etc/passwd"
+    other_bucket = rig.rendered(req(), sha="bb")
+    other_bucket["images"][0]["uri"] = "s3://someone-elses/bb.png"
+    nameless = {**rig.rendered(req(), sha="cc"), "tenant": ""}
+    out = rig.publish(outside, other_bucket, nameless)
+    assert "images.ready" not in out
+    reasons = [f["reason"] for f in rig.decode(out["requests.failed"], "RequestFailed")]
+    assert [r.split(":")[0] for r in reasons] == ["ValueError"] * 3
+    assert "not in the object store" in reasons[0] and "not in the object store" in reasons[1]
+    assert "tenant breaks the request rules" in reasons[2]
+
+
+def test_a_review_decision_that_no_held_image_can_take_is_refused_without_naming_a_request():
+    rig = Rig()
+    held = rig.rendered(req(), quality={"passed": 0.0})
+    item = rig.publish(held)["review"][0].value
+
+    def decision(**fields) -> FakeMessage:
+        event = {"tenant": "acme", "request_id": held["request_id"], "decision": "approve", "reviewer": "eve",
+                 "reason": None, "rendered": item, "decided_at": 5, **fields}
+        return rig.message("review.decisions", rig.serde.encode("ReviewDecision", event), b"k")
+
+    for forged in (decision(decision="maybe"), decision(tenant="globex"), decision(request_id="someone-else")):
+        out = rig.out([forged])
+        assert sorted(out) == ["dlq", "requests.failed"]
+        [failed] = rig.decode(out["requests.failed"], "RequestFailed")
+        assert failed["reason_code"] == "invalid_request" and failed["request_id"] is None
+    assert len(rig.out([decision()])["images.ready"]) == 1  # the reviewer's own approval still publishes
