@@ -41,6 +41,7 @@ from typing import Any
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from bench.simulated import store_uri_base
 from bench.topology import drop_topics, rss_mb
 from connectors.kafka_admin import TopicWanted, apply_topics
 from processors.admission import PoolInfo
@@ -89,9 +90,10 @@ def gate_records(settings: Settings, n: int, tag: str) -> Iterator[Record]:
 def rendered_records(settings: Settings, n: int, tag: str) -> Iterator[Record]:
     now_ms = int(time.time() * 1000)
     source = settings.topology.request_topic("normal")
+    base = store_uri_base(settings.storage_url)  # publication announces only images of the configured store
     for i, request in enumerate(requests(settings, n, tag)):
         digest = f"{i:064x}"
-        image = {"index": 0, "uri": f"mem://{TENANT}/{digest}.png", "sha256": digest, "seed": i, "size_bytes": 40_000}
+        image = {"index": 0, "uri": f"{base}{TENANT}/{digest}.png", "sha256": digest, "seed": i, "size_bytes": 40_000}
         event = image_rendered(request=request, images=[image], model_id="simulated", model_version="sim-1",
                                timings_ms={"render": 1.0, "store": 0.5}, batch_id=f"{tag}-b{i // 16}", batch_size=16,
                                worker_id="bench", source=(source, 0, i), now_ms=now_ms, generation="sim-1",

@@ -63,7 +63,7 @@ class Scenario:
         return sent
 
     def start(self) -> None:
-        self.worker = RenderWorker(self.settings, self.renderer, MemoryStore(), AvroSerde())
+        self.worker = RenderWorker(self.settings, self.renderer, MemoryStore(self.settings.storage_url), AvroSerde())
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
 

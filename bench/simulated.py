@@ -10,9 +10,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from connectors.storage import ObjectNotFound
+from connectors.storage import ObjectNotFound, parse_store_url
 from processors.admission import admission, cache_key
 from processors.render_settings import RenderItem, RenderSettings
+
+
+def store_uri_base(storage_url: str) -> str:
+    """The start of the URIs a store at `storage_url` gives its objects (a key follows)."""
+    location = parse_store_url(storage_url)
+    if location.bucket is not None:
+        prefix = location.prefix.strip("/")
+        return f"s3://{location.bucket}/{prefix + '/' if prefix else ''}"
+    assert location.folder is not None
+    return location.folder.expanduser().resolve().as_uri() + "/"
 
 
 def routed(request: dict, pool: str = "turbo", source: tuple[str, int, int] = ("direct", 0, 0)) -> dict:
@@ -67,18 +77,23 @@ class SimulatedRenderer:
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    """Objects in memory. With `storage_url`, their URIs are those a store there would give (nothing is written
+    there): publication announces only images of the configured store, and a benchmark's or test's publication
+    reads the same settings as its worker."""
+
+    def __init__(self, storage_url: str | None = None) -> None:
         self._data: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._base = "mem://" if storage_url is None else store_uri_base(storage_url)
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
         with self._lock:
             self._data[key] = data
-        return f"mem://{key}"
+        return self._base + key
 
     def get(self, uri_or_key: str) -> bytes:
         try:
-            return self._data[uri_or_key.removeprefix("mem://")]
+            return self._data[self.key_of(uri_or_key)]
         except KeyError:
             raise ObjectNotFound(uri_or_key) from None
 
@@ -86,12 +101,12 @@ class MemoryStore:
         return key in self._data
 
     def key_of(self, uri_or_key: str) -> str:
-        return uri_or_key.removeprefix("mem://")
+        return uri_or_key.removeprefix(self._base)
 
     def copy(self, src: str, dst: str) -> str:
         with self._lock:
             self._data[dst] = self._data[src]
-        return f"mem://{dst}"
+        return self._base + dst
 
     def delete(self, key: str) -> None:
         with self._lock:

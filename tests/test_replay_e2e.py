@@ -35,7 +35,7 @@ def sim(fresh_pipeline, tmp_path):
     p.start("processors", "processors", wait_ready=False)
     settings = p.settings.model_copy(update={"worker_id": "sim", "state_dir": str(tmp_path / "sim"),
                                              "max_batch_size": MAX_BATCH})
-    store: ObjectStore = MemoryStore()
+    store: ObjectStore = MemoryStore(settings.storage_url)
     worker = RenderWorker(settings, SimulatedRenderer(A_S, B_S), store, AvroSerde())
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
