@@ -122,8 +122,9 @@ def test_sigkill_of_the_gate_or_of_publication_mid_stream_publishes_each_request
     assert max(published.values()) == 1, [r for r, n in published.items() if n > 1][:5]
 
 
-def batch_in_render(p, name: str, timeout_s: float = 120) -> list:
-    """Waits until the worker `name` holds a batch in render (its crash journal names it) and returns it."""
+def batch_in_render(p, name: str, timeout_s: float = 120, holding: list | None = None) -> list:
+    """Waits until the worker `name` holds a batch in render (its crash journal names it), one with a record of
+    `holding` when given, and returns it."""
     path = p.tmp / "state" / f"{p.settings.topic_prefix}-render-{p.settings.pool}-{name}.render"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -132,7 +133,7 @@ def batch_in_render(p, name: str, timeout_s: float = 120) -> list:
             held = json.loads(path.read_bytes().rstrip(b"\0 ") or b"[]")
         except (FileNotFoundError, ValueError):
             held = []
-        if held:
+        if held and (holding is None or any(record in holding for record in held)):
             return held
         time.sleep(0.005)
     raise AssertionError(f"{name} never rendered: {p.log(name)[-3000:]}")
@@ -153,13 +154,13 @@ def test_a_worker_killed_twice_from_outside_mid_render_fails_no_healthy_request(
         ids = [r["request_id"] for r in requests]
         sub.submit(requests)
         sub.flush()
-        held = []
-        for _ in range(2):
-            held.append(batch_in_render(p, "w"))
-            p.kill("w")  # SIGKILL with the batch in hand: no fault of its records
-            p.start("w", "worker")
+        first = batch_in_render(p, "w")
+        p.kill("w")  # SIGKILL with the batch in hand: no fault of its records
+        p.start("w", "worker")
+        second = batch_in_render(p, "w", holding=first)  # one of those records again: a suspect, so alone
+        p.kill("w")
+        p.start("w", "worker")
         events = p.collect(ids, timeout_s=240)
-        first, second = held
         assert len(second) == 1 and second[0] in first  # the second kill hit one of the first batch, alone
         kinds = {rid: [n for n, _ in events.get(rid, [])] for rid in ids}
         assert all(k == ["ImageReady"] for k in kinds.values()), (kinds, p.log("w")[-3000:])
