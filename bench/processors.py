@@ -41,9 +41,9 @@ from typing import Any
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from bench.simulated import store_uri_base
 from bench.topology import drop_topics, rss_mb
 from connectors.kafka_admin import TopicWanted, apply_topics
+from connectors.storage import ObjectUris
 from processors.admission import PoolInfo
 from processors.events import image_rendered
 from processors.status import request_status, status_key
@@ -90,7 +90,7 @@ def gate_records(settings: Settings, n: int, tag: str) -> Iterator[Record]:
 def rendered_records(settings: Settings, n: int, tag: str) -> Iterator[Record]:
     now_ms = int(time.time() * 1000)
     source = settings.topology.request_topic("normal")
-    base = store_uri_base(settings.storage_url)  # publication announces only images of the configured store
+    base = ObjectUris.of(settings.storage_url).base  # publication announces only images of the configured store
     for i, request in enumerate(requests(settings, n, tag)):
         digest = f"{i:064x}"
         image = {"index": 0, "uri": f"{base}{TENANT}/{digest}.png", "sha256": digest, "seed": i, "size_bytes": 40_000}

@@ -10,19 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from connectors.storage import ObjectNotFound, parse_store_url
+from connectors.storage import ObjectNotFound, ObjectUris
 from processors.admission import admission, cache_key
 from processors.render_settings import RenderItem, RenderSettings
-
-
-def store_uri_base(storage_url: str) -> str:
-    """The start of the URIs a store at `storage_url` gives its objects (a key follows)."""
-    location = parse_store_url(storage_url)
-    if location.bucket is not None:
-        prefix = location.prefix.strip("/")
-        return f"s3://{location.bucket}/{prefix + '/' if prefix else ''}"
-    assert location.folder is not None
-    return location.folder.expanduser().resolve().as_uri() + "/"
 
 
 def routed(request: dict, pool: str = "turbo", source: tuple[str, int, int] = ("direct", 0, 0)) -> dict:
@@ -84,7 +74,7 @@ class MemoryStore:
     def __init__(self, storage_url: str | None = None) -> None:
         self._data: dict[str, bytes] = {}
         self._lock = threading.Lock()
-        self._base = "mem://" if storage_url is None else store_uri_base(storage_url)
+        self._base = "mem://" if storage_url is None else ObjectUris.of(storage_url).base
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
         with self._lock:

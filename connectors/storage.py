@@ -297,31 +297,40 @@ def parse_store_url(url: str) -> StoreLocation:
     raise ValueError(f"has the unsupported scheme {parsed.scheme!r}; use s3://bucket/prefix, file:///path or a folder")
 
 
-def in_store(uri: str, location: StoreLocation) -> bool:
-    """Whether `uri` names an object of the store at `location`, as its `put` names them. Nothing is opened: a
-    process that only reads events (publication) checks that an image it publishes lies where the workers store,
-    not in another bucket or at `file:///etc/passwd`."""
-    if not isinstance(uri, str):
-        return False
-    parsed = urlparse(uri)
-    if location.bucket is not None:
-        key = parsed.path.lstrip("/")
-        prefix = location.prefix.strip("/")
-        if parsed.scheme != "s3" or parsed.netloc != location.bucket or (prefix and not key.startswith(prefix + "/")):
-            return False
-        key = key[len(prefix) + 1:] if prefix else key
-    else:
+@dataclass(frozen=True)
+class ObjectUris:
+    """The URIs a store gives its objects: `base` then a clean key (`s3://bucket/prefix/`, `file:///abs/root/`).
+    Worked out once (a local root is resolved, as the store resolves it), then checked per URI without opening
+    anything: a process that only reads events (publication) tells an image where the workers store from one in
+    another bucket or at `file:///etc/passwd`."""
+
+    base: str
+
+    @classmethod
+    def of(cls, url: str) -> ObjectUris:
+        location = parse_store_url(url)
+        if location.bucket is not None:
+            prefix = location.prefix.strip("/")
+            return cls(f"s3://{location.bucket}/{prefix + '/' if prefix else ''}")
         assert location.folder is not None
-        root = location.folder.expanduser().resolve().as_posix().rstrip("/") + "/"
-        path = unquote(parsed.path)
-        if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not path.startswith(root):
+        return cls(location.folder.expanduser().resolve().as_uri().rstrip("/") + "/")
+
+    def holds(self, uri: object) -> bool:
+        """Whether `uri` names an object of this store (a `file:` URI's key percent-decoded, as the store reads it)."""
+        if not isinstance(uri, str):
             return False
-        key = path[len(root):]
-    try:
-        check_key(key)
-    except UnsafeKey:
-        return False
-    return True
+        if uri.startswith("file://localhost/"):
+            uri = "file:///" + uri.removeprefix("file://localhost/")
+        if not uri.startswith(self.base):
+            return False
+        key = uri[len(self.base):]
+        if self.base.startswith("file:"):
+            key = unquote(key)
+        try:
+            check_key(key)
+        except UnsafeKey:
+            return False
+        return True
 
 
 def open_object_store(url: str, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:

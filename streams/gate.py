@@ -34,7 +34,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
-from connectors.storage import in_store, parse_store_url
+from connectors.storage import ObjectUris
 from processors.admission import (
     GENERATION_HEADER,
     REPLAY_ID_HEADER,
@@ -97,7 +97,7 @@ class Gate:
         self._stop = threading.Event()
         self._cache_entries: dict[str, bytes | None] | None = {}  # the batch in hand's, by cache key
         self._homes = Homes(self.topology.gate_changelog)  # its state: the admitted keys
-        self._store = parse_store_url(settings.storage_url)
+        self._store = ObjectUris.of(settings.storage_url)
         self.group_id = f"{settings.topic_prefix}-gate"
 
     def stop(self) -> None:
@@ -319,7 +319,7 @@ class Gate:
         if hit is None:
             return None
         try:  # checked in full: the entry came from Redis (its images too: in the store the workers write to)
-            if not all(in_store(image["uri"], self._store) for image in hit["images"]):
+            if not all(self._store.holds(image["uri"]) for image in hit["images"]):
                 raise ValueError("an image outside the object store")
             rendered = image_rendered(
                 request=request, images=hit["images"], model_id=hit["model_id"], model_version=info.model_version,

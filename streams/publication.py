@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from connectors import kafka
 from connectors.kafka import OutRecord, TransactionalStep
 from connectors.redis_store import RedisStore, cache_entry_key
-from connectors.storage import in_store, parse_store_url
+from connectors.storage import ObjectUris
 from processors.events import image_ready
 from processors.publication_state import by_sku_key
 from processors.requests import check_headers, identity_of
@@ -75,7 +75,7 @@ class PublicationRelay:
         self._max_ready_bytes = self.topology.max_bytes(self.topology.images_ready)
         self._homes = Homes(self.topology.images_ready)  # its state: what was published
         self._sku_homes = Homes(self.topology.images_by_sku)  # the by-SKU view's state, of its repartition topic
-        self._store = parse_store_url(settings.storage_url)  # where the workers store: every image published is there
+        self._store = ObjectUris.of(settings.storage_url)  # where the workers store: every image published is there
 
     def stop(self) -> None:
         self._stop.set()
@@ -263,7 +263,7 @@ class PublicationRelay:
         if identity["request_id"] is None or identity["tenant"] is None:
             raise ValueError("its request_id or tenant breaks the request rules")
         for image in rendered["images"]:
-            if not in_store(image["uri"], self._store):
+            if not self._store.holds(image["uri"]):
                 raise ValueError(f"image {image['uri'][:200]!r} is not in the object store {self.s.storage_url!r}")
 
     def _sku_candidate(self, origin: Origin) -> list[OutRecord]:

@@ -257,17 +257,18 @@ def test_open_object_store_s3_round_trip(s3_endpoint: tuple[str, str]) -> None:
     assert uri.startswith(f"s3://{bucket}/tests/") and store.get(uri) == PNG
 
 
-def test_in_store_names_only_objects_where_the_store_puts_them(tmp_path):
-    from connectors.storage import LocalObjectStore, in_store, parse_store_url
+def test_object_uris_hold_only_objects_where_the_store_puts_them(tmp_path):
+    from connectors.storage import LocalObjectStore, ObjectUris
 
-    s3 = parse_store_url("s3://bkt/images")
-    assert in_store("s3://bkt/images/acme/ab.png", s3)
+    s3 = ObjectUris.of("s3://bkt/images")
+    assert s3.holds("s3://bkt/images/acme/ab.png")
     for uri in ("s3://bkt/other/ab.png", "s3://bkt2/images/ab.png", "s3://bkt/images/../x", "file:///etc/passwd",
-                "s3://bkt/images/", "https://bkt/images/a.png", 7):
-        assert not in_store(uri, s3), uri  # type: ignore[arg-type]  # 7: whatever a hostile record holds
-    local = parse_store_url(str(tmp_path / "objects"))
-    put = LocalObjectStore(tmp_path / "objects").put("acme/ab.png", b"x")
-    assert in_store(put, local)
-    for uri in ("file:///etc/passwd", f"file://{tmp_path}/objects/../x", f"file://{tmp_path}/objects",
-                f"file://remote{tmp_path}/objects/a.png", f"file://{tmp_path}/objects-evil/a.png"):
-        assert not in_store(uri, local), uri
+                "s3://bkt/images/", "https://bkt/images/a.png", "s3://bkt/imagesevil/a.png", 7):
+        assert not s3.holds(uri), uri  # 7: whatever a hostile record holds
+    local = ObjectUris.of(str(tmp_path / "objects"))
+    put = LocalObjectStore(tmp_path / "objects").put("acme/a b.png", b"x")  # percent-encoded in its URI
+    assert local.holds(put) and local.holds(put.replace("file:///", "file://localhost/"))
+    for uri in ("file:///etc/passwd", f"file://{tmp_path}/objects/../x", f"file://{tmp_path}/objects/acme/%2E%2E/x",
+                f"file://{tmp_path}/objects", f"file://remote{tmp_path}/objects/a.png",
+                f"file://{tmp_path}/objects-evil/a.png"):
+        assert not local.holds(uri), uri
