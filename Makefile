@@ -44,3 +44,4 @@ bench: stack-up
 	$(ENV) $(VENV)/bin/python -m bench.replay
 	$(ENV) $(VENV)/bin/python -m bench.api
 	$(ENV) $(VENV)/bin/python -m bench.processors
+	$(ENV) $(VENV)/bin/python -m bench.state

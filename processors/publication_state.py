@@ -13,7 +13,7 @@ import heapq
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 DAY_MS = 24 * 3600 * 1000
 DEFAULT_WINDOW_MS = 30 * DAY_MS
@@ -43,22 +43,75 @@ class Decision:
     supersedes: int | None
 
 
-@dataclass
-class _Request:
-    versions: dict[bytes, tuple[int, int | None]]  # content digest -> (version, supersedes)
+@dataclass(frozen=True)
+class Published:
+    """What was published of one (tenant, request_id): each content digest's (version, supersedes), the latest
+    version and when the newest publication was (published_at, in ms)."""
+    versions: tuple[tuple[bytes, int, int | None], ...]
     latest_version: int
-    latest_at: int  # published_at of the newest publication, in ms
+    latest_at: int
+
+    def of_content(self, content_key: bytes) -> tuple[int, int | None] | None:
+        for key, version, supersedes in self.versions:  # one or a few: each new content is a new version
+            if key == content_key:
+                return version, supersedes
+        return None
+
+
+class RequestTable(Protocol):
+    """Where a partition's publications are kept, by request digest: in memory (MemoryRequests), or on local disk
+    (streams/state_store.py), so that a window of millions of requests stays out of the heap."""
+
+    def get(self, request_key: bytes) -> Published | None: ...
+
+    def put(self, request_key: bytes, entry: Published) -> None: ...
+
+    def evict_before(self, cutoff_ms: int) -> int:
+        """Forgets every request whose latest publication is older than cutoff_ms; returns how many."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+class MemoryRequests:
+    """A RequestTable in the heap: a dict, and a heap of (latest_at, request digest) for eviction (entries whose
+    request has moved on since are skipped)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, Published] = {}
+        self._expiry: list[tuple[int, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, request_key: bytes) -> Published | None:
+        return self._entries.get(request_key)
+
+    def put(self, request_key: bytes, entry: Published) -> None:
+        before = self._entries.get(request_key)
+        self._entries[request_key] = entry
+        if before is None or before.latest_at != entry.latest_at:
+            heapq.heappush(self._expiry, (entry.latest_at, request_key))
+
+    def evict_before(self, cutoff_ms: int) -> int:
+        evicted = 0
+        while self._expiry and self._expiry[0][0] < cutoff_ms:
+            latest_at, request_key = heapq.heappop(self._expiry)
+            known = self._entries.get(request_key)
+            if known is not None and known.latest_at == latest_at:
+                del self._entries[request_key]
+                evicted += 1
+        return evicted
 
 
 class PublicationState:
     """What has been published per (tenant, request_id), within a window on published_at."""
 
-    def __init__(self, window_ms: int = DEFAULT_WINDOW_MS) -> None:
+    def __init__(self, window_ms: int = DEFAULT_WINDOW_MS, requests: RequestTable | None = None) -> None:
         if window_ms <= 0:
             raise ValueError(f"window_ms must be > 0, got {window_ms}")
         self.window_ms = window_ms
-        self._requests: dict[bytes, _Request] = {}
-        self._expiry: list[tuple[int, bytes]] = []  # (published_at, request digest), a heap; stale entries skipped
+        self._requests: RequestTable = requests if requests is not None else MemoryRequests()
 
     def __len__(self) -> int:
         """How many requests the state remembers."""
@@ -79,7 +132,7 @@ class PublicationState:
             known = None
         if known is None:
             return Decision(publish=True, version=1, supersedes=None)
-        published = known.versions.get(content_key)
+        published = known.of_content(content_key)
         if published is not None:
             return Decision(publish=False, version=published[0], supersedes=published[1])
         return Decision(publish=True, version=known.latest_version + 1, supersedes=known.latest_version)
@@ -91,26 +144,17 @@ class PublicationState:
         version = int(ready.get("version") or 1)
         supersedes = ready.get("supersedes")
         published_at = int(ready["published_at"])
-        known = self._requests.get(request_key)
-        if known is None:
-            known = self._requests[request_key] = _Request({}, 0, published_at)
-        known.versions.setdefault(content_key, (version, supersedes))
-        known.latest_version = max(known.latest_version, version)
-        if published_at >= known.latest_at:
-            known.latest_at = published_at
-            heapq.heappush(self._expiry, (published_at, request_key))
+        known = self._requests.get(request_key) or Published((), 0, published_at)
+        versions = known.versions
+        if known.of_content(content_key) is None:
+            versions += ((content_key, version, None if supersedes is None else int(supersedes)),)
+        entry = Published(versions, max(known.latest_version, version), max(known.latest_at, published_at))
+        if entry != known:
+            self._requests.put(request_key, entry)
 
     def evict(self, now_ms: int) -> int:
         """Forget every request whose latest publication is older than the window; returns how many."""
-        cutoff = now_ms - self.window_ms
-        evicted = 0
-        while self._expiry and self._expiry[0][0] < cutoff:
-            published_at, request_key = heapq.heappop(self._expiry)
-            known = self._requests.get(request_key)
-            if known is not None and known.latest_at == published_at:
-                del self._requests[request_key]
-                evicted += 1
-        return evicted
+        return self._requests.evict_before(now_ms - self.window_ms)
 
 
 # ---- the latest image per (tenant, SKU, view) -----------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Generic, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -26,6 +26,8 @@ from connectors.retry import until_done
 log = logging.getLogger(__name__)
 
 V = TypeVar("V")
+# how a topic's committed records are read: (base config, topic, partitions, apply(key, value)); read_to_end
+ReadTopic = Callable[[dict[str, str], str, list[int], Callable[[bytes | None, bytes | None], None]], None]
 
 
 class RestoreFailed(RuntimeError):
@@ -78,22 +80,24 @@ def read_to_end(base: dict[str, str], topic: str, partitions: list[int],
 class ChangelogTable(Generic[V]):
     """Per input partition: key -> value. `decode` reads a changelog value (an entry that it or `merge` raises on
     is skipped); `merge(old, new)` is what a restored entry leaves (None: the key is dropped); `restore` replaces
-    restoring a partition, `read` how the topic is read (tests)."""
+    restoring a partition, `read` how the topic is read (tests); `new_table(partition)` gives the empty table a
+    partition is restored into (a dict, or rows on disk: streams/state_store.py)."""
 
     def __init__(self, base: dict[str, str], topic: str, *, encode: Callable[[V], bytes],
                  decode: Callable[[bytes], V], merge: Callable[[V | None, V], V | None] = lambda old, new: new,
                  restore: Callable[[int], dict[str, V]] | None = None, what: str = "entries",
-                 read: Callable[[dict[str, str], str, list[int], Callable[[bytes | None, bytes | None], None]],
-                                None] = read_to_end):
+                 read: ReadTopic = read_to_end,
+                 new_table: Callable[[int], MutableMapping[str, V]] = lambda _partition: {}):
         self._read = read
+        self._new_table = new_table
         self._base = base
         self._topic = topic
         self._encode = encode
         self._decode = decode
         self._merge = merge
         self._what = what
-        self._partitions: dict[int, dict[str, V]] = {}
-        self._restore = restore or self._read_changelog
+        self._partitions: dict[int, MutableMapping[str, V]] = {}
+        self._restore: Callable[[int], MutableMapping[str, V]] = restore or self._read_changelog
 
     def get(self, partition: int, key: str) -> V | None:
         return self._load(partition).get(key)
@@ -105,17 +109,22 @@ class ChangelogTable(Generic[V]):
 
     def forget(self, partitions: Iterable[int]) -> None:
         for partition in partitions:
-            self._partitions.pop(partition, None)
+            table = self._partitions.pop(partition, None)
+            if table is not None:
+                table.clear()  # rows on disk would otherwise stay until the partition is restored again
 
-    def _load(self, partition: int) -> dict[str, V]:
+    def loaded(self) -> list[MutableMapping[str, V]]:
+        return list(self._partitions.values())
+
+    def _load(self, partition: int) -> MutableMapping[str, V]:
         loaded = self._partitions.get(partition)
         if loaded is None:
             loaded = self._partitions[partition] = self._restore(partition)
         return loaded
 
-    def _read_changelog(self, partition: int) -> dict[str, V]:
+    def _read_changelog(self, partition: int) -> MutableMapping[str, V]:
         started = time.monotonic()
-        table: dict[str, V] = {}
+        table = self._new_table(partition)
 
         def apply(key: bytes | None, raw: bytes | None) -> None:
             name = (key or b"").decode("utf-8", "replace")

@@ -107,7 +107,7 @@ class Gate:
         conf = self.s.kafka_config()
         self._consumer = self._consumer_factory(conf, self.group_id, **kafka.CO_PARTITIONED)
         self._step = self._step_factory(conf, f"{self.group_id}-{self.s.worker_id}")
-        self._admitted = AdmittedKeys(conf, self.topology.gate_changelog, self.s.idempotency_window_days)
+        self._admitted = AdmittedKeys.of(conf, self.s)
         self._pools = PoolDirectory(conf, self.topology.pool_announcements, self._serde)
         self._subscribe()
         log.info("gate of %s in group %s", ", ".join(self.topology.request_topics), self.group_id)
@@ -130,6 +130,7 @@ class Gate:
         if self._pools.refresh():
             self._held.resume_all(self._consumer)  # what waited for that pool goes now, all together
         self._held.resume_due(self._consumer)
+        self._admitted.evict_when_due()
 
     # ------------------------------------------------------------------ deciding
 

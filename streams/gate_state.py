@@ -5,7 +5,8 @@ routed request, on the partition number of the request it came from (request top
 have the same partition count, so one changelog partition covers one partition of every priority). When the gate
 is assigned a partition it reads that changelog partition to its end before it decides anything there; after an
 abort it forgets the partition and reads it again. Entries older than the window are not loaded, and the topic
-deletes them past its retention (30 days, the default window), so the state stays bounded.
+deletes them past its retention (30 days, the default window), so the state stays bounded; a running gate forgets
+them too, every EVICT_EVERY_S. With a StateStore they are kept on local disk, not in the heap.
 
 Pools: every worker announces its model on the compacted `pools` topic; the gate reads it from the beginning and
 keeps reading it.
@@ -22,22 +23,34 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from connectors.kafka import OutRecord
 from processors.admission import PoolInfo
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError
-from streams.changelog_table import ChangelogTable, restore_reader
+from streams.changelog_table import ChangelogTable, ReadTopic, read_to_end, restore_reader
+from streams.settings import Settings
+from streams.state_store import DiskMapping, StateStore, state_store
 
 log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
+EVICT_EVERY_S = 600.0
 
 
 class AdmittedKeys(ChangelogTable[int]):
     """Per partition: idempotency key -> when it was admitted (ms). Entries past the window are not restored."""
 
     def __init__(self, base: dict[str, str], topic: str, window_days: float = 30.0,
-                 restore: Callable[[int], dict[str, int]] | None = None):
+                 restore: Callable[[int], dict[str, int]] | None = None, store: StateStore | None = None,
+                 read: ReadTopic = read_to_end):
         self._window_ms = int(window_days * DAY_MS)
+        self._next_eviction = time.monotonic() + EVICT_EVERY_S
         super().__init__(base, topic, encode=lambda at: json.dumps({"at": at}).encode(),
                          decode=lambda raw: int(json.loads(raw)["at"]), merge=self._within_window,
-                         restore=restore, what="admitted keys")
+                         restore=restore, what="admitted keys", read=read,
+                         new_table=(lambda partition: {}) if store is None else (
+                             lambda partition: DiskMapping(store, "admitted", partition, at_of=int, of_at=int)))
+
+    @classmethod
+    def of(cls, base: dict[str, str], settings: Settings) -> AdmittedKeys:
+        return cls(base, settings.topology.gate_changelog, settings.idempotency_window_days,
+                   store=state_store(settings))
 
     def seen(self, partition: int, key: str, now_ms: int) -> bool:
         at = self.get(partition, key)
@@ -46,6 +59,25 @@ class AdmittedKeys(ChangelogTable[int]):
     def admit(self, partition: int, key: str, now_ms: int) -> OutRecord:
         """Remembers `key` and returns the changelog record to produce with the outputs."""
         return self.put(partition, key, now_ms)
+
+    def evict(self, now_ms: int) -> int:
+        """Forgets every key admitted before the window as of now_ms (it no longer counts as seen); how many."""
+        cutoff = now_ms - self._window_ms + 1
+        evicted = 0
+        for table in self.loaded():
+            if isinstance(table, DiskMapping):
+                evicted += table.evict_before(cutoff)
+                continue
+            for key in [key for key, at in table.items() if at < cutoff]:
+                del table[key]
+                evicted += 1
+        return evicted
+
+    def evict_when_due(self) -> None:
+        if time.monotonic() >= self._next_eviction:
+            self._next_eviction = time.monotonic() + EVICT_EVERY_S
+            if evicted := self.evict(int(time.time() * 1000)):
+                log.info("forgot %d admitted keys past the idempotency window", evicted)
 
     def _within_window(self, _old: int | None, at: int) -> int | None:
         return at if at >= int(time.time() * 1000) - self._window_ms else None  # past it: it would not count

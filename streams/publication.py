@@ -46,6 +46,7 @@ from streams.image_safety import ImageSafety, SafetyUnavailable, Scanned, image_
 from streams.processor_loop import ProcessorLoop
 from streams.published_state import PublishedState
 from streams.settings import Settings
+from streams.state_store import state_store
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class PublicationRelay:
         conf = self.s.kafka_config()
         self._consumer = kafka.consumer(conf, self.group_id, **kafka.CO_PARTITIONED)
         step = TransactionalStep(conf, f"{self.group_id}-{self.s.worker_id}")
-        self._published = PublishedState(conf, self.topology, self._serde, self.s.publication_window_days)
+        self._published = PublishedState(conf, self.topology, self._serde, self.s.publication_window_days,
+                                         store=state_store(self.s))
         self._consumer.subscribe(
             [self.topology.rendered, self.topology.review_decisions, self.topology.images_by_sku_repartition],
             on_assign=lambda *_: self._forget_counts(),  # partitions added come with one
@@ -94,7 +96,7 @@ class PublicationRelay:
         clean = False
         try:
             ProcessorLoop(self._consumer, step, self.publish, lambda: self._rewind(step), batch=self._batch,
-                          poll_s=0.1, before_poll=lambda: self._held.resume_due(self._consumer),
+                          poll_s=0.1, before_poll=self._before_poll,
                           after_commit=self._fill_cache).run(self._stop)
             clean = True
         finally:
@@ -102,6 +104,10 @@ class PublicationRelay:
                 self._consumer.close()
             step.close()
             self._safety.close()
+
+    def _before_poll(self) -> None:
+        self._held.resume_due(self._consumer)
+        self._published.evict_when_due()
 
     def publish(self, msgs: list[Message]) -> tuple[list[OutRecord], dict[tuple[str, int], int]]:
         """The records one batch (ImageRendered, and reviewers' decisions) turns into, and the offsets to commit

@@ -14,25 +14,28 @@ from collections.abc import Callable, Iterable
 
 from processors.publication_state import DAY_MS, PublicationState, SkuLatest
 from schemas.serde import AvroSerde, RegistryUnavailable
-from streams.changelog_table import read_to_end
+from streams.changelog_table import ReadTopic, read_to_end
+from streams.state_store import DiskRequests, StateStore
 from streams.topology import Topology
 
 log = logging.getLogger(__name__)
 
-# (base config, topic, partitions, apply(key, value)): streams.changelog_table.read_to_end
-ReadTopic = Callable[[dict[str, str], str, list[int], Callable[[bytes | None, bytes | None], None]], None]
+EVICT_EVERY_S = 600.0
+
 
 
 class PublishedState:
     def __init__(self, base: dict[str, str], topology: Topology, serde: AvroSerde, window_days: float,
-                 read: ReadTopic = read_to_end):
+                 read: ReadTopic = read_to_end, store: StateStore | None = None):
         self._base = base
+        self._store = store  # None: each partition's publications stay in the heap
         self._read = read  # how a topic's committed records are read (tests pass their own)
         self._topology = topology
         self._serde = serde
         self._window_ms = int(window_days * DAY_MS)
         self._partitions: dict[int, PublicationState] = {}
         self._sku: dict[int, SkuLatest] = {}
+        self._next_eviction = time.monotonic() + EVICT_EVERY_S
 
     def of_partition(self, partition: int) -> PublicationState:
         state = self._partitions.get(partition)
@@ -40,7 +43,8 @@ class PublishedState:
             started = time.monotonic()
             # Kept only once read whole: a restore that fails part-way (a broker restarting) would otherwise leave
             # a partial state in use, and what it missed would be published again.
-            state = PublicationState(self._window_ms)
+            state = PublicationState(self._window_ms,
+                                     None if self._store is None else DiskRequests(self._store, partition))
 
             def restore(_key: bytes | None, value: bytes | None) -> None:
                 self._restored(self._topology.images_ready, value, state.apply)
@@ -64,6 +68,16 @@ class PublishedState:
             self._read(self._base, self._topology.images_by_sku, [partition], restore)  # kept only once read whole
             self._sku[partition] = sku
         return sku
+
+    def evict_when_due(self) -> None:
+        """Forgets, every EVICT_EVERY_S, the requests last published before the window: a running relay's state stays
+        bounded by the window, not only a restored one's."""
+        if time.monotonic() < self._next_eviction:
+            return
+        self._next_eviction = time.monotonic() + EVICT_EVERY_S
+        now_ms = int(time.time() * 1000)
+        if evicted := sum(state.evict(now_ms) for state in self._partitions.values()):
+            log.info("forgot %d published requests past the publication window", evicted)
 
     def forget(self, partitions: Iterable[int] | None = None) -> None:
         """Drops the state of these partitions (all of it when None): it is read again from the topics. A member

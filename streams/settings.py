@@ -77,6 +77,10 @@ class Settings(IngressSettings, ImageSafetySettings):
     cache_ttl_s: float = Field(24 * 3600.0, gt=0)  # how long the L1 cache answers a repeat
     publication_window_days: float = Field(30.0, gt=0)  # how long a published (request, generation) is remembered
     idempotency_window_days: float = Field(30.0, gt=0, le=30)  # how long the gate remembers an admitted request
+    # where the gate's admitted keys and publication's published requests are kept: rows of a scratch database in
+    # state_dir (streams/state_store.py), its page cache bounded by state_cache_mb; or the heap
+    state_store: Literal["disk", "memory"] = "disk"
+    state_cache_mb: int = Field(16, ge=1, le=65536)
 
     # --- quality scoring of rendered images (in the worker, where the pixels are) ---
     quality_sharpness_min: float = Field(100.0, ge=0)  # variance of the Laplacian of the luminance
