@@ -174,7 +174,7 @@ class Gate:
         return records, offsets
 
     def _moderated(self, admitted: list[tuple[Origin, tuple[dict[str, Any], PoolInfo]]],
-                   keyed: list[tuple[str, str] | Exception], cancelled: set[int]) -> list[Verdict | None]:
+                   keyed: list[tuple[str, str, str] | Exception], cancelled: set[int]) -> list[Verdict | None]:
         """The moderation verdict of each admitted request, the prompts of a batch in one call (a classifier scores
         many texts for about the cost of one). Only those whose fate it decides are asked: a repeat, a cancelled
         request or one past its deadline ends without it, and a cloud moderator is paid by the call. None for a
@@ -188,20 +188,19 @@ class Gate:
             verdicts[i] = verdict
         return verdicts
 
-    def _decided_by_moderation(self, origin: Origin, request: dict[str, Any], keys: tuple[str, str] | Exception,
+    def _decided_by_moderation(self, origin: Origin, request: dict[str, Any], keys: tuple[str, str, str] | Exception,
                                now_ms: int) -> bool:
         """False for a request that _admit ends before moderation counts: past its deadline, or a repeat."""
         deadline = request.get("deadline")
         if isinstance(keys, Exception) or (deadline is not None and deadline <= now_ms):
             return False
         try:
-            return not self._admitted.seen(origin.partition, idempotency_key(request["tenant"], request["request_id"],
-                                                                             keys[0]), now_ms)
+            return not self._admitted.seen(origin.partition, keys[2], now_ms)
         except Exception:  # noqa: BLE001 - the state cannot be read now: moderated, and decided in its turn
             return True
 
     def _admitted_or_failed(self, origin: Origin, request: dict[str, Any], info: PoolInfo,
-                            keys: tuple[str, str] | Exception, verdict: Verdict | None,
+                            keys: tuple[str, str, str] | Exception, verdict: Verdict | None,
                             cancelled: bool) -> list[OutRecord]:
         try:
             if isinstance(keys, Exception):
@@ -254,23 +253,24 @@ class Gate:
         return request, info
 
     @staticmethod
-    def _keys_of(origin: Origin, request: dict[str, Any], info: PoolInfo) -> tuple[str, str] | Exception:
-        """A request's generation and cache key, or what prevented them (failed in the request's own turn)."""
+    def _keys_of(origin: Origin, request: dict[str, Any], info: PoolInfo) -> tuple[str, str, str] | Exception:
+        """A request's generation, cache key and idempotency key, or what prevented them (failed in the request's
+        own turn)."""
         try:
             generation = generation_of(request, info.model_version, header_text(origin.headers, GENERATION_HEADER))
-            return generation, cache_key(request, generation)
+            return generation, cache_key(request, generation), idempotency_key(request["tenant"],
+                                                                                request["request_id"], generation)
         except Exception as exc:  # noqa: BLE001 - the request's own turn fails it, with the reason
             return exc
 
-    def _admit(self, origin: Origin, request: dict[str, Any], info: PoolInfo, keys: tuple[str, str],
+    def _admit(self, origin: Origin, request: dict[str, Any], info: PoolInfo, keys: tuple[str, str, str],
                verdict: Verdict | None, cancelled: bool = False) -> list[OutRecord]:
-        generation, ckey = keys
+        generation, ckey, key = keys
         now_ms = int(time.time() * 1000)
         deadline = request.get("deadline")
         if deadline is not None and deadline <= now_ms:
             return self._failed("deadline_exceeded", f"deadline passed {now_ms - deadline} ms before the gate read "
                                 "the request", origin, request)
-        key = idempotency_key(request["tenant"], request["request_id"], generation)
         if self._admitted.seen(origin.partition, key, now_ms):
             metrics.GATE.labels("duplicate").inc()
             return [self._status(request, "duplicate", generation, now_ms, final=True,

@@ -200,35 +200,72 @@ def _unpacked(latest_at: int, packed: bytes) -> Published:
 
 class DiskMapping(MutableMapping[str, V], Generic[V]):
     """A changelog table's partition (streams/changelog_table.py) on disk, for values that are a time in ms (the
-    gate's admitted keys): `at_of` gives a value's time, `of_at` the value back. Created empty, as DiskRequests."""
+    gate's admitted keys): `at_of` gives a value's time, `of_at` the value back. Created empty, as DiskRequests,
+    and like it keeps recent lookups and writes at hand (a request's key is looked up before moderation, again
+    when it is admitted, and a repeat in the same batch finds it there)."""
 
     def __init__(self, store: StateStore, tab: str, partition: int, at_of: Callable[[V], int],
-                 of_at: Callable[[int], V]) -> None:
+                 of_at: Callable[[int], V], recent: int = 4096, write_every: int = 256) -> None:
         self._table, self._part = store.table(tab), partition
         self._at_of, self._of_at = at_of, of_at
+        self._recent_max, self._write_every = recent, write_every
+        self._recent: dict[str, int | None] = {}  # key -> its time, None: not there
+        self._unwritten: dict[str, int] = {}
         self._table.drop(partition)
 
     def __getitem__(self, key: str) -> V:
-        row = self._table.get(self._part, key.encode("utf-8", "surrogatepass"))
-        if row is None:
+        try:
+            at = self._recent[key]
+        except KeyError:
+            row = self._table.get(self._part, _encoded(key))
+            at = None if row is None else row[0]
+            self._remember(key, at)
+        if at is None:
             raise KeyError(key)
-        return self._of_at(row[0])
+        return self._of_at(at)
 
     def __setitem__(self, key: str, value: V) -> None:
-        self._table.put(self._part, key.encode("utf-8", "surrogatepass"), self._at_of(value), b"")
+        at = self._at_of(value)
+        self._unwritten[key] = at
+        self._remember(key, at)
+        if len(self._unwritten) >= self._write_every:
+            self._write()
 
     def __delitem__(self, key: str) -> None:
-        if not self._table.delete(self._part, key.encode("utf-8", "surrogatepass")):
+        self._write()
+        self._recent.pop(key, None)
+        if not self._table.delete(self._part, _encoded(key)):
             raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
+        self._write()
         return iter([key.decode("utf-8", "surrogatepass") for key in self._table.keys(self._part)])
 
     def __len__(self) -> int:
+        self._write()
         return self._table.count(self._part)
 
     def clear(self) -> None:
+        self._unwritten.clear()
+        self._recent.clear()
         self._table.drop(self._part)
 
     def evict_before(self, cutoff_ms: int) -> int:
+        self._write()
+        self._recent.clear()
         return self._table.evict_before(self._part, cutoff_ms)
+
+    def _remember(self, key: str, at: int | None) -> None:
+        if len(self._recent) >= self._recent_max:
+            self._write()  # what is forgotten here must be found in the database
+            self._recent.clear()
+        self._recent[key] = at
+
+    def _write(self) -> None:
+        if self._unwritten:
+            self._table.put_many([(self._part, _encoded(key), at, b"") for key, at in self._unwritten.items()])
+            self._unwritten.clear()
+
+
+def _encoded(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")
