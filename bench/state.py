@@ -47,8 +47,8 @@ def rendered_template() -> dict:
 def fill_and_measure(store: str, requests: int, out: multiprocessing.Queue) -> None:
     template = rendered_template()
     folder = tempfile.mkdtemp(prefix="bench-state-")
-    state = PublicationState(31 * 24 * 3600 * 1000,
-                             DiskRequests(StateStore(folder), 0) if store == "disk" else None)
+    disk = StateStore(folder)
+    state = PublicationState(31 * 24 * 3600 * 1000, DiskRequests(disk, 0) if store == "disk" else None)
     before = rss_mb()
     halfway = before
     started = time.perf_counter()
@@ -68,7 +68,9 @@ def fill_and_measure(store: str, requests: int, out: multiprocessing.Queue) -> N
         rendered["images"] = [{**template["images"][0], "sha256": f"{i:064x}"}]
         assert not state.decide(rendered, T0 + requests).publish
     decide_us = (time.perf_counter() - started) / len(picks) * 1e6
-    out.put({"store": store, "grown_mb": grown, "window_mb": grown + per_request * max(0, WINDOW_REQUESTS - requests),
+    len(state)  # writes what waits
+    out.put({"store": store, "disk_bytes_per_request": disk.size_bytes() / requests, "grown_mb": grown,
+             "window_mb": grown + per_request * max(0, WINDOW_REQUESTS - requests),
              "applies_per_s": requests / applied_s, "decide_us": decide_us})
 
 
@@ -90,12 +92,16 @@ def main() -> None:
         ok = window_mb <= GOAL_RSS_MB
         print(f"  {r['store']:7} RSS +{r['grown_mb']:7.1f} MB, about +{window_mb:7.1f} MB for a 30-day window of"
               f" {WINDOW_REQUESTS:,} (goal <= {GOAL_RSS_MB:.0f} {'ok' if ok else 'MISSED'});"
-              f" {r['applies_per_s']:7,.0f} applies/s; a decision {r['decide_us']:5.1f} us")
+              f" {r['applies_per_s']:7,.0f} applies/s; a decision {r['decide_us']:5.1f} us"
+              + (f"; {r['disk_bytes_per_request']:.0f} bytes a request on disk" if r["store"] == "disk" else ""))
         figures.append({"name": f"state_{r['store']}_window_rss_mb", "value": round(window_mb, 1), "unit": "MB",
                         "goal": f"<= {GOAL_RSS_MB:.0f}", "met": ok})
         figures.append({"name": f"state_{r['store']}_decide_us", "value": round(r["decide_us"], 1), "unit": "us"})
         figures.append({"name": f"state_{r['store']}_applies_per_s", "value": round(r["applies_per_s"]),
                         "unit": "1/s"})
+        if r["store"] == "disk":
+            figures.append({"name": "state_disk_bytes_per_request", "value": round(r["disk_bytes_per_request"]),
+                            "unit": "B"})
     RESULTS.write_text(json.dumps({"requests": args.requests, "figures": figures}, indent=2) + "\n")
 
 

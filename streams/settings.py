@@ -80,7 +80,7 @@ class Settings(IngressSettings, ImageSafetySettings):
     # where the gate's admitted keys and publication's published requests are kept: rows of a scratch database in
     # state_dir (streams/state_store.py), its page cache bounded by state_cache_mb; or the heap
     state_store: Literal["disk", "memory"] = "disk"
-    state_cache_mb: int = Field(16, ge=1, le=65536)
+    state_cache_mb: int = Field(8, ge=1, le=65536)
 
     # --- quality scoring of rendered images (in the worker, where the pixels are) ---
     quality_sharpness_min: float = Field(100.0, ge=0)  # variance of the Laplacian of the luminance
