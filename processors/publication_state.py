@@ -70,6 +70,8 @@ class RequestTable(Protocol):
         """Forgets every request whose latest publication is older than cutoff_ms; returns how many."""
         ...
 
+    def clear(self) -> None: ...
+
     def __len__(self) -> int: ...
 
 
@@ -92,6 +94,10 @@ class MemoryRequests:
         self._entries[request_key] = entry
         if before is None or before.latest_at != entry.latest_at:
             heapq.heappush(self._expiry, (entry.latest_at, request_key))
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._expiry.clear()
 
     def evict_before(self, cutoff_ms: int) -> int:
         evicted = 0
@@ -155,6 +161,10 @@ class PublicationState:
     def evict(self, now_ms: int) -> int:
         """Forget every request whose latest publication is older than the window; returns how many."""
         return self._requests.evict_before(now_ms - self.window_ms)
+
+    def clear(self) -> None:
+        """Forget everything: the partition is read again from its topic when it is next used."""
+        self._requests.clear()
 
 
 # ---- the latest image per (tenant, SKU, view) -----------------------------------------------------------------

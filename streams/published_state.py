@@ -83,11 +83,11 @@ class PublishedState:
         """Drops the state of these partitions (all of it when None): it is read again from the topics. A member
         owns partition p of every topic it reads (the range assignor), so p's publications and SKUs go together."""
         if partitions is None:
-            self._partitions.clear()
-            self._sku.clear()
-            return
+            partitions = set(self._partitions) | set(self._sku)
         for partition in partitions:
-            self._partitions.pop(partition, None)
+            state = self._partitions.pop(partition, None)
+            if state is not None:
+                state.clear()  # its rows on disk, which would otherwise stay until the partition comes back
             self._sku.pop(partition, None)
 
     def _restored(self, topic: str, value: bytes | None, apply: Callable[[dict], object]) -> None:

@@ -52,6 +52,8 @@ class StateStore:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         finally:
             os.unlink(path)  # open, it stays readable; closed or killed, the space is returned
+        # No journal, and first: SQLite refuses to write a file it finds unlinked while it keeps a journal
+        # (SQLITE_READONLY_DBMOVED), and a rollback is never needed (what an abort leaves is dropped, not undone).
         for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size={-1024 * cache_mb}",
                        "temp_store=FILE"):
             self._db.execute(f"PRAGMA {pragma}")
@@ -178,6 +180,11 @@ class DiskRequests:
         self._write()
         self._recent.clear()
         return self._table.evict_before(self._part, cutoff_ms)
+
+    def clear(self) -> None:
+        self._unwritten.clear()
+        self._recent.clear()
+        self._table.drop(self._part)
 
     def _remember(self, request_key: bytes, entry: Published | None) -> None:
         if len(self._recent) >= self._recent_max:

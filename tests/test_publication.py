@@ -248,6 +248,35 @@ def test_a_restore_that_fails_part_way_is_read_again_whole_not_used_in_part():
     assert len(state.of_partition(1)) == 2 and len(reads) == 2
 
 
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+def test_a_restore_that_fails_part_way_is_read_again_whole_on_either_store(on_disk, tmp_path):
+    from streams.published_state import PublishedState
+    from streams.state_store import StateStore
+
+    serde = AvroSerde()
+    topology = Settings(_env_file=None, topic_prefix=PREFIX, output_partitions=3).topology
+    values = [image_ready_value(serde, req()) for _ in range(300)]  # more than wait to be written at once
+    reads: list[int] = []
+
+    def read(_base, _topic, partitions, apply) -> None:
+        reads.append(1)
+        for n, value in enumerate(values if partitions == [1] else values[:1]):
+            if len(reads) == 1 and n == 290:
+                raise RuntimeError("the broker went away part-way")
+            apply(b"k", value)
+
+    store = StateStore(str(tmp_path), cache_mb=1) if on_disk else None
+    state = PublishedState({}, topology, serde, 30.0, read=read, store=store)
+    with pytest.raises(RuntimeError):
+        state.of_partition(1)
+    assert len(state.of_partition(1)) == 300 and len(state.of_partition(2)) == 1
+    state.forget([1])
+    if store is not None:  # a partition given up leaves no rows behind
+        assert store.table("published").count(1) == 0 and store.table("published").count(2) == 1
+    state.forget()
+    assert len(state.of_partition(1)) == 300 and len(reads) == 4
+
+
 def test_records_that_are_no_image_ready_are_skipped_when_the_state_is_restored():
     from schemas.serde import RegistryUnavailable
     from streams.published_state import PublishedState
