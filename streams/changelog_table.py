@@ -142,7 +142,11 @@ class ChangelogTable(Generic[V]):
             else:
                 table[name] = merged
 
-        self._read(self._base, self._topic, [partition], apply)
+        try:
+            self._read(self._base, self._topic, [partition], apply)
+        except BaseException:
+            table.clear()  # rows on disk of a restore that failed part-way: it is read again whole, later
+            raise
         log.info("restored %d %s of %s[%d] in %.2fs", len(table), self._what, self._topic, partition,
                  time.monotonic() - started)
         return table

@@ -120,6 +120,7 @@ class Gate:
             if clean:
                 self._consumer.close()
             self._pools.close()
+            self._admitted.close()
             self._step.close()
 
     def _subscribe(self) -> None:
@@ -254,8 +255,7 @@ class Gate:
 
     @staticmethod
     def _keys_of(origin: Origin, request: dict[str, Any], info: PoolInfo) -> tuple[str, str, str] | Exception:
-        """A request's generation, cache key and idempotency key, or what prevented them (failed in the request's
-        own turn)."""
+        """A request's generation, cache key and idempotency key; or what prevented them, failed in its own turn."""
         try:
             generation = generation_of(request, info.model_version, header_text(origin.headers, GENERATION_HEADER))
             return generation, cache_key(request, generation), idempotency_key(request["tenant"],

@@ -33,6 +33,14 @@ DAY_MS = 24 * 3600 * 1000
 EVICT_EVERY_S = 600.0
 
 
+def _admitted_at(raw: bytes) -> int:
+    """A changelog entry's time; one no 64-bit integer can hold (a hostile write) is unreadable, and skipped."""
+    at = int(json.loads(raw)["at"])
+    if not -(2 ** 63) <= at < 2 ** 63:
+        raise ValueError(f"{at} is out of range")
+    return at
+
+
 class AdmittedKeys(ChangelogTable[int]):
     """Per partition: idempotency key -> when it was admitted (ms). Entries past the window are not restored."""
 
@@ -40,9 +48,10 @@ class AdmittedKeys(ChangelogTable[int]):
                  restore: Callable[[int], dict[str, int]] | None = None, store: StateStore | None = None,
                  read: ReadTopic = read_to_end):
         self._window_ms = int(window_days * DAY_MS)
+        self._store = store
         self._next_eviction = time.monotonic() + EVICT_EVERY_S
         super().__init__(base, topic, encode=lambda at: json.dumps({"at": at}).encode(),
-                         decode=lambda raw: int(json.loads(raw)["at"]), merge=self._within_window,
+                         decode=_admitted_at, merge=self._within_window,
                          restore=restore, what="admitted keys", read=read,
                          new_table=(lambda partition: {}) if store is None else (
                              lambda partition: DiskMapping(store, "admitted", partition, at_of=int, of_at=int)))
@@ -51,6 +60,11 @@ class AdmittedKeys(ChangelogTable[int]):
     def of(cls, base: dict[str, str], settings: Settings) -> AdmittedKeys:
         return cls(base, settings.topology.gate_changelog, settings.idempotency_window_days,
                    store=state_store(settings))
+
+    def close(self) -> None:
+        self.forget(list(self._partitions))
+        if self._store is not None:
+            self._store.close()
 
     def seen(self, partition: int, key: str, now_ms: int) -> bool:
         at = self.get(partition, key)

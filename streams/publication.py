@@ -46,7 +46,7 @@ from streams.image_safety import ImageSafety, SafetyUnavailable, Scanned, image_
 from streams.processor_loop import ProcessorLoop
 from streams.published_state import PublishedState
 from streams.settings import Settings
-from streams.state_store import state_store
+from streams.state_store import StateUnavailable, state_store
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class PublicationRelay:
             if clean:
                 self._consumer.close()
             step.close()
+            self._published.close()
             self._safety.close()
 
     def _before_poll(self) -> None:
@@ -135,6 +136,8 @@ class PublicationRelay:
             except PartitionCountMismatch:
                 raise  # nothing can be decided right: the process stops, saying why
             except (KafkaException, RestoreFailed) as exc:  # the state in Kafka could not be read: not the record's
+                if isinstance(exc, StateUnavailable):  # it may hold this record's changes, never committed
+                    self._published.forget([origin.partition])
                 self._held.hold(self._consumer, tp, origin.offset, f"publication state: {exc}")
                 continue
             except RegistryUnavailable as exc:  # an outage of the Schema Registry: not the record's fault either

@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 EVICT_EVERY_S = 600.0
 
 
-
 class PublishedState:
     def __init__(self, base: dict[str, str], topology: Topology, serde: AvroSerde, window_days: float,
                  read: ReadTopic = read_to_end, store: StateStore | None = None):
@@ -49,7 +48,11 @@ class PublishedState:
             def restore(_key: bytes | None, value: bytes | None) -> None:
                 self._restored(self._topology.images_ready, value, state.apply)
 
-            self._read(self._base, self._topology.images_ready, [partition], restore)
+            try:
+                self._read(self._base, self._topology.images_ready, [partition], restore)
+            except BaseException:
+                state.clear()  # its rows on disk: the restore is tried again whole, later
+                raise
             state.evict(int(time.time() * 1000))
             self._partitions[partition] = state
             log.info("restored the publications of partition %d (%d requests) in %.2fs", partition, len(state),
@@ -78,6 +81,11 @@ class PublishedState:
         now_ms = int(time.time() * 1000)
         if evicted := sum(state.evict(now_ms) for state in self._partitions.values()):
             log.info("forgot %d published requests past the publication window", evicted)
+
+    def close(self) -> None:
+        self.forget()
+        if self._store is not None:
+            self._store.close()
 
     def forget(self, partitions: Iterable[int] | None = None) -> None:
         """Drops the state of these partitions (all of it when None): it is read again from the topics. A member

@@ -23,13 +23,20 @@ from collections.abc import Callable, Iterator, MutableMapping
 from typing import Generic, TypeVar
 
 from processors.publication_state import Published
+from streams.changelog_table import RestoreFailed
 from streams.settings import Settings
 
 V = TypeVar("V")
 
 WRITES_PER_COMMIT = 5000
 _LATEST = struct.Struct("<q")  # the latest version, then a _VERSION per content published
-_VERSION = struct.Struct("<16sqq")  # (content digest, version, supersedes or -1)
+_VERSION = struct.Struct("<16sqq")  # (content digest, version, supersedes or NONE)
+NONE = -(2 ** 63)  # supersedes None: no 64-bit value a record can carry is lower
+
+
+class StateUnavailable(RestoreFailed):
+    """The local database failed (a full disk, an I/O error): an infrastructure fault, never a request's. Like a
+    restore that failed, it is met by forgetting the partition's state and reading it again from Kafka."""
 
 
 def state_store(settings: Settings) -> StateStore | None:
@@ -81,17 +88,23 @@ class StateStore:
             self._db.execute("PRAGMA page_size").fetchone()[0])
 
     def _execute(self, sql: str, args: tuple) -> sqlite3.Cursor:
-        return self._db.execute(sql, args)
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"the state's database: {exc}") from exc
 
     def _executemany(self, sql: str, rows: list[tuple]) -> None:
-        self._db.executemany(sql, rows)
+        try:
+            self._db.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"the state's database: {exc}") from exc
 
     def _wrote(self, rows: int) -> None:
         self._pending += rows
         if self._pending >= WRITES_PER_COMMIT:
-            self._db.execute("COMMIT")
-            self._db.execute("BEGIN")
             self._pending = 0
+            self._execute("COMMIT", ())
+            self._execute("BEGIN", ())
 
 
 class DiskTable:
@@ -201,12 +214,12 @@ class DiskRequests:
 
 def _packed(entry: Published) -> bytes:
     return _LATEST.pack(entry.latest_version) + b"".join(
-        _VERSION.pack(content_key, version, -1 if supersedes is None else supersedes)
+        _VERSION.pack(content_key, version, NONE if supersedes is None else supersedes)
         for content_key, version, supersedes in entry.versions)
 
 
 def _unpacked(latest_at: int, packed: bytes) -> Published:
-    versions = tuple((content_key, version, None if supersedes < 0 else supersedes)
+    versions = tuple((content_key, version, None if supersedes == NONE else supersedes)
                      for content_key, version, supersedes in _VERSION.iter_unpack(memoryview(packed)[_LATEST.size:]))
     return Published(versions, _LATEST.unpack_from(packed)[0], latest_at)
 

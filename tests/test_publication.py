@@ -248,6 +248,29 @@ def test_a_restore_that_fails_part_way_is_read_again_whole_not_used_in_part():
     assert len(state.of_partition(1)) == 2 and len(reads) == 2
 
 
+def test_a_failure_of_the_local_state_holds_the_partition_and_forgets_what_it_held():
+    from streams.state_store import StateUnavailable
+
+    rig = Rig()
+    first, second = req(), req()
+    state = rig.relay._published.of_partition(1)
+
+    def apply(ready: dict) -> None:  # the disk fills up while the second is taken in
+        if ready["request_id"] == second["request_id"]:
+            raise StateUnavailable("the state's database: database or disk is full")
+        PublicationState.apply(state, ready)
+
+    state.apply = apply  # type: ignore[method-assign,assignment]
+    msgs = [rig.message("rendered", rig.serde.encode("ImageRendered", rig.rendered(r)), r["request_id"].encode())
+            for r in (first, second)]
+    records, offsets = rig.relay.publish(msgs)  # type: ignore[arg-type]
+    ready = [rig.serde.decode("ImageReady", r.value) for r in records if r.topic == f"{PREFIX}.images.ready"]
+    assert [r["request_id"] for r in ready] == [first["request_id"]]
+    assert offsets == {(f"{PREFIX}.rendered", 1): msgs[0].offset() + 1}  # the second waits: not failed, not lost
+    assert (f"{PREFIX}.rendered", 1) in rig.relay._held
+    assert rig.relay._published.partitions == {}  # type: ignore[attr-defined]  # what it held is read again from what commits
+
+
 @pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
 def test_a_restore_that_fails_part_way_is_read_again_whole_on_either_store(on_disk, tmp_path):
     from streams.published_state import PublishedState
