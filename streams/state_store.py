@@ -27,6 +27,7 @@ from streams.changelog_table import RestoreFailed
 from streams.settings import Settings
 
 V = TypeVar("V")
+E = TypeVar("E")
 
 WRITES_PER_COMMIT = 5000
 _LATEST = struct.Struct("<q")  # the latest version, then a _VERSION per content published
@@ -153,63 +154,98 @@ class DiskTable:
         return evicted
 
 
-class DiskRequests:
-    """publication_state.RequestTable on disk: one partition's publications. Created empty: the rows a previous
-    restore of the partition left (one that failed part-way) are dropped first.
+class PartitionRows(Generic[E]):
+    """One partition's rows of a DiskTable, as entries of type E: `row_of` gives an entry's (at, value), `entry_of`
+    the entry back. Created empty: the rows a previous restore of the partition left (one that failed part-way)
+    are dropped first.
 
-    The entries of the last thousand lookups and writes are kept at hand: a rendered image's request is looked
-    up to choose its batch's scans, again to decide, and again when its ImageReady is applied. Writes wait there
-    too, and go to the database a few hundred at a time (before anything reads the database itself)."""
+    The entries of the last thousand lookups and writes are kept at hand: a request's key is looked up two or three
+    times within its batch (the gate: before moderation, then to admit it; publication: to choose the batch's scans,
+    to decide, to apply), and a repeat in the same batch finds it there. Writes wait there too, and go to the
+    database a few hundred at a time, before anything reads the database itself: every entry waiting to be written
+    is also at hand, and whatever clears what is at hand writes first."""
 
-    def __init__(self, store: StateStore, partition: int, tab: str = "published", recent: int = 1024,
-                 write_every: int = 256) -> None:
-        self._table, self._part = store.table(tab), partition
+    def __init__(self, table: DiskTable, partition: int, row_of: Callable[[E], tuple[int, bytes]],
+                 entry_of: Callable[[int, bytes], E], recent: int = 1024, write_every: int = 256) -> None:
+        self._table, self._part = table, partition
+        self._row_of, self._entry_of = row_of, entry_of
         self._recent_max, self._write_every = recent, write_every
-        self._recent: dict[bytes, Published | None] = {}
-        self._unwritten: dict[bytes, Published] = {}
-        self._table.drop(partition)
+        self._recent: dict[bytes, E | None] = {}  # None: not in the table
+        self._unwritten: dict[bytes, E] = {}
+        table.drop(partition)
 
-    def __len__(self) -> int:
-        self._write()
-        return self._table.count(self._part)
-
-    def get(self, request_key: bytes) -> Published | None:
+    def get(self, key: bytes) -> E | None:
         try:
-            return self._recent[request_key]
+            return self._recent[key]
         except KeyError:
             pass
-        row = self._table.get(self._part, request_key)
-        entry = None if row is None else _unpacked(*row)
-        self._remember(request_key, entry)
+        row = self._table.get(self._part, key)
+        entry = None if row is None else self._entry_of(*row)
+        self._remember(key, entry)
         return entry
 
-    def put(self, request_key: bytes, entry: Published) -> None:
-        self._unwritten[request_key] = entry
-        self._remember(request_key, entry)
+    def put(self, key: bytes, entry: E) -> None:
+        self._unwritten[key] = entry
+        self._remember(key, entry)
         if len(self._unwritten) >= self._write_every:
             self._write()
 
-    def evict_before(self, cutoff_ms: int) -> int:
+    def delete(self, key: bytes) -> bool:
         self._write()
-        self._recent.clear()
-        return self._table.evict_before(self._part, cutoff_ms)
+        self._recent.pop(key, None)
+        return self._table.delete(self._part, key)
+
+    def stored_keys(self) -> list[bytes]:
+        self._write()
+        return self._table.keys(self._part)
+
+    def count(self) -> int:
+        self._write()
+        return self._table.count(self._part)
 
     def clear(self) -> None:
         self._unwritten.clear()
         self._recent.clear()
         self._table.drop(self._part)
 
-    def _remember(self, request_key: bytes, entry: Published | None) -> None:
+    def evict_before(self, cutoff_ms: int) -> int:
+        self._write()
+        self._recent.clear()
+        return self._table.evict_before(self._part, cutoff_ms)
+
+    def _remember(self, key: bytes, entry: E | None) -> None:
         if len(self._recent) >= self._recent_max:
             self._write()  # what is forgotten here must be found in the database
             self._recent.clear()  # cheaper than keeping an order: what is looked up again comes back at once
-        self._recent[request_key] = entry
+        self._recent[key] = entry
 
     def _write(self) -> None:
         if self._unwritten:
-            self._table.put_many([(self._part, key, entry.latest_at, _packed(entry))
-                                  for key, entry in self._unwritten.items()])
+            self._table.put_many([(self._part, key, *self._row_of(entry)) for key, entry in self._unwritten.items()])
             self._unwritten.clear()
+
+
+class DiskRequests:
+    """publication_state.RequestTable on disk: one partition's publications (PartitionRows)."""
+
+    def __init__(self, store: StateStore, partition: int, tab: str = "published", **at_hand: int) -> None:
+        self._rows = PartitionRows(store.table(tab), partition, lambda entry: (entry.latest_at, _packed(entry)),
+                                   _unpacked, **at_hand)
+
+    def __len__(self) -> int:
+        return self._rows.count()
+
+    def get(self, request_key: bytes) -> Published | None:
+        return self._rows.get(request_key)
+
+    def put(self, request_key: bytes, entry: Published) -> None:
+        self._rows.put(request_key, entry)
+
+    def evict_before(self, cutoff_ms: int) -> int:
+        return self._rows.evict_before(cutoff_ms)
+
+    def clear(self) -> None:
+        self._rows.clear()
 
 
 def _packed(entry: Published) -> bytes:
@@ -225,72 +261,38 @@ def _unpacked(latest_at: int, packed: bytes) -> Published:
 
 
 class DiskMapping(MutableMapping[str, V], Generic[V]):
-    """A changelog table's partition (streams/changelog_table.py) on disk, for values that are a time in ms (the
-    gate's admitted keys): `at_of` gives a value's time, `of_at` the value back. Created empty, as DiskRequests,
-    and like it keeps recent lookups and writes at hand (a request's key is looked up before moderation, again
-    when it is admitted, and a repeat in the same batch finds it there)."""
+    """A changelog table's partition (streams/changelog_table.py) on disk (PartitionRows), for values that are a
+    time in ms (the gate's admitted keys): `at_of` gives a value's time, `of_at` the value back."""
 
     def __init__(self, store: StateStore, tab: str, partition: int, at_of: Callable[[V], int],
-                 of_at: Callable[[int], V], recent: int = 1024, write_every: int = 256) -> None:
-        self._table, self._part = store.table(tab), partition
-        self._at_of, self._of_at = at_of, of_at
-        self._recent_max, self._write_every = recent, write_every
-        self._recent: dict[str, int | None] = {}  # key -> its time, None: not there
-        self._unwritten: dict[str, int] = {}
-        self._table.drop(partition)
+                 of_at: Callable[[int], V], **at_hand: int) -> None:
+        self._rows = PartitionRows(store.table(tab), partition, lambda value: (at_of(value), b""),
+                                   lambda at, _value: of_at(at), **at_hand)
 
     def __getitem__(self, key: str) -> V:
-        try:
-            at = self._recent[key]
-        except KeyError:
-            row = self._table.get(self._part, _encoded(key))
-            at = None if row is None else row[0]
-            self._remember(key, at)
-        if at is None:
+        value = self._rows.get(_encoded(key))
+        if value is None:
             raise KeyError(key)
-        return self._of_at(at)
+        return value
 
     def __setitem__(self, key: str, value: V) -> None:
-        at = self._at_of(value)
-        self._unwritten[key] = at
-        self._remember(key, at)
-        if len(self._unwritten) >= self._write_every:
-            self._write()
+        self._rows.put(_encoded(key), value)
 
     def __delitem__(self, key: str) -> None:
-        self._write()
-        self._recent.pop(key, None)
-        if not self._table.delete(self._part, _encoded(key)):
+        if not self._rows.delete(_encoded(key)):
             raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
-        self._write()
-        return iter([key.decode("utf-8", "surrogatepass") for key in self._table.keys(self._part)])
+        return iter([key.decode("utf-8", "surrogatepass") for key in self._rows.stored_keys()])
 
     def __len__(self) -> int:
-        self._write()
-        return self._table.count(self._part)
+        return self._rows.count()
 
     def clear(self) -> None:
-        self._unwritten.clear()
-        self._recent.clear()
-        self._table.drop(self._part)
+        self._rows.clear()
 
     def evict_before(self, cutoff_ms: int) -> int:
-        self._write()
-        self._recent.clear()
-        return self._table.evict_before(self._part, cutoff_ms)
-
-    def _remember(self, key: str, at: int | None) -> None:
-        if len(self._recent) >= self._recent_max:
-            self._write()  # what is forgotten here must be found in the database
-            self._recent.clear()
-        self._recent[key] = at
-
-    def _write(self) -> None:
-        if self._unwritten:
-            self._table.put_many([(self._part, _encoded(key), at, b"") for key, at in self._unwritten.items()])
-            self._unwritten.clear()
+        return self._rows.evict_before(cutoff_ms)
 
 
 def _encoded(key: str) -> bytes:
