@@ -83,7 +83,8 @@ class PublishedState:
             log.info("forgot %d published requests past the publication window", evicted)
 
     def close(self) -> None:
-        self.forget()
+        self._partitions.clear()  # rows are not deleted one by one: closing the database returns its space
+        self._sku.clear()
         if self._store is not None:
             self._store.close()
 
