@@ -100,11 +100,21 @@ class ChangelogTable(Generic[V]):
         self._restore: Callable[[int], MutableMapping[str, V]] = restore or self._read_changelog
 
     def get(self, partition: int, key: str) -> V | None:
-        return self._load(partition).get(key)
+        table = self._load(partition)
+        try:
+            return table.get(key)
+        except RestoreFailed:
+            self.forget([partition])  # a table that failed (on disk) may miss what it was told: it is read again
+            raise
 
     def put(self, partition: int, key: str, value: V) -> OutRecord:
         """Remembers `value` and returns the changelog record to commit with the outputs it explains."""
-        self._load(partition)[key] = value
+        table = self._load(partition)
+        try:
+            table[key] = value
+        except RestoreFailed:
+            self.forget([partition])  # it may hold `value`, whose record will not be committed: it is read again
+            raise
         return OutRecord(self._topic, self._encode(value), key.encode(), partition=partition)
 
     def forget(self, partitions: Iterable[int]) -> None:
@@ -112,6 +122,7 @@ class ChangelogTable(Generic[V]):
             table = self._partitions.pop(partition, None)
             if table is not None:
                 table.clear()  # rows on disk would otherwise stay until the partition is restored again
+            # (a table whose database failed may raise here too: the partition is forgotten all the same)
 
     def loaded(self) -> list[MutableMapping[str, V]]:
         return list(self._partitions.values())

@@ -17,8 +17,8 @@ Idempotency is kept per partition, so a valid request read off its home partitio
 produced without a key, under another key, or by a client with another partitioner) is first forwarded there,
 unchanged, and decided when it is read again: two copies of a request always meet on one partition.
 
-A Schema Registry that does not answer, or a pool that has not announced its model yet, holds the partition (read
-again after a backoff): not the request's fault. Redis down means no cache, never a failed request.
+A Schema Registry that does not answer, state that cannot be read back, or a pool that has not announced its model
+yet holds the partition (read again after a backoff): not the request's fault. Redis down: no cache, no failure.
 """
 from __future__ import annotations
 
@@ -165,8 +165,8 @@ class Gate:
                 request, info = check
                 try:
                     records += self._admitted_or_failed(origin, request, info, keyed[position], verdict, was_cancelled)
-                except RegistryUnavailable as exc:  # an outage, even while writing a failure: read it again later
-                    self._held.hold(self._consumer, tp, origin.offset, f"schema registry: {exc}")
+                except (RegistryUnavailable, RestoreFailed) as exc:  # an outage (registry, state): read it again later
+                    self._held.hold(self._consumer, tp, origin.offset, f"{type(exc).__name__}: {exc}")
                     continue
             else:
                 records += check

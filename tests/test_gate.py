@@ -487,3 +487,38 @@ def test_a_cache_entry_whose_images_lie_outside_the_object_store_is_a_miss():
     rig = Rig(cache=RedisStore("redis://unused", client=client))
     out, _ = rig.decide(rig.message(request))
     assert len(out["render.turbo.normal"]) == 1 and "rendered" not in out
+
+
+def test_state_that_cannot_be_read_or_written_holds_its_partition_and_is_read_again(tmp_path):
+    from streams.changelog_table import RestoreFailed
+    from streams.state_store import DiskMapping, StateStore
+
+    rig = Rig()
+    broker_away = [True]
+
+    def restore(partition: int):  # partition 1's changelog cannot be read while the broker is away
+        if partition == 1 and broker_away[0]:
+            raise RestoreFailed("restoring tp.gate.changelog[1]: Local: Timed out")
+        return {}
+
+    rig.gate._admitted = AdmittedKeys({}, rig.settings.topology.gate_changelog, restore=restore)
+    stuck, fine = rig.message(req(home=1), partition=1), rig.message(req(home=2), partition=2)
+    out, offsets = rig.decide(stuck, fine)
+    assert len(out["render.turbo.normal"]) == 1 and "requests.failed" not in out  # held: not failed, not lost
+    assert offsets == {(f"{PREFIX}.requests.normal", 2): fine.offset() + 1}
+    assert (f"{PREFIX}.requests.normal", 1) in rig.gate._held
+    broker_away[0] = False
+    rig.gate._held.resume_all(rig.consumer.mock)  # the hold's backoff is over
+    out, offsets = rig.decide(stuck)  # read again
+    assert len(out["render.turbo.normal"]) == 1 and offsets == {(f"{PREFIX}.requests.normal", 1): stuck.offset() + 1}
+
+    store = StateStore(str(tmp_path), cache_mb=1)  # now on disk, and the disk fails while a key is admitted
+    rig.gate._admitted = AdmittedKeys({}, rig.settings.topology.gate_changelog, store=store,
+                                      read=lambda _base, _topic, _partitions, _apply: None)
+    broken = rig.message(req(home=1), partition=1)
+    table = rig.gate._admitted._load(1)
+    assert isinstance(table, DiskMapping)
+    store.close()
+    out, offsets = rig.decide(broken)
+    assert "render.turbo.normal" not in out and "requests.failed" not in out and offsets == {}
+    assert rig.gate._admitted.loaded() == []  # what it may have kept of the key is forgotten, to be read again
