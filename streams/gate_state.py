@@ -25,12 +25,11 @@ from processors.admission import PoolInfo
 from schemas.serde import AvroSerde, RegistryUnavailable, SerdeError
 from streams.changelog_table import ChangelogTable, ReadTopic, read_to_end, restore_reader
 from streams.settings import Settings
-from streams.state_store import DiskMapping, StateStore, state_store
+from streams.state_store import EVICT_EVERY_S, DiskMapping, StateStore, state_store
 
 log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
-EVICT_EVERY_S = 600.0
 
 
 def _admitted_at(raw: bytes) -> int:

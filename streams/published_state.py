@@ -15,12 +15,10 @@ from collections.abc import Callable, Iterable
 from processors.publication_state import DAY_MS, PublicationState, SkuLatest
 from schemas.serde import AvroSerde, RegistryUnavailable
 from streams.changelog_table import ReadTopic, read_to_end
-from streams.state_store import DiskRequests, StateStore
+from streams.state_store import EVICT_EVERY_S, DiskRequests, StateStore
 from streams.topology import Topology
 
 log = logging.getLogger(__name__)
-
-EVICT_EVERY_S = 600.0
 
 
 class PublishedState:

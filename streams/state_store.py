@@ -30,6 +30,7 @@ V = TypeVar("V")
 E = TypeVar("E")
 
 WRITES_PER_COMMIT = 5000
+EVICT_EVERY_S = 600.0  # how often a running gate or publication forgets what its windows no longer hold
 _LATEST = struct.Struct("<q")  # the latest version, then a _VERSION per content published
 _VERSION = struct.Struct("<16sqq")  # (content digest, version, supersedes or NONE)
 NONE = -(2 ** 63)  # supersedes None: no 64-bit value a record can carry is lower
